@@ -7,6 +7,7 @@ Edge convention (see :mod:`forcenet.data.keys`): ``edge_index[0]`` = neighbor j,
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,3 +62,47 @@ def random_rotation(generator: torch.Generator | None = None, dtype=torch.float6
         dtype=torch.float64,
     )
     return rot.to(dtype)
+
+
+class Triplets(NamedTuple):
+    """Index tensors of the triplets k -> j -> i (each [T] int64).
+
+    ``idx_kj`` is the edge k -> j (target j), ``idx_ji`` the edge j -> i (target i);
+    ``i``, ``j``, ``k`` are the atoms (centre of the outgoing message, shared atom,
+    far atom). Every pair of edges sharing atom j appears once, except the back-edge.
+    """
+
+    idx_kj: Tensor
+    idx_ji: Tensor
+    i: Tensor
+    j: Tensor
+    k: Tensor
+
+
+def triplets(edge_index: Tensor, cell_offsets: Tensor, num_nodes: int) -> Triplets:
+    """All edge pairs (k -> j, j -> i) sharing atom j, for DimeNet-style messages.
+
+    ``edge_index`` [2, E] (row 0 neighbor/source, row 1 centre/target) and
+    ``cell_offsets`` [E, 3] (integer image offsets, any dtype). The back-edge is
+    excluded: the edge k -> j whose source is i *and* that points at the same periodic
+    image of i, i.e. ``k == i`` and ``offset(k->j) == -offset(j->i)``. In small periodic
+    cells another image of i can be a genuine neighbor of j, so comparing atom indices
+    alone would drop real triplets. Pure torch, vectorised: edges are grouped by
+    target with a stable sort and expanded with ``repeat_interleave``.
+    """
+    src, dst = edge_index[0], edge_index[1]  # [E]
+    device = src.device
+    order = torch.argsort(dst, stable=True)  # edges grouped by target atom
+    counts = torch.bincount(dst, minlength=num_nodes)  # [N] in-degree
+    start = torch.cumsum(counts, 0) - counts  # [N] first sorted slot of each target
+    # For edge j -> i, the candidate edges k -> j are the in-edges of j = src.
+    n_in = counts[src]  # [E]
+    idx_ji = torch.repeat_interleave(torch.arange(src.numel(), device=device), n_in)  # [T0]
+    first = torch.cumsum(n_in, 0) - n_in  # [E] first triplet slot of each edge ji
+    rank = torch.arange(idx_ji.numel(), device=device) - first[idx_ji]  # [T0]
+    idx_kj = order[start[src[idx_ji]] + rank]  # [T0]
+    same_atom = src[idx_kj] == dst[idx_ji]
+    opposite = (cell_offsets[idx_kj] + cell_offsets[idx_ji] == 0).all(dim=1)
+    keep = ~(same_atom & opposite)
+    idx_kj, idx_ji = idx_kj[keep], idx_ji[keep]
+    return Triplets(idx_kj=idx_kj, idx_ji=idx_ji, i=dst[idx_ji], j=src[idx_ji], k=src[idx_kj])

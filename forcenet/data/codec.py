@@ -26,7 +26,7 @@ def encode(record: dict[str, np.ndarray]) -> bytes:
     chunks = []
     offset = 0
     for name, value in record.items():
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
         if arr.dtype.kind not in _ALLOWED_KINDS:
             raise TypeError(f"field {name!r}: dtype {arr.dtype} cannot be stored")
         data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()

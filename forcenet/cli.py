@@ -1,0 +1,210 @@
+"""The ``forcenet`` command line: every pipeline stage is a subcommand with explicit paths.
+
+The DVC stages in ``dvc.yaml`` are thin calls of these commands. Heavy libraries are
+imported inside the commands so that ``forcenet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help=(
+        "Train and evaluate force-predicting graph neural networks (ForceNet, SchNet, "
+        "DimeNet++, GNS) on OC20-style data.\n\n"
+        "Pipeline: data acquire -> preprocess -> neighbors -> train -> evaluate -> relax -> "
+        "report. `dvc repro` runs it all from params.yaml."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Raw data: generate, download, ingest, inspect.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="params.yaml to read settings from.", exists=True)
+]
+WorkersOpt = Annotated[int, typer.Option(help="Parallel worker processes (1 = in-process).")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Do only shards k with k % n == i, given as 'i/n' (one task of a cluster job "
+        "array). The split manifest is written once every shard exists; "
+        "`forcenet manifest` merges afterwards."
+    ),
+]
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"--shard must look like 'i/n', got {value!r}") from None
+    if n <= 0 or not 0 <= i < n:
+        raise typer.BadParameter(f"--shard needs 0 <= i < n, got {value!r}")
+    return i, n
+
+
+def _echo_json(obj) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@data_app.command("acquire")
+def data_acquire(
+    out: Annotated[Path, typer.Option(help="Raw output root: <out>/<split>/<k>.extxyz.xz.")],
+    is2rs_out: Annotated[
+        Path, typer.Option(help="Folder for initial/relaxed validation systems (emt only).")
+    ] = Path("data/is2rs"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Get raw data as `data.source` in params.yaml says: emt (generate), oc20 (download)
+    or files (ingest your own). This is the first DVC stage."""
+    from forcenet.config import load_data_config
+    from forcenet.sources import acquire
+
+    _echo_json(acquire(load_data_config(params), out, is2rs_out))
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Annotated[Path, typer.Argument(help="Raw output root.")],
+    is2rs_out: Annotated[Path, typer.Option(help="Folder for validation relaxation systems.")] = Path(
+        "data/is2rs"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Generate the embedded OC20-like dataset (adsorbates on metal slabs, EMT labels)
+    with the sizes in params.yaml `data.emt`."""
+    from forcenet.config import load_data_config
+    from forcenet.sources import generate
+
+    _echo_json(generate(load_data_config(params), out, is2rs_out))
+
+
+@data_app.command("download")
+def data_download(
+    out: Annotated[Path, typer.Argument(help="Raw output root.")],
+    base_url: Annotated[
+        str, typer.Option(help="Where the OC20 archives are served.")
+    ] = "https://dl.fbaipublicfiles.com/opencatalystproject/data/",
+    train: Annotated[str, typer.Option(help="Training split: 200k, 2M, 20M or all.")] = "200k",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where archives are kept (default: <out>/../downloads).")
+    ] = None,
+) -> None:
+    """Download the official OC20 S2EF archives (MD5-verified, resumable, safely
+    extracted) and lay them out as <out>/<split>/<k>.extxyz.xz + <k>.txt.xz."""
+    from forcenet.data.download import download_splits
+
+    _echo_json(download_splits(out, base_url=base_url, train=train, workdir=workdir))
+
+
+@data_app.command("ingest")
+def data_ingest(
+    out: Annotated[Path, typer.Argument(help="Raw output root.")],
+    split: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME=FILE[,FILE...] (repeatable): ASE-readable files with energies and "
+            "forces (extxyz, .traj, ASE db) that make split NAME."
+        ),
+    ],
+    reference_energy: Annotated[
+        float, typer.Option(help="Reference energy (eV) subtracted from every frame.")
+    ] = 0.0,
+) -> None:
+    """Convert your own ASE-readable files into the raw OC20 layout."""
+    from forcenet.data.ingest import ingest_files
+
+    splits: dict[str, list[Path]] = {}
+    for item in split:
+        name, _, files = item.partition("=")
+        if not name or not files:
+            raise typer.BadParameter(f"--split must be NAME=FILE[,FILE...], got {item!r}")
+        splits.setdefault(name, []).extend(Path(f) for f in files.split(","))
+    _echo_json(ingest_files(splits, out, reference_energy=reference_energy))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="A raw split folder or root, or an LMDB folder.")],
+) -> None:
+    """Print a human summary: frames, atoms, elements, tags, forces, edges per atom."""
+    from forcenet.data.inspect import format_summary, inspect_path
+
+    typer.echo(format_summary(inspect_path(path)))
+
+
+# ----------------------------------------------------------------------- stores
+
+
+@app.command()
+def preprocess(
+    raw: Annotated[Path, typer.Argument(help="Raw root holding <split>/<k>.extxyz.xz.")],
+    out: Annotated[Path, typer.Argument(help="LMDB root: <out>/<split>/<k>.lmdb.")],
+    workers: WorkersOpt = 2,
+    shard: ShardOpt = None,
+    splits: Annotated[list[str] | None, typer.Option(help="Only these splits.")] = None,
+) -> None:
+    """Raw frames -> LMDB shards of plain arrays (no pickle), one per raw shard."""
+    from forcenet.data.store import preprocess as run
+
+    _echo_json(run(raw, out, splits=splits, workers=workers, shard=_shard(shard)))
+
+
+@app.command()
+def neighbors(
+    frames: Annotated[Path, typer.Argument(help="LMDB frame root (output of preprocess).")],
+    out: Annotated[Path, typer.Argument(help="Graph root: <out>/<split>/<k>.lmdb.")],
+    cutoff: Annotated[float, typer.Option(help="Neighbor cutoff radius (Å).")] = 6.0,
+    max_neighbors: Annotated[
+        int, typer.Option(help="Keep the nearest N neighbors per atom (ties: lower index).")
+    ] = 50,
+    workers: WorkersOpt = 2,
+    shard: ShardOpt = None,
+    splits: Annotated[list[str] | None, typer.Option(help="Only these splits.")] = None,
+) -> None:
+    """Precompute periodic neighbor lists (vesin) keyed like the frames."""
+    from forcenet.data.graphs import build_graphs
+
+    _echo_json(
+        build_graphs(
+            frames,
+            out,
+            cutoff=cutoff,
+            max_neighbors=max_neighbors,
+            splits=splits,
+            workers=workers,
+            shard=_shard(shard),
+        )
+    )
+
+
+@app.command()
+def manifest(
+    split_dir: Annotated[Path, typer.Argument(help="A split folder of LMDB shards.")],
+    kind: Annotated[str, typer.Option(help="frames or graphs.")] = "frames",
+) -> None:
+    """Write a split's manifest after sharded (--shard i/n) runs; fails on a missing or
+    stale shard."""
+    from forcenet.data.store import write_manifest
+
+    _echo_json(write_manifest(split_dir, kind))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,104 @@
+"""``params.yaml`` loaded into frozen dataclasses that reject unknown or missing keys.
+
+``params.yaml`` is the single source of every setting: DVC stages list the keys they
+depend on, and the CLI commands read the same file through :func:`load_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """params.yaml does not match the expected schema."""
+
+
+def parse(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, recursively; unknown or missing keys raise."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {sorted(fields)}")
+    values = {}
+    for name, field in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing")
+            continue
+        values[name] = _convert(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping")
+        vt = args[1] if args else Any
+        return {k: _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list")
+        et = args[0] if args else Any
+        return tuple(_convert(et, v, where) for v in value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """The raw params mapping (plain dict) of a YAML file."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def section(params: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (``"model.forcenet"``), with a clear error if absent."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"params: missing key {dotted!r}")
+        node = node[part]
+    return node

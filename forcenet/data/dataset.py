@@ -1,0 +1,209 @@
+"""Frames (+ graphs) of one split as a torch Dataset of numpy sample dicts, and its loader.
+
+A sample is a frame record merged with its graph record (fields and shapes in
+:mod:`forcenet.data.keys`); :func:`forcenet.data.batch.collate` joins samples into a
+batch. LMDB files are opened lazily by :class:`forcenet.data.store.LmdbShard` in the
+process that reads, so the dataset works with forked or spawned DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.constraints import FixAtoms
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from forcenet.data import keys as K
+from forcenet.data import store
+from forcenet.data.batch import collate
+from forcenet.data.frame import Frame
+from forcenet.data.graphs import graph_record
+
+Sample = dict[str, np.ndarray]
+
+
+def _shard_entries(split_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """``[{"name", "count", "digest", ("source_digest")}]`` from the manifest or shard metas."""
+    manifest = store.read_manifest(split_dir)
+    if manifest is not None:
+        if manifest.get("kind") != kind:
+            raise store.StoreError(
+                f"{split_dir / store.MANIFEST}: kind {manifest.get('kind')!r}, expected {kind!r}"
+            )
+        return list(manifest["shards"])
+    paths = store.list_lmdb(split_dir)
+    if not paths:
+        raise store.StoreError(f"{split_dir}: no {store.SUFFIX} shards and no manifest")
+    entries = []
+    for path in paths:
+        meta = store.read_meta(path)
+        if meta.get("kind") != kind:
+            raise store.StoreError(f"{path}: kind {meta.get('kind')!r}, expected {kind!r}")
+        entry = {"name": path.name, "count": int(meta["count"]), "digest": store.meta_digest(meta)}
+        if kind == store.KIND_GRAPHS:
+            entry["source_digest"] = meta["source"]["digest"]
+        entries.append(entry)
+    return entries
+
+
+def _check_pairing(frames_dir: Path, frames: list[dict], graphs_dir: Path, graphs: list[dict]):
+    """Raise :class:`store.StoreError` unless every graph shard was built from its frame shard."""
+    f_names, g_names = [e["name"] for e in frames], [e["name"] for e in graphs]
+    if f_names != g_names:
+        only_f = sorted(set(f_names) - set(g_names))[:5]
+        only_g = sorted(set(g_names) - set(f_names))[:5]
+        raise store.StoreError(
+            f"frames {frames_dir} and graphs {graphs_dir} have different shards "
+            f"(only in frames: {only_f}, only in graphs: {only_g}); rebuild the graphs"
+        )
+    for f, g in zip(frames, graphs, strict=True):
+        where = f"{frames_dir / f['name']} vs {graphs_dir / g['name']}"
+        if f["count"] != g["count"]:
+            raise store.StoreError(f"{where}: {f['count']} frames but {g['count']} graphs")
+        if f["digest"] != g["source_digest"]:
+            raise store.StoreError(f"{where}: graphs were built from other frames; rebuild them")
+
+
+class FrameDataset(Dataset):
+    """All frames of one split folder, optionally with their neighbor lists.
+
+    ``frames_dir``: a frame split folder (``<lmdb_root>/<split>``). ``graphs_dir``: the
+    matching graph split folder; its shards must pair up with the frame shards (same
+    names and counts, built from the same frames) or a :class:`store.StoreError` names
+    the files. ``transform``: applied to each sample dict (e.g. ``RandomRotation``).
+    """
+
+    def __init__(
+        self,
+        frames_dir: Path,
+        graphs_dir: Path | None = None,
+        *,
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        self.frames_dir = Path(frames_dir)
+        self.graphs_dir = Path(graphs_dir) if graphs_dir is not None else None
+        self.transform = transform
+        entries = _shard_entries(self.frames_dir, store.KIND_FRAMES)
+        self.frames = [store.LmdbShard(self.frames_dir / e["name"]) for e in entries]
+        self.graphs: list[store.LmdbShard] | None = None
+        if self.graphs_dir is not None:
+            g_entries = _shard_entries(self.graphs_dir, store.KIND_GRAPHS)
+            _check_pairing(self.frames_dir, entries, self.graphs_dir, g_entries)
+            self.graphs = [store.LmdbShard(self.graphs_dir / e["name"]) for e in g_entries]
+        counts = np.array([int(e["count"]) for e in entries], dtype=np.int64)
+        self.counts = counts
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # [S + 1] first global index
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, key within the shard) of global ``index``."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} frames in {self.frames_dir}")
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return shard, int(index - self.starts[shard])
+
+    def __getitem__(self, index: int) -> Sample:
+        shard, key = self.locate(int(index))
+        sample = self.frames[shard].get(key)
+        if self.graphs is not None:
+            sample.update(self.graphs[shard].get(key))
+        return self.transform(sample) if self.transform is not None else sample
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy/random and the dataset transform from this worker's torch seed.
+
+    torch gives each worker ``base_seed + worker_id`` with ``base_seed`` drawn from the
+    loader's seeded generator, so augmentations differ between workers and epochs yet
+    are reproducible for a given seed and worker count.
+    """
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset if info is not None else None
+    while dataset is not None:
+        reseed = getattr(getattr(dataset, "transform", None), "reseed", None)
+        if reseed is not None:
+            reseed(seed)
+        dataset = getattr(dataset, "dataset", None)  # Subset and friends
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader yielding :func:`collate` batches, shuffled by a generator seeded with ``seed``.
+
+    Pass ``sampler`` (e.g. a ``DistributedSampler``) instead of ``shuffle``; both at
+    once is an error.
+    """
+    if sampler is not None and shuffle:
+        raise ValueError("pass either shuffle=True or a sampler, not both")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
+        )
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        drop_last=drop_last,
+    )
+
+
+def _fixed_mask(atoms: Atoms) -> np.ndarray:
+    fixed = np.zeros(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            fixed[constraint.get_indices()] = True
+    return fixed
+
+
+def sample_from_atoms(atoms: Atoms | Frame, *, cutoff: float, max_neighbors: int) -> Sample:
+    """A sample dict (frame fields + graph) for one structure, as the dataset would give it.
+
+    From a :class:`Frame` the labels are included; from an ``ase.Atoms`` only the
+    structure (positions, cell, pbc, numbers, tags, ``fixed`` from ``FixAtoms``), so a
+    calculator never triggers a force evaluation. Positions are stored as float32 and
+    the neighbor list is built from them, exactly as in the LMDB path.
+    """
+    if isinstance(atoms, Frame):
+        record = atoms.to_record()
+    elif isinstance(atoms, Atoms):
+        record = {
+            K.POS: np.asarray(atoms.get_positions(), dtype=np.float32),
+            K.CELL: np.asarray(atoms.cell.array, dtype=np.float32),
+            K.PBC: np.asarray(atoms.pbc, dtype=bool),
+            K.ATOMIC_NUMBERS: np.asarray(atoms.numbers, dtype=np.int64),
+            K.TAGS: np.asarray(atoms.get_tags(), dtype=np.int64),
+            K.FIXED: _fixed_mask(atoms),
+        }
+    else:
+        raise TypeError(f"expected ase.Atoms or Frame, got {type(atoms).__name__}")
+    record.update(graph_record(record, cutoff=cutoff, max_neighbors=max_neighbors))
+    return record

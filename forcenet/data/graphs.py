@@ -1,0 +1,98 @@
+"""The neighbor-list stage: frame LMDB shards -> graph LMDB shards with the same keys.
+
+For every frame shard ``<lmdb_root>/<split>/<k>.lmdb`` a graph shard
+``<out_root>/<split>/<k>.lmdb`` holds, under the same integer keys, ``edge_index``
+[2, E] and ``cell_offsets`` [E, 3] (int64, see :mod:`forcenet.data.keys`) from
+:func:`forcenet.data.neighbors.neighbor_list` on the stored (float32) positions. Its meta
+records ``cutoff``, ``max_neighbors``, the frame count and the digest of the frame
+shard's meta, so a graph store paired with other frames is caught by the dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forcenet.data import keys as K
+from forcenet.data import neighbors, store
+
+
+def graph_record(
+    record: dict[str, np.ndarray], *, cutoff: float, max_neighbors: int
+) -> dict[str, np.ndarray]:
+    """The graph record (``edge_index`` [2, E], ``cell_offsets`` [E, 3]) of one frame record."""
+    edge_index, cell_offsets = neighbors.neighbor_list(
+        record[K.POS], record[K.CELL], record[K.PBC], cutoff, max_neighbors
+    )
+    return {K.EDGE_INDEX: edge_index, K.CELL_OFFSETS: cell_offsets}
+
+
+def _graphs(
+    frames: store.LmdbShard, count: int, cutoff: float, max_neighbors: int
+) -> Iterator[dict]:
+    for index, record in enumerate(frames.iter_records(count)):
+        try:
+            yield graph_record(record, cutoff=cutoff, max_neighbors=max_neighbors)
+        except neighbors.NeighborListError as exc:
+            raise store.StoreError(f"{frames.path}: record {index}: {exc}") from exc
+
+
+def _graph_shard(
+    frames_path: str, out: str, cutoff: float, max_neighbors: int, split_shards: int
+) -> tuple[str, int, bool]:
+    """Worker job: one frame shard -> one graph shard. Returns (name, count, skipped)."""
+    frames, out_path = store.LmdbShard(Path(frames_path)), Path(out)
+    frames_meta = frames.meta()
+    source = {
+        "dir": str(frames.path.parent.resolve()),
+        "name": frames.path.name,
+        "digest": store.meta_digest(frames_meta),
+    }
+    settings = {"cutoff": cutoff, "max_neighbors": max_neighbors, "split_shards": split_shards}
+    if store.is_current(out_path, store.KIND_GRAPHS, source, settings):
+        return out_path.name, int(frames_meta["count"]), True
+    meta = {"kind": store.KIND_GRAPHS, "source": source, **settings}
+    count = int(frames_meta["count"])
+    written = store.write_shard(out_path, _graphs(frames, count, cutoff, max_neighbors), meta)
+    return out_path.name, written, False
+
+
+def build_graphs(
+    lmdb_root: Path,
+    out_root: Path,
+    *,
+    cutoff: float,
+    max_neighbors: int,
+    splits: Sequence[str] | None = None,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Neighbor lists (``cutoff`` Å, at most ``max_neighbors`` per centre) for every frame shard.
+
+    ``splits``: split folders of ``lmdb_root`` (default: every folder with ``.lmdb``
+    shards). ``workers``: parallel processes (1 = in this process). ``shard=(i, n)``: only
+    shards with ``k % n == i``; the manifest is written once all shards exist. Shards
+    already built from the same frames with the same settings are skipped. Returns, per
+    split, ``{"shards", "written", "skipped", "frames", "manifest"}``.
+    """
+    neighbors.check_params(cutoff, max_neighbors)
+    cutoff, max_neighbors = float(cutoff), int(max_neighbors)
+    summary: dict[str, dict[str, Any]] = {}
+    has_shards = lambda d: bool(store.list_lmdb(d))  # noqa: E731
+    for split_dir in store.split_dirs(lmdb_root, splits, has_shards):
+        inputs = store.list_lmdb(split_dir)
+        if not inputs:
+            raise store.StoreError(f"{split_dir}: no frame shards")
+        out_dir = Path(out_root) / split_dir.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / store.MANIFEST).unlink(missing_ok=True)
+        jobs = [
+            (str(p), str(out_dir / p.name), cutoff, max_neighbors, len(inputs))
+            for _, p in store.select_shards(inputs, shard)
+        ]
+        results = store.run_jobs(_graph_shard, jobs, workers, f"graphs {split_dir.name}")
+        summary[split_dir.name] = store.summarise(results, out_dir, store.KIND_GRAPHS, shard)
+    return summary

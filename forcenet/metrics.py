@@ -1,0 +1,150 @@
+"""OC20 S2EF metrics over free atoms, accumulated exactly as running sums and counts.
+
+Follows the OCP evaluator (reference §7): every force metric is taken over the free atoms
+(``fixed == False``) only; dataset-level values are running totals divided by running
+counts, so the result does not depend on how the data were split into batches. The sums
+live in one float64 vector (:meth:`OC20Metrics.state`) that DDP ranks can all-reduce.
+
+Metrics (units):
+
+* ``forces_mae`` (eV/Å): mean |F̂ − F| over free atoms × 3 components; ``forcesx_mae`` …
+  ``forcesz_mae`` per component.
+* ``zero_forces_mae`` (eV/Å): the same for a model that predicts F̂ = 0, i.e. the mean
+  |F| component on free atoms. Any useful model must beat it.
+* ``forces_cos``: mean over free atoms of the cosine between F̂ and F.
+* ``forces_magnitude`` (eV/Å): mean over free atoms of | ‖F̂‖ − ‖F‖ |.
+* ``energy_mae`` (eV, referenced energy, per structure) and ``energy_force_within_threshold``
+  (EFwT, fraction of structures with |ΔE| < 0.02 eV *and* max |ΔF| over free atoms and
+  components < 0.03 eV/Å, both strict) — only when the model predicts an energy.
+* ``num_structures``, ``num_free_atoms``: the counts behind the means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from forcenet.data import keys as K
+
+#: EFwT thresholds (OCP evaluator): |ΔE| in eV, max |ΔF| component in eV/Å.
+EFWT_ENERGY_THRESHOLD = 0.02
+EFWT_FORCE_THRESHOLD = 0.03
+
+#: Names of the entries of the running-sum vector, in order.
+STATE_FIELDS = (
+    "abs_err_x",  # Σ |ΔF_x| over free atoms
+    "abs_err_y",
+    "abs_err_z",
+    "abs_true",  # Σ |F| components over free atoms (zero baseline)
+    "cos",  # Σ cos(F̂, F) over free atoms
+    "magnitude",  # Σ | ‖F̂‖ − ‖F‖ | over free atoms
+    "n_free_atoms",
+    "n_structures",
+    "energy_abs_err",  # Σ |ΔE| over structures with an energy prediction
+    "efwt_hits",  # number of structures within both EFwT thresholds
+    "n_energy_structures",
+)
+_IDX = {name: i for i, name in enumerate(STATE_FIELDS)}
+
+
+def _free_atom_max_abs_error(abs_err: Tensor, batch: Tensor, free: Tensor, n_graphs: int) -> Tensor:
+    """Per-structure max |ΔF| component over free atoms [G]; 0 for a structure without any."""
+    per_atom = abs_err.max(dim=1).values.masked_fill(~free, 0.0)  # [N]
+    out = torch.zeros(n_graphs, dtype=abs_err.dtype, device=abs_err.device)
+    return out.scatter_reduce(0, batch, per_atom, reduce="amax", include_self=True)
+
+
+class OC20Metrics:
+    """Accumulates OC20 force (and optionally energy) metrics over many batches.
+
+    Call :meth:`update` with each model output and its batch, then :meth:`compute`.
+    For distributed evaluation, all-reduce :meth:`state` (sum) and :meth:`load_state`
+    the result on every rank, or call :meth:`all_reduce`.
+    """
+
+    def __init__(self) -> None:
+        self._state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64)
+
+    def reset(self) -> None:
+        self._state.zero_()
+
+    def state(self) -> Tensor:
+        """A copy of the running sums and counts [len(STATE_FIELDS)] float64."""
+        return self._state.clone()
+
+    def load_state(self, state: Tensor) -> None:
+        if state.shape != self._state.shape:
+            raise ValueError(f"metric state has shape {tuple(state.shape)}, expected {tuple(self._state.shape)}")
+        self._state = state.detach().to("cpu", torch.float64).clone()
+
+    def merge(self, other: OC20Metrics) -> None:
+        """Add another accumulator's sums (e.g. from another rank or split shard)."""
+        self._state += other._state
+
+    def all_reduce(self) -> None:
+        """Sum the state across the default process group (no-op without one)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            device = "cuda" if backend == "nccl" else "cpu"
+            t = self._state.to(device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            self._state = t.cpu()
+
+    @torch.no_grad()
+    def update(self, pred: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> None:
+        """Add one batch. ``pred[forces]`` [N, 3] and optional ``pred[energy]`` [G] in
+        physical units; ``batch`` holds the labels ``forces``, ``fixed``, ``batch``,
+        ``natoms`` and (for energy metrics) ``energy``."""
+        f_hat = pred[K.OUT_FORCES].detach().to(torch.float64)  # [N, 3]
+        f_true = batch[K.FORCES].detach().to(f_hat.device, torch.float64)  # [N, 3]
+        if f_hat.shape != f_true.shape:
+            raise ValueError(f"predicted forces {tuple(f_hat.shape)} vs labels {tuple(f_true.shape)}")
+        free = ~batch[K.FIXED].to(f_hat.device, torch.bool)  # [N]
+        graph = batch[K.BATCH].to(f_hat.device)  # [N]
+        n_graphs = int(batch[K.NATOMS].shape[0])
+        abs_err = (f_hat - f_true).abs()  # [N, 3]
+        free_err = abs_err[free]  # [M, 3]
+        cos = torch.nn.functional.cosine_similarity(f_hat[free], f_true[free], dim=1)  # [M]
+        mag = (f_hat[free].norm(dim=1) - f_true[free].norm(dim=1)).abs()  # [M]
+        s = torch.zeros_like(self._state)
+        s[_IDX["abs_err_x"] : _IDX["abs_err_z"] + 1] = free_err.sum(dim=0).cpu()
+        s[_IDX["abs_true"]] = f_true[free].abs().sum().item()
+        s[_IDX["cos"]] = cos.sum().item()
+        s[_IDX["magnitude"]] = mag.sum().item()
+        s[_IDX["n_free_atoms"]] = float(free.sum().item())
+        s[_IDX["n_structures"]] = float(n_graphs)
+        if K.OUT_ENERGY in pred and K.ENERGY in batch:
+            e_err = (pred[K.OUT_ENERGY].detach().to(torch.float64).reshape(-1)
+                     - batch[K.ENERGY].to(f_hat.device, torch.float64).reshape(-1)).abs()  # [G]
+            f_max = _free_atom_max_abs_error(abs_err, graph, free, n_graphs)  # [G]
+            hits = (e_err < EFWT_ENERGY_THRESHOLD) & (f_max < EFWT_FORCE_THRESHOLD)
+            s[_IDX["energy_abs_err"]] = e_err.sum().item()
+            s[_IDX["efwt_hits"]] = float(hits.sum().item())
+            s[_IDX["n_energy_structures"]] = float(n_graphs)
+        self._state += s
+
+    def compute(self) -> dict[str, float]:
+        """Dataset-level metrics (see the module docstring); NaN where a count is zero."""
+        s = {name: float(self._state[i]) for i, name in enumerate(STATE_FIELDS)}
+        n_atoms, n_e = s["n_free_atoms"], s["n_energy_structures"]
+
+        def div(num: float, den: float) -> float:
+            return num / den if den > 0 else float("nan")
+
+        out = {
+            "forces_mae": div(s["abs_err_x"] + s["abs_err_y"] + s["abs_err_z"], 3 * n_atoms),
+            "zero_forces_mae": div(s["abs_true"], 3 * n_atoms),
+            "forcesx_mae": div(s["abs_err_x"], n_atoms),
+            "forcesy_mae": div(s["abs_err_y"], n_atoms),
+            "forcesz_mae": div(s["abs_err_z"], n_atoms),
+            "forces_cos": div(s["cos"], n_atoms),
+            "forces_magnitude": div(s["magnitude"], n_atoms),
+        }
+        if n_e > 0:
+            out["energy_mae"] = div(s["energy_abs_err"], n_e)
+            out["energy_force_within_threshold"] = div(s["efwt_hits"], n_e)
+        out["num_structures"] = s["n_structures"]
+        out["num_free_atoms"] = n_atoms
+        return out

@@ -1,0 +1,508 @@
+"""ForceNet (Hu et al. 2021, arXiv:2103.01436): a GNN that predicts per-atom forces directly.
+
+Layout: per-forward edge features (radius-aware distances and a direction basis, shared by
+all blocks) -> atom embedding -> residual interaction blocks with a conditional filter ->
+Linear + activation -> force decoder (and an optional energy head).
+
+Speed: the filter MLP's first layer acts on [e_ij, h_j, h_i] (3H inputs per edge). We keep
+that Linear(3H -> H) as one parameter (same parameters and initialisation as the reference)
+but apply it in three slices: the h_j and h_i slices once per *node* and then gathered, and
+the e_ij slice fused with the preceding basis Linear into one (B -> H) map. This is the same
+function as the concatenated form, at a fraction of the per-edge cost.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from forcenet.data import keys as K
+from forcenet.geometry import cosine_envelope, edge_vectors
+from forcenet.models import elements
+from forcenet.nn import (
+    ActivationName,
+    RealSphericalHarmonics,
+    SinusoidalBasis,
+    act_linear_stack,
+    check_choice,
+    norm_act_linear_stack,
+    scalar_basis,
+    xavier_linears_,
+)
+from forcenet.nn import activation as make_activation
+
+FeatName = Literal["full", "simple"]
+BasisName = Literal[
+    "powersine", "powercosine", "fouriersine", "gauss", "linact", "raw",
+    "sphallmul", "sphallcat", "sphallm40", "sphallnosine",
+    "sphsinemul", "sphsinecat", "sphsinem40", "sphsinenosine",
+    "sphcosinemul", "sphcosinecat", "sphcosinem40", "sphcosinenosine",
+]  # fmt: skip
+AblationName = Literal[
+    "none", "nofilter", "nocond", "nodistlist", "onlydist", "nodelinear", "edgelinear", "noself"
+]  # fmt: skip
+DecoderType = Literal["mlp", "linear"]
+
+#: Lower clamp of the (cutoff-scaled) distance features, as in the reference.
+MIN_SCALED_DISTANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------- edge features
+
+
+class RadiusDistances(nn.Module):
+    """The 4 radius-aware distance features [E, 4], scaled by 1/cutoff, clamped >= 1e-3:
+    d, d - r(Z_j), d - r(Z_i), d - r(Z_j) - r(Z_i) (r = atomic radius in Å)."""
+
+    out_features = 4
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        radii = torch.from_numpy(elements.atomic_radii()).nan_to_num(0.0)  # [101] Å
+        self.register_buffer("radii", radii.to(torch.get_default_dtype()), persistent=False)
+        self.cutoff = cutoff
+
+    def forward(self, d: Tensor, z: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        r = self.radii[z]  # [N]
+        rj, ri = r[j], r[i]  # [E]
+        feats = torch.stack([d, d - rj, d - ri, d - rj - ri], dim=-1)  # [E, 4]
+        return (feats / self.cutoff).clamp(min=MIN_SCALED_DISTANCE)
+
+
+class PlainDistance(nn.Module):
+    """Only d / cutoff (clamped >= 1e-3) as [E, 1]: the ``nodistlist`` ablation."""
+
+    out_features = 1
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def forward(self, d: Tensor, z: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        return (d / self.cutoff).clamp(min=MIN_SCALED_DISTANCE)[:, None]
+
+
+class UnitInterval(nn.Module):
+    """Maps unit-vector components from [-1, 1] to [0, 1] (for the Gaussian basis)."""
+
+    def forward(self, u: Tensor) -> Tensor:
+        return 0.5 * (u + 1.0)
+
+
+class ScalarEdgeBasis(nn.Module):
+    """A scalar basis applied to the raw edge attributes [direction, distances]."""
+
+    def __init__(self, basis: nn.Module, direction_map: nn.Module) -> None:
+        super().__init__()
+        self.basis, self.direction_map = basis, direction_map
+        self.out_features: int = basis.out_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        return self.basis(torch.cat([self.direction_map(u), dists], dim=-1))
+
+
+class DistanceEdgeBasis(nn.Module):
+    """A scalar basis of the distance features only (``onlydist`` ablation)."""
+
+    def __init__(self, basis: nn.Module) -> None:
+        super().__init__()
+        self.basis = basis
+        self.out_features: int = basis.out_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        return self.basis(dists)
+
+
+class SphericalOuterBasis(nn.Module):
+    """Outer product SH(u) x radial(dists), flattened: ``sph*mul``/``m40``/``nosine``.
+
+    ``radial`` maps [E, k] -> [E, R] (sine basis + Linear for mul/m40, identity for nosine);
+    output [E, S*R] with S spherical harmonics.
+    """
+
+    def __init__(self, sph: RealSphericalHarmonics, radial: nn.Module, radial_features: int):
+        super().__init__()
+        self.sph, self.radial = sph, radial
+        self.out_features = sph.out_features * radial_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        y = self.sph(u)  # [E, S]
+        r = self.radial(dists)  # [E, R]
+        return (y[:, :, None] * r[:, None, :]).flatten(1)  # [E, S*R]
+
+
+class SphericalConcatBasis(nn.Module):
+    """[SH(u), sine(dists)] concatenated: ``sph*cat``."""
+
+    def __init__(self, sph: RealSphericalHarmonics, sine: SinusoidalBasis) -> None:
+        super().__init__()
+        self.sph, self.sine = sph, sine
+        self.out_features = sph.out_features + sine.out_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        return torch.cat([self.sph(u), self.sine(dists)], dim=-1)
+
+
+def edge_basis(
+    basis: BasisName, num_dists: int, only_dist: bool, num_freqs: int, max_n: int,
+    act: ActivationName,
+) -> nn.Module:  # fmt: skip
+    """The edge-basis module (computed once per forward); ``out_features`` = its width B."""
+    if only_dist:  # no direction: spherical bases fall back to powersine (reference)
+        kind = "powersine" if basis.startswith("sph") else basis
+        return DistanceEdgeBasis(scalar_basis(kind, num_dists, num_freqs, act))
+    if not basis.startswith("sph"):
+        direction_map = UnitInterval() if basis == "gauss" else nn.Identity()
+        return ScalarEdgeBasis(scalar_basis(basis, 3 + num_dists, num_freqs, act), direction_map)
+    rest = basis.removeprefix("sph")
+    parity = next(p for p in ("all", "sine", "cosine") if rest.startswith(p))
+    sph = RealSphericalHarmonics(max_n, parity)
+    combine = rest.removeprefix(parity)
+    sine = SinusoidalBasis(num_dists, num_freqs)
+    if combine == "cat":
+        return SphericalConcatBasis(sph, sine)
+    if combine == "nosine":
+        return SphericalOuterBasis(sph, nn.Identity(), num_dists)
+    width = num_dists if combine == "mul" else 40
+    return SphericalOuterBasis(sph, nn.Sequential(sine, nn.Linear(sine.out_features, width)), width)
+
+
+# ----------------------------------------------------------------------------- atom embeddings
+
+
+class ContinuousAtomEmbedding(nn.Module):
+    """h0 = Linear(basis(scaled 9 element features of Z)) -> [N, H] (``feat="full"``)."""
+
+    def __init__(self, hidden_channels: int, basis: nn.Module) -> None:
+        super().__init__()
+        table = torch.from_numpy(elements.scaled_features()).nan_to_num(0.0)  # [101, 9]
+        self.register_buffer("table", table.to(torch.get_default_dtype()), persistent=False)
+        self.basis = basis
+        self.lin = nn.Linear(basis.out_features, hidden_channels)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.lin(self.basis(self.table[z]))
+
+
+class SimpleAtomEmbedding(nn.Embedding):
+    """A learnable vector per element, Z = 1..100 (``feat="simple"``)."""
+
+    def __init__(self, hidden_channels: int) -> None:
+        super().__init__(elements.MAX_Z, hidden_channels)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return super().forward(z - 1)
+
+
+# ----------------------------------------------------------------------------- interaction
+
+
+def _edge_tail(hidden: int, depth: int, act: ActivationName) -> nn.Sequential:
+    """Layers after the filter's first Linear: depth x (act, Linear), or BatchNorm if 0."""
+    return nn.Sequential(*(act_linear_stack(hidden, depth, act) or [nn.BatchNorm1d(hidden)]))
+
+
+class ConditionalFilter(nn.Module):
+    """W_ij = MLP_edge([Linear_basis(b_ij), h_j, h_i]) * w(d_ij) -> [E, H].
+
+    The first Linear(3H -> H) is applied slice by slice (see module docstring).
+    """
+
+    def __init__(self, hidden: int, basis_features: int, depth: int, act: ActivationName):
+        super().__init__()
+        self.hidden = hidden
+        self.lin_basis = nn.Linear(basis_features, hidden)
+        self.first = nn.Linear(3 * hidden, hidden)
+        self.tail = _edge_tail(hidden, depth, act)
+
+    def first_layer(self, basis: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        w_e, w_j, w_i = self.first.weight.split(self.hidden, dim=1)  # each [H, H]
+        # Linear_basis then the e-slice is one linear map B -> H: fuse the weights.
+        w_fused = w_e @ self.lin_basis.weight  # [H, B]
+        b_fused = torch.addmv(self.first.bias, w_e, self.lin_basis.bias)  # [H]
+        node_j = h @ w_j.t()  # [N, H], once per node instead of once per edge
+        node_i = h @ w_i.t()  # [N, H]
+        return F.linear(basis, w_fused, b_fused) + node_j[j] + node_i[i]  # [E, H]
+
+    def forward(self, basis: Tensor, envelope: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        return self.tail(self.first_layer(basis, h, j, i)) * envelope
+
+
+class EdgeOnlyFilter(ConditionalFilter):
+    """W_ij = MLP_edge(Linear_basis(b_ij)) * w(d_ij): the ``nocond`` ablation."""
+
+    def __init__(self, hidden: int, basis_features: int, depth: int, act: ActivationName):
+        super().__init__(hidden, basis_features, depth, act)
+        self.first = nn.Linear(hidden, hidden)
+
+    def first_layer(self, basis: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        w = self.first.weight @ self.lin_basis.weight  # [H, B]
+        b = torch.addmv(self.first.bias, self.first.weight, self.lin_basis.bias)
+        return F.linear(basis, w, b)
+
+
+class FilteredMessage(nn.Module):
+    """sum_j x_j * W_ij + c * x_i with x = Linear(h): the reference message and self term."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(hidden, hidden)
+        self.center = nn.Parameter(torch.empty(1, hidden))
+
+    def self_term(self, x: Tensor) -> Tensor:
+        return self.center * x
+
+    def forward(self, h: Tensor, w: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        x = self.lin(h)  # [N, H]
+        agg = torch.zeros_like(x).index_add(0, i, x[j] * w)  # [N, H]
+        return agg + self.self_term(x)
+
+
+class NoSelfMessage(FilteredMessage):
+    """sum_j x_j * W_ij without a self term (``noself``)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden)
+        del self.center
+
+    def self_term(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+class FilterOnlyMessage(nn.Module):
+    """sum_j W_ij + c (``nofilter``: the filter itself is the message)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.center = nn.Parameter(torch.empty(1, hidden))
+
+    def forward(self, h: Tensor, w: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        return torch.zeros_like(h).index_add(0, i, w) + self.center
+
+
+class InteractionBlock(nn.Module):
+    """One ForceNet block; returns the update added to h by the residual connection."""
+
+    def __init__(self, filter_: nn.Module, message: nn.Module, node_mlp: nn.Sequential):
+        super().__init__()
+        self.filter, self.message, self.node_mlp = filter_, message, node_mlp
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        xavier_linears_(self)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.reset_parameters()
+        for name, p in self.message.named_parameters():
+            if name == "center":
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, h: Tensor, basis: Tensor, envelope: Tensor, j: Tensor, i: Tensor) -> Tensor:
+        w = self.filter(basis, envelope, h, j, i)  # [E, H]
+        return self.node_mlp(self.message(h, w, j, i))  # [N, H]
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+class EnergyHead(nn.Linear):
+    """Energy per graph = Linear(D -> 1)(sum over the graph's atoms of h) -> [G] (eV)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, 1)
+
+    def forward(self, h: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+        pooled = h.new_zeros(num_graphs, h.shape[1]).index_add(0, batch, h)  # [G, D]
+        return super().forward(pooled).squeeze(-1)
+
+
+def force_decoder(kind: DecoderType, channels: int, act: ActivationName) -> nn.Sequential:
+    """``mlp``: Linear(D, D)-BatchNorm-act-Linear(D, 3); ``linear``: Linear(D, 3)."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(channels, 3))
+    return nn.Sequential(
+        nn.Linear(channels, channels), nn.BatchNorm1d(channels), make_activation(act),
+        nn.Linear(channels, 3),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ForceNet(nn.Module):
+    """ForceNet (Hu et al. 2021, "ForceNet: A Graph Neural Network for Large-Scale Quantum
+    Calculations", arXiv:2103.01436).
+
+    Idea: drop hard physical constraints (energy conservation, rotation covariance) and
+    predict each atom's force directly with an expressive message-passing network whose
+    per-edge filter is conditioned on both endpoint embeddings and rich edge features;
+    approximate rotation covariance is learned through rotation augmentation.
+
+    Hyperparameters (keyword-only; paper/reference defaults):
+
+    * ``hidden_channels`` (512): width H of atom embeddings and blocks.
+    * ``num_interactions`` (5): number of residual interaction blocks (not weight-shared).
+    * ``cutoff`` (6.0 Å): scales the distance features and sets the edge weight
+      cos(pi d / (2 cutoff)). The graph itself (radius + max neighbors) comes from the batch.
+    * ``feat`` ("full"): atom input; "full" = 9 min-max-scaled element properties through the
+      basis (powersine when the edge basis is spherical) and Linear(9F -> H); "simple" =
+      a learnable Embedding per element (Z = 1..100).
+    * ``num_freqs`` (50): frequencies/centres F per scalar fed to a basis.
+    * ``max_n`` (3): spherical harmonics of degree < max_n (3 -> degrees 0, 1, 2; 9 functions).
+    * ``basis`` ("sphallmul"): edge basis; "sphallmul" = SH(direction) outer
+      Linear(powersine(4 distance features) -> 4), 36 features. Also powersine, powercosine,
+      fouriersine, gauss, linact, raw and sph{all,sine,cosine}{mul,cat,m40,nosine}.
+    * ``depth_mlp_edge`` (2): filter MLP Linear(3H -> H) + depth x (act, Linear(H -> H));
+      0 = Linear + BatchNorm.
+    * ``depth_mlp_node`` (1): node MLP Linear(H -> H) + depth x (BatchNorm, act, Linear);
+      0 = Linear + BatchNorm.
+    * ``activation`` ("swish"): activation in the basis (linact), blocks and after the last
+      block; see :data:`forcenet.nn.ActivationName`.
+    * ``decoder_hidden_channels`` (512): width D after the blocks (Linear(H -> D) + act).
+    * ``decoder_type`` ("mlp"): force decoder Linear(D, D)-BatchNorm-act-Linear(D, 3), or
+      "linear" = Linear(D, 3).
+    * ``decoder_activation`` ("swish"): activation inside the mlp decoder.
+    * ``ablation`` ("none"): the reference ablations: nofilter, nocond, nodistlist,
+      onlydist, nodelinear (node MLP depth 0), edgelinear (edge MLP depth 0), noself.
+    * ``energy_head`` (False): also predict a per-graph energy (sum-pool, Linear(D -> 1));
+      the reference trains ForceNet force-only.
+
+    ``forward(batch)`` returns ``{"forces": [N, 3] eV/Å}`` plus ``"energy"`` [G] (eV) when
+    ``energy_head``. Forces are direct outputs, not energy gradients.
+    """
+
+    energy_from_gradient = False
+
+    def __init__(
+        self,
+        *,
+        hidden_channels: int = 512,
+        num_interactions: int = 5,
+        cutoff: float = 6.0,
+        feat: FeatName = "full",
+        num_freqs: int = 50,
+        max_n: int = 3,
+        basis: BasisName = "sphallmul",
+        depth_mlp_edge: int = 2,
+        depth_mlp_node: int = 1,
+        activation: ActivationName = "swish",
+        decoder_hidden_channels: int = 512,
+        decoder_type: DecoderType = "mlp",
+        decoder_activation: ActivationName = "swish",
+        ablation: AblationName = "none",
+        energy_head: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_args(locals())
+        self.cutoff = float(cutoff)
+        depth_mlp_edge = 0 if ablation == "edgelinear" else depth_mlp_edge
+        depth_mlp_node = 0 if ablation == "nodelinear" else depth_mlp_node
+        hidden = hidden_channels
+
+        self.distances = (PlainDistance if ablation == "nodistlist" else RadiusDistances)(cutoff)
+        self.edge_basis = edge_basis(
+            basis, self.distances.out_features, ablation == "onlydist", num_freqs, max_n,
+            activation,
+        )  # fmt: skip
+        if feat == "full":
+            atom_kind = "powersine" if basis.startswith("sph") else basis
+            atom_basis = scalar_basis(atom_kind, len(elements.FEATURE_NAMES), num_freqs, activation)
+            self.atom_embedding: nn.Module = ContinuousAtomEmbedding(hidden, atom_basis)
+        else:
+            self.atom_embedding = SimpleAtomEmbedding(hidden)
+        self.register_buffer("supported", _supported(feat, ablation), persistent=False)
+
+        filter_cls = EdgeOnlyFilter if ablation == "nocond" else ConditionalFilter
+        message_cls = {"nofilter": FilterOnlyMessage, "noself": NoSelfMessage}.get(
+            ablation, FilteredMessage
+        )
+        self.interactions = nn.ModuleList(
+            InteractionBlock(
+                filter_cls(hidden, self.edge_basis.out_features, depth_mlp_edge, activation),
+                message_cls(hidden),
+                nn.Sequential(
+                    nn.Linear(hidden, hidden),
+                    *(norm_act_linear_stack(hidden, depth_mlp_node, activation)
+                      or [nn.BatchNorm1d(hidden)]),
+                ),
+            )
+            for _ in range(num_interactions)
+        )  # fmt: skip
+        self.lin_out = nn.Linear(hidden, decoder_hidden_channels)
+        self.act = make_activation(activation)
+        self.decoder = force_decoder(decoder_type, decoder_hidden_channels, decoder_activation)
+        self.energy_head = EnergyHead(decoder_hidden_channels) if energy_head else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference initialisation: Xavier-uniform/zero bias in blocks and decoder, PyTorch
+        defaults for the atom embedding, edge basis, Linear(H -> D) and energy head."""
+        parts = nn.ModuleList([self.atom_embedding, self.edge_basis, self.lin_out])
+        for m in [*parts.modules(), *(self.energy_head.modules() if self.energy_head else ())]:
+            if isinstance(m, nn.Linear | nn.Embedding):
+                m.reset_parameters()
+        for block in self.interactions:
+            block.reset_parameters()
+        xavier_linears_(self.decoder)
+        for m in self.decoder.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.reset_parameters()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        z = batch[K.ATOMIC_NUMBERS]  # [N]
+        elements.check_elements(z, self.supported, "ForceNet")
+        dtype = self.lin_out.weight.dtype
+        edge_index = batch[K.EDGE_INDEX]  # [2, E]: row 0 neighbor j, row 1 centre i
+        j, i = edge_index[0], edge_index[1]
+        vec = edge_vectors(
+            batch[K.POS].to(dtype),
+            batch[K.CELL].to(dtype),
+            batch[K.BATCH],
+            edge_index,
+            batch[K.CELL_OFFSETS],
+        )  # [E, 3], Å
+        d = vec.norm(dim=-1)  # [E]
+        u = vec / d[:, None]  # [E, 3] unit vectors from i to j
+        basis = self.edge_basis(u, self.distances(d, z, j, i))  # [E, B], shared by all blocks
+        envelope = cosine_envelope(d, self.cutoff)[:, None]  # [E, 1]
+
+        h = self.atom_embedding(z)  # [N, H]
+        for block in self.interactions:
+            h = h + block(h, basis, envelope, j, i)
+        h = self.act(self.lin_out(h))  # [N, D]
+        out = {K.OUT_FORCES: self.decoder(h)}  # [N, 3] eV/Å
+        if self.energy_head is not None:
+            out[K.OUT_ENERGY] = self.energy_head(h, batch[K.BATCH], batch[K.NATOMS].shape[0])
+        return out
+
+
+def _supported(feat: FeatName, ablation: AblationName) -> Tensor:
+    """Bool [101]: elements this configuration has data for (Z = 0 never)."""
+    ok = torch.ones(elements.MAX_Z + 1, dtype=torch.bool)
+    ok[0] = False
+    if feat == "full":
+        ok &= torch.from_numpy(elements.feature_support())
+    if ablation != "nodistlist":
+        ok &= torch.from_numpy(elements.radius_support())
+    return ok
+
+
+def _check_args(args: dict) -> None:
+    """Clear ValueErrors for out-of-range or unknown hyperparameters."""
+    for name in ("hidden_channels", "num_interactions", "num_freqs", "max_n",
+                 "decoder_hidden_channels"):  # fmt: skip
+        if not isinstance(args[name], int) or args[name] < 1:
+            raise ValueError(f"ForceNet: {name} must be a positive integer, got {args[name]!r}")
+    for name in ("depth_mlp_edge", "depth_mlp_node"):
+        if not isinstance(args[name], int) or args[name] < 0:
+            raise ValueError(f"ForceNet: {name} must be an integer >= 0, got {args[name]!r}")
+    if not float(args["cutoff"]) > 0:
+        raise ValueError(f"ForceNet: cutoff must be > 0 Å, got {args['cutoff']!r}")
+    choices = {"feat": FeatName, "basis": BasisName, "activation": ActivationName,
+               "decoder_type": DecoderType, "decoder_activation": ActivationName,
+               "ablation": AblationName}  # fmt: skip
+    for name, options in choices.items():
+        check_choice(f"ForceNet: {name}", args[name], options)

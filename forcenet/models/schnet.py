@@ -1,0 +1,128 @@
+"""SchNet under periodic boundaries, forces from the energy gradient (OC20 S2EF baseline).
+
+Schütt et al. 2017, "SchNet: A continuous-filter convolutional neural network for
+modeling quantum interactions" (arXiv:1706.08566); OC20 configuration from Chanussot
+et al. 2021, "Open Catalyst 2020 (OC20) Dataset and Community Challenges"
+(arXiv:2010.09990). The layers are PyTorch Geometric's SchNet parts run on our stored
+periodic graph instead of PyG's radius graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn.models.schnet import GaussianSmearing, InteractionBlock, ShiftedSoftplus
+
+from forcenet.data import keys as K
+from forcenet.geometry import edge_vectors, gradient_forces
+
+#: Embedding table size (atomic numbers 1..99; OC20 stops at 83).
+MAX_ATOMIC_NUMBER = 99
+
+
+def input_positions(batch: dict[str, Tensor]) -> Tensor:
+    """Positions [N, 3] to differentiate: the batch's own tensor when it already
+    requires grad, otherwise a detached copy that does (the batch is never mutated)."""
+    pos = batch[K.POS]
+    return pos if pos.requires_grad else pos.detach().clone().requires_grad_(True)
+
+
+def check_atomic_numbers(z: Tensor, max_z: int, model: str) -> None:
+    """Raise a clear error instead of an index error deep inside an embedding."""
+    if z.numel() and (int(z.min()) < 1 or int(z.max()) > max_z):
+        raise ValueError(
+            f"{model}: atomic numbers must be in 1..{max_z}, got {int(z.min())}..{int(z.max())}"
+        )
+
+
+class SchNet(nn.Module):
+    """SchNet energy model; forces are -dE/dpos, so they are conservative and covariant.
+
+    Idea: atoms exchange messages through continuous filters generated from the
+    (periodic) interatomic distance, and the energy is a sum of atomic terms.
+
+    Args (keyword-only; defaults are the OCP S2EF configs):
+        hidden_channels: atom embedding width (default 1024).
+        num_filters: width of the continuous filters / CFConv (default 256).
+        num_interactions: number of interaction blocks (default 3; OCP 2M/All use 5).
+        num_gaussians: Gaussians expanding the distance on [0, cutoff] (default 200).
+        cutoff: interaction cutoff in Å, also the cosine-cutoff radius (default 6.0);
+            should equal the neighbor-list cutoff the graph was built with.
+
+    ``forward(batch)`` returns ``"energy"`` [G] (eV, referenced) and ``"forces"``
+    [N, 3] (eV/Å). Training mode keeps the force graph (``create_graph``) so a force
+    loss can be back-propagated (as it does when ``batch["pos"]`` already requires grad);
+    under ``torch.no_grad()`` it still computes forces and returns detached tensors.
+    """
+
+    energy_from_gradient = True
+
+    def __init__(
+        self,
+        *,
+        hidden_channels: int = 1024,
+        num_filters: int = 256,
+        num_interactions: int = 3,
+        num_gaussians: int = 200,
+        cutoff: float = 6.0,
+    ) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.num_filters = num_filters
+        self.num_interactions = num_interactions
+        self.num_gaussians = num_gaussians
+        self.cutoff = cutoff
+        self.embedding = nn.Embedding(MAX_ATOMIC_NUMBER + 1, hidden_channels, padding_idx=0)
+        self.distance_expansion = GaussianSmearing(0.0, cutoff, num_gaussians)
+        self.interactions = nn.ModuleList(
+            InteractionBlock(hidden_channels, num_gaussians, num_filters, cutoff)
+            for _ in range(num_interactions)
+        )
+        self.lin1 = nn.Linear(hidden_channels, hidden_channels // 2)
+        self.act = ShiftedSoftplus()
+        self.lin2 = nn.Linear(hidden_channels // 2, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyG/SchNetPack initialisation: Xavier weights, zero biases."""
+        self.embedding.reset_parameters()
+        for block in self.interactions:
+            block.reset_parameters()
+        for lin in (self.lin1, self.lin2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def energy(self, batch: dict[str, Tensor], pos: Tensor) -> Tensor:
+        """Referenced energy [G] (eV) as a differentiable function of ``pos`` [N, 3]."""
+        z = batch[K.ATOMIC_NUMBERS]  # [N]
+        check_atomic_numbers(z, MAX_ATOMIC_NUMBER, "SchNet")
+        edge_index = batch[K.EDGE_INDEX]  # [2, E]
+        vec = edge_vectors(pos, batch[K.CELL], batch[K.BATCH], edge_index, batch[K.CELL_OFFSETS])
+        dist = vec.norm(dim=-1)  # [E]
+        rbf = self.distance_expansion(dist)  # [E, num_gaussians]
+        h = self.embedding(z)  # [N, hidden]
+        for block in self.interactions:
+            h = h + block(h, edge_index, dist, rbf)
+        atomic = self.lin2(self.act(self.lin1(h))).squeeze(-1)  # [N]
+        n_graphs = batch[K.NATOMS].shape[0]
+        return atomic.new_zeros(n_graphs).index_add(0, batch[K.BATCH], atomic)  # [G]
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        grad_enabled = torch.is_grad_enabled()
+        with torch.enable_grad():
+            pos = input_positions(batch)
+            energy = self.energy(batch, pos)
+            # Keep the force graph to train on forces, or when the caller differentiates
+            # through the model (its own pos requires grad).
+            keep = grad_enabled and (self.training or batch[K.POS].requires_grad)
+            forces = gradient_forces(energy, pos, create_graph=keep)
+        if not grad_enabled:
+            energy = energy.detach()
+        return {K.OUT_ENERGY: energy, K.OUT_FORCES: forces}
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_channels={self.hidden_channels}, num_filters={self.num_filters}, "
+            f"num_interactions={self.num_interactions}, num_gaussians={self.num_gaussians}, "
+            f"cutoff={self.cutoff}"
+        )

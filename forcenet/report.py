@@ -1,0 +1,361 @@
+"""Comparison report across models: tables (Parquet, CSV, Markdown) and plots (PNG).
+
+Reads the long metrics tables written by :func:`forcenet.evaluate.evaluate_checkpoint`
+(``model, split, metric, value, run_id``), optionally the per-atom prediction tables (for
+parity plots) and the learning curves: per-epoch metrics of each model's MLflow run (the
+``run_id`` column) and/or training history CSVs. Writes into ``out_dir``:
+
+* ``results.parquet`` / ``results.csv``: one row per (model, split), one column per metric;
+* ``results.md``: force MAE per model × split next to the zero-force baseline, then the
+  full comparison (cos, magnitude, energy MAE/EFwT where present, rotation-covariance
+  error, throughput);
+* ``learning_curves.csv`` (``model, epoch, metric, value``; for ``dvc plots``);
+* ``plots/force_mae_by_split.png``, ``plots/learning_curves.png``,
+  ``plots/parity_<model>.png``.
+
+Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from forcenet.data import keys as K  # noqa: E402
+
+#: Metrics of the comparison, in column order, with their Markdown headers.
+SUMMARY_METRICS = {
+    "forces_mae": "force MAE [eV/Å]",
+    "zero_forces_mae": "zero-force MAE [eV/Å]",
+    "forces_cos": "force cos",
+    "forces_magnitude": "magnitude MAE [eV/Å]",
+    "energy_mae": "energy MAE [eV]",
+    "energy_force_within_threshold": "EFwT",
+    "rotation_covariance_mae": "rotation-covariance error [eV/Å]",
+    "inference_graphs_per_s": "graphs/s",
+    "inference_atoms_per_s": "atoms/s",
+}
+#: Per-epoch metrics drawn as learning curves (names logged by the training loop).
+CURVE_METRICS = {"train_loss": "training loss", "force_mae": "dev force MAE [eV/Å]"}
+_LONG_COLUMNS = ("model", "split", "metric", "value")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
+    """Concatenate long metrics tables, naming a file that lacks a required column."""
+    frames = []
+    for path in paths:
+        table = pd.read_parquet(path)
+        missing = [c for c in _LONG_COLUMNS if c not in table.columns]
+        if missing:
+            raise ValueError(f"{path}: not a metrics table (missing columns {missing})")
+        if "run_id" not in table.columns:
+            table["run_id"] = ""
+        frames.append(table)
+    if not frames:
+        raise ValueError("no metrics tables given")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _split_order(splits) -> list[str]:
+    known = [s for s in (*K.VAL_SPLITS, K.TRAIN) if s in set(splits)]
+    return known + sorted(set(splits) - set(known))
+
+
+def comparison_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, split) in split order, the summary metrics as columns (the
+    rest after them); a metric evaluated twice keeps its last value."""
+    wide = long.pivot_table(index=["model", "split"], columns="metric", values="value",
+                            aggfunc="last")  # fmt: skip
+    wide.columns.name = None
+    first = [m for m in SUMMARY_METRICS if m in wide.columns]
+    wide = wide[first + sorted(set(wide.columns) - set(first))].reset_index()
+    order = {s: i for i, s in enumerate(_split_order(wide.split))}
+    wide = wide.sort_values(["split", "model"], key=lambda c: c.map(order) if c.name == "split" else c)
+    return wide.reset_index(drop=True)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or not math.isfinite(float(value)):
+        return "–"
+    v = float(value)
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.4f}"
+
+
+def markdown_table(table: pd.DataFrame, headers: dict[str, str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table of ``table`` (numbers to 4 decimals, NaN as –)."""
+    headers = headers or {}
+    names = [headers.get(c, str(c)) for c in table.columns]
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def force_mae_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """Force MAE with models as rows and splits as columns, plus a zero-force baseline row."""
+    splits = _split_order(table.split)
+    mat = table.pivot_table(index="model", columns="split", values="forces_mae", aggfunc="last")
+    mat = mat.reindex(columns=splits)
+    if "zero_forces_mae" in table.columns:
+        zero = table.groupby("split")["zero_forces_mae"].first().reindex(splits)
+        mat.loc["zero-force baseline"] = zero
+    mat.columns.name = None
+    return mat.reset_index()
+
+
+def results_markdown(table: pd.DataFrame, plots: Sequence[str]) -> str:
+    """The text of ``results.md``."""
+    parts = [
+        "# Results",
+        "",
+        "Metrics over free atoms (OC20 S2EF convention). The zero-force baseline is the force "
+        "MAE of predicting F = 0; the rotation-covariance error is mean |F(x)·R − F(x·R)| over "
+        "random rotations R (0 for an exactly covariant model). Throughput is the forward pass "
+        "alone.",
+        "",
+        "## Force MAE [eV/Å] by split",
+        "",
+        markdown_table(force_mae_matrix(table)) if "forces_mae" in table.columns else "(none)",
+        "",
+        "## All metrics",
+        "",
+        markdown_table(
+            table[["model", "split", *[m for m in SUMMARY_METRICS if m in table.columns]]],
+            SUMMARY_METRICS,
+        ),
+        "",
+    ]
+    if plots:
+        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_frame(path: Path, frame: pd.DataFrame) -> None:
+    tmp = _tmp(path)
+    try:
+        if path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = _tmp(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def curves_from_mlflow(long: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
+    """Per-epoch metrics (``model, epoch, metric, value``) of the runs named in ``long``.
+
+    Without ``tracking_uri`` the default store is read only if its SQLite file exists
+    (a report must not create an empty store). Unknown runs are skipped with a warning.
+    """
+    from forcenet import tracking
+
+    uri = tracking_uri or tracking.default_tracking_uri()
+    if tracking_uri is None and uri.startswith("sqlite:///"):
+        if not Path(uri.removeprefix("sqlite:///")).is_file():
+            return pd.DataFrame(columns=["model", *tracking.HISTORY_COLUMNS])
+    frames = []
+    runs = long.loc[long.run_id.fillna("") != "", ["model", "run_id"]].drop_duplicates()
+    for model, run_id in runs.itertuples(index=False):
+        try:
+            hist = tracking.epoch_history(run_id, tracking_uri=uri)
+        except Exception as exc:  # a run deleted from, or never logged to, this store
+            warnings.warn(f"learning curves of {model} (run {run_id}) unavailable: {exc}",
+                          stacklevel=2)
+            continue
+        frames.append(hist.assign(model=model))
+    if not frames:
+        return pd.DataFrame(columns=["model", *tracking.HISTORY_COLUMNS])
+    return pd.concat(frames, ignore_index=True)[["model", *tracking.HISTORY_COLUMNS]]
+
+
+def curves_from_csv(paths: Sequence[Path]) -> pd.DataFrame:
+    """Training history CSVs with an ``epoch`` column and one column per metric; the model
+    is the ``model`` column if present, else the name of the file's folder
+    (``checkpoints/<model>/history.csv``)."""
+    frames = []
+    for path in paths:
+        wide = pd.read_csv(path)
+        if "epoch" not in wide.columns:
+            raise ValueError(f"{path}: a history CSV needs an 'epoch' column")
+        if "model" not in wide.columns:
+            wide["model"] = Path(path).parent.name
+        frames.append(wide.melt(id_vars=["model", "epoch"], var_name="metric", value_name="value"))
+    if not frames:
+        return pd.DataFrame(columns=["model", "epoch", "metric", "value"])
+    out = pd.concat(frames, ignore_index=True)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce")
+    return out.dropna(subset=["value"])
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars of force MAE per split and model, the zero-force baseline as a black
+    tick over each split's group."""
+    splits = _split_order(table.split)
+    models = sorted(table.model.unique())
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(splits))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(splits), 4))
+    for k, model in enumerate(models):
+        rows = table[table.model == model].set_index("split").reindex(splits)
+        ax.bar(x - 0.4 + width * (k + 0.5), rows["forces_mae"], width, label=model)
+    if "zero_forces_mae" in table.columns:
+        zero = table.groupby("split")["zero_forces_mae"].first().reindex(splits)
+        ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
+                  label="zero-force baseline")  # fmt: skip
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("force MAE on free atoms [eV/Å]")
+    ax.set_title("Force MAE by split")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+
+
+def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
+    """Training loss and dev force MAE against epoch, one line per model; False (and no
+    file) when no model has a curve of at least two epochs."""
+    curves = curves[curves.metric.isin(list(CURVE_METRICS))]
+    counts = curves.groupby(["model", "metric"]).epoch.nunique()
+    curves = curves.set_index(["model", "metric"]).loc[counts[counts >= 2].index].reset_index()
+    if curves.empty:
+        return False
+    metrics = [m for m in CURVE_METRICS if m in set(curves.metric)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for model, rows in curves[curves.metric == metric].groupby("model"):
+            rows = rows.sort_values("epoch")
+            ax.plot(rows.epoch, rows.value, marker="o", markersize=3, label=model)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(CURVE_METRICS[metric])
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Learning curves")
+    _save_figure(fig, path)
+    return True
+
+
+def load_parity(predictions: Sequence[Path], split: str) -> pd.DataFrame:
+    """Free-atom force components (true, predicted) of ``split`` from prediction tables;
+    if no table has ``split``, the first split found is used instead."""
+    cols = ["model", "split", "fixed", "fx", "fy", "fz", "pred_fx", "pred_fy", "pred_fz"]
+    frames = [pd.read_parquet(p, columns=cols) for p in predictions]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    pred = pd.concat(frames, ignore_index=True)
+    pred = pred[~pred.fixed.astype(bool)]
+    if split not in set(pred.split) and len(pred):
+        split = _split_order(pred.split)[0]
+    return pred[pred.split == split]
+
+
+def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
+    """Hexbin of predicted vs true force components (free atoms, log counts) with y = x."""
+    true = pred[["fx", "fy", "fz"]].to_numpy(float).ravel()
+    hat = pred[["pred_fx", "pred_fy", "pred_fz"]].to_numpy(float).ravel()
+    ok = np.isfinite(true) & np.isfinite(hat)
+    true, hat = true[ok], hat[ok]
+    lim = float(np.quantile(np.abs(np.concatenate([true, hat])), 0.999)) if len(true) else 1.0
+    lim = max(lim, 1e-3)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    hb = ax.hexbin(true, hat, gridsize=60, bins="log", cmap="viridis",
+                   extent=(-lim, lim, -lim, lim), mincnt=1)  # fmt: skip
+    fig.colorbar(hb, ax=ax, label="components per bin")
+    ax.plot([-lim, lim], [-lim, lim], color="red", lw=0.8, label="y = x")
+    mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")
+    split = pred.split.iloc[0] if len(pred) else "?"
+    ax.set_title(f"{model} on {split}: force MAE {mae:.4f} eV/Å")
+    ax.set_xlabel("DFT force component [eV/Å]")
+    ax.set_ylabel("predicted force component [eV/Å]")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize="small")
+    _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_report(
+    metrics_parquets: Sequence[Path],
+    out_dir: Path,
+    *,
+    tracking_uri: str | None = None,
+    predictions: Sequence[Path] = (),
+    histories: Sequence[Path] = (),
+    parity_split: str = K.VAL_SPLITS[0],
+) -> None:
+    """Write the comparison tables and plots of all models into ``out_dir`` (see module
+    docstring). ``predictions``: per-atom prediction Parquets (parity plots on
+    ``parity_split``); learning curves come from the MLflow runs named in the metrics
+    tables (store ``tracking_uri``, default the project store) and from ``histories``."""
+    out_dir = Path(out_dir)
+    long = load_metrics(metrics_parquets)
+    table = comparison_table(long)
+    _write_frame(out_dir / "results.parquet", table)
+    _write_frame(out_dir / "results.csv", table)
+    plots = []
+    if "forces_mae" in table.columns:
+        plot_force_mae_bars(table, out_dir / "plots" / "force_mae_by_split.png")
+        plots.append("plots/force_mae_by_split.png")
+    curves = pd.concat([curves_from_mlflow(long, tracking_uri), curves_from_csv(histories)],
+                       ignore_index=True)  # fmt: skip
+    _write_frame(out_dir / "learning_curves.csv", curves)
+    if plot_learning_curves(curves, out_dir / "plots" / "learning_curves.png"):
+        plots.append("plots/learning_curves.png")
+    parity = load_parity(predictions, parity_split)
+    for model, rows in parity.groupby("model"):
+        name = f"plots/parity_{_safe_name(str(model))}.png"
+        plot_parity(rows, str(model), out_dir / name)
+        plots.append(name)
+    _write_text(out_dir / "results.md", results_markdown(table, plots))
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

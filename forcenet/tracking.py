@@ -1,0 +1,294 @@
+"""MLflow tracking: one run per model per experiment, shared by the train and evaluate stages.
+
+Store: ``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db`` with
+artifacts under ``<repo root>/mlartifacts``. The repo root is ``$DVC_ROOT`` (set by DVC,
+also inside queued/temp experiments that run in ``.dvc/tmp/exps``), else the git
+top-level, else the working directory, so every experiment logs into one store.
+
+Train and evaluate are separate processes (separate DVC stages). The train stage calls
+:func:`start_training_run`, which writes the run id to ``<train out dir>/run_id.txt``
+(reopened on resume); the evaluate stage calls :func:`attach_run` with that id and logs
+its final metrics as ``<split>/<metric>``. Only rank 0 logs: on other ranks the functions
+return ``None`` and the logging functions accept ``None`` as a no-op.
+
+The functions use :class:`mlflow.MlflowClient` with an explicit run id, never MLflow's
+global "active run", so several runs can be open in one process (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+RUN_ID_FILE = "run_id.txt"
+HISTORY_COLUMNS = ["metric", "epoch", "value"]
+DEFAULT_EXPERIMENT = "forcenet"
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """An open MLflow run: the client bound to its store and the run id."""
+
+    client: object  # mlflow.MlflowClient (imported lazily: mlflow is slow to import)
+    run_id: str
+    experiment_id: str
+
+
+def repo_root() -> Path:
+    """``$DVC_ROOT``, else the git top-level of the working directory, else the cwd."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        )
+        return Path(out.stdout.strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd().resolve()
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlflow.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = root or repo_root()
+    return f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """The HEAD commit of the repository at ``root`` (None outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root or repo_root(), capture_output=True, text=True, check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def is_rank_zero() -> bool:
+    """True in a single process and on rank 0 of a torchrun/DDP job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested params -> ``{"a.b.c": "value"}`` strings, as MLflow params must be."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM_LEN]
+    return flat
+
+
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+
+
+def _experiment_id(client, name: str, root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = ((root or repo_root()) / "mlartifacts").resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def _base_tags(model: str, stage: str, root: Path | None) -> dict[str, str]:
+    tags = {"model": model, "stage": stage}
+    commit = git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def _log_tags(run: TrackedRun, tags: Mapping[str, str]) -> None:
+    for key, value in tags.items():
+        run.client.set_tag(run.run_id, key, value)
+
+
+def read_run_id(folder: Path) -> str | None:
+    """The run id stored by the train stage in ``folder/run_id.txt`` (None if absent)."""
+    path = Path(folder) / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    run_id = path.read_text().strip()
+    if not run_id or not run_id.isalnum():
+        raise ValueError(f"{path}: not an MLflow run id: {run_id[:60]!r}")
+    return run_id
+
+
+def _write_run_id(folder: Path, run_id: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RUN_ID_FILE}.tmp{os.getpid()}"
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, folder / RUN_ID_FILE)
+
+
+def _existing_run(client, run_id: str | None):
+    if run_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def start_training_run(
+    *,
+    model: str,
+    params: Mapping,
+    out_dir: Path,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+) -> TrackedRun | None:
+    """Open the run of ``model`` for the train stage (rank 0 only, else None).
+
+    Reopens the run named in ``out_dir/run_id.txt`` when it exists in the store (a
+    resumed training keeps its curves), otherwise creates one and writes its id there.
+    Logs the flattened ``params`` and the tags model, stage, git commit and DVC
+    experiment name.
+    """
+    if not is_rank_zero():
+        return None
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, experiment, None)
+    found = _existing_run(client, read_run_id(out_dir))
+    if found is not None and found.info.experiment_id == exp_id:
+        run = TrackedRun(client, found.info.run_id, exp_id)
+        client.update_run(run.run_id, status="RUNNING")
+    else:
+        run_name = os.environ.get("DVC_EXP_NAME", "")
+        run_name = f"{model}-{run_name}" if run_name else model
+        created = client.create_run(exp_id, run_name=run_name)
+        run = TrackedRun(client, created.info.run_id, exp_id)
+        _write_run_id(Path(out_dir), run.run_id)
+    _log_tags(run, _base_tags(model, "train", None))
+    log_params(run, params)
+    return run
+
+
+def attach_run(
+    *,
+    model: str,
+    run_id: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+    stage: str = "evaluate",
+) -> TrackedRun | None:
+    """Reopen ``run_id`` (e.g. from :func:`read_run_id`) or, if it is None or not in the
+    store, create a new run for ``model``; rank 0 only, else None."""
+    if not is_rank_zero():
+        return None
+    client = _client(tracking_uri)
+    found = _existing_run(client, run_id)
+    if found is not None:
+        run = TrackedRun(client, found.info.run_id, found.info.experiment_id)
+        client.update_run(run.run_id, status="RUNNING")
+        client.set_tag(run.run_id, f"stage.{stage}", "done")
+        return run
+    exp_id = _experiment_id(client, experiment, None)
+    created = client.create_run(exp_id, run_name=model)
+    run = TrackedRun(client, created.info.run_id, exp_id)
+    _log_tags(run, _base_tags(model, stage, None))
+    return run
+
+
+def log_params(run: TrackedRun | None, params: Mapping) -> None:
+    """Log flattened params; keys already logged with the same value are skipped
+    (MLflow refuses to change a logged param, so a changed value raises)."""
+    if run is None:
+        return
+    from mlflow.entities import Param
+
+    logged = run.client.get_run(run.run_id).data.params
+    items = [Param(k, v) for k, v in flatten_params(params).items() if logged.get(k) != v]
+    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        run.client.log_batch(run.run_id, params=items[start : start + 100])
+
+
+def log_metrics(run: TrackedRun | None, metrics: Mapping[str, float], *, step: int = 0) -> None:
+    """Log finite numeric metrics at ``step``; NaN/inf values are skipped."""
+    if run is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(key, float(v), now, int(step))
+        for key, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    for start in range(0, len(items), 1000):
+        run.client.log_batch(run.run_id, metrics=items[start : start + 1000])
+
+
+def log_epoch(run: TrackedRun | None, epoch: int, metrics: Mapping[str, float]) -> None:
+    """Training-loop callback: per-epoch metrics (e.g. ``train/loss``,
+    ``val/forces_mae``, ``lr``) with ``step = epoch``."""
+    log_metrics(run, metrics, step=epoch)
+
+
+def log_split_metrics(run: TrackedRun | None, table: pd.DataFrame) -> None:
+    """Final metrics of a long table (columns split, metric, value) as ``<split>/<metric>``."""
+    if run is None:
+        return
+    metrics = {f"{r.split}/{r.metric}": float(r.value) for r in table.itertuples(index=False)}
+    log_metrics(run, metrics, step=0)
+
+
+def log_artifacts(
+    run: TrackedRun | None, paths: Iterable[Path], *, artifact_path: str | None = None
+) -> None:
+    """Copy files (checkpoint, Parquet tables, plots) into the run's artifact store."""
+    if run is None:
+        return
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"artifact to log does not exist: {path}")
+        if path.is_dir():
+            run.client.log_artifacts(run.run_id, str(path), artifact_path)
+        else:
+            run.client.log_artifact(run.run_id, str(path), artifact_path)
+
+
+def finish_run(run: TrackedRun | None, status: str = "FINISHED") -> None:
+    """Mark the run FINISHED (or FAILED/KILLED)."""
+    if run is not None:
+        run.client.set_terminated(run.run_id, status=status)
+
+
+def epoch_history(run_id: str, *, tracking_uri: str | None = None) -> pd.DataFrame:
+    """Every metric history of a run as a long table ``metric, epoch, value``.
+
+    Final ``<split>/<metric>`` values appear as single points at epoch 0; curves are the
+    metrics with more than one epoch.
+    """
+    client = _client(tracking_uri)
+    rows = []
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            rows.append({"metric": key, "epoch": int(m.step), "value": float(m.value)})
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)

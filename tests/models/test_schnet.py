@@ -1,0 +1,161 @@
+"""SchNet-specific tests: agreement with PyG's SchNet, periodic supercells, gradient forces.
+
+The model-independent physics contract lives in ``test_contract.py``; these tests pin what
+is particular to SchNet under periodic boundaries (small float64 fixtures, a few seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, fcc111
+from conftest import TINY_KWARGS, make_batch, predict, record_from_atoms
+from torch_geometric.nn.models import SchNet as PygSchNet
+
+from forcenet.data import keys as K
+from forcenet.geometry import edge_vectors, random_rotation
+from forcenet.models.schnet import SchNet
+
+F64 = {"rtol": 1e-8, "atol": 1e-10}
+
+
+def _tiny(dtype: torch.dtype = torch.float64, seed: int = 0) -> SchNet:
+    torch.manual_seed(seed)
+    return SchNet(**TINY_KWARGS["schnet"]).to(dtype).eval()
+
+
+def _slab(seed: int, size=(2, 2, 3), repeat=(1, 1, 1)) -> Atoms:
+    """Rattled Cu(111) slab (periodic in x, y), optionally repeated."""
+    atoms = fcc111("Cu", size=size, vacuum=5.0)
+    atoms.rattle(stdev=0.08, seed=seed)
+    return atoms.repeat(repeat)
+
+
+def _bulk_pair(seed: int, repeat=(1, 1, 1)) -> Atoms:
+    """Rattled 2-atom rocksalt cell (skewed, fully periodic), optionally repeated."""
+    atoms = bulk("NiO", "rocksalt", a=4.2)
+    atoms.rattle(stdev=0.1, seed=seed)
+    return atoms.repeat(repeat)
+
+
+def _batch(structures: list[Atoms], dtype: torch.dtype = torch.float64) -> dict:
+    """Batch through the real record path, with exact float64 positions and cells (records
+    store float32, which would blur symmetry comparisons at 1e-7)."""
+    records = [
+        record_from_atoms(a, tags=np.ones(len(a), dtype=np.int64), sid=n)
+        for n, a in enumerate(structures)
+    ]
+    batch = make_batch(records, dtype)
+    pos = np.concatenate([a.positions for a in structures])
+    cell = np.stack([a.cell[:] for a in structures])
+    return dict(
+        batch, pos=torch.as_tensor(pos, dtype=dtype), cell=torch.as_tensor(cell, dtype=dtype)
+    )
+
+
+def test_defaults_are_ocp_s2ef_and_match_pyg_parameter_count():
+    model = SchNet()
+    assert (model.hidden_channels, model.num_filters, model.num_interactions) == (1024, 256, 3)
+    assert (model.num_gaussians, model.cutoff) == (200, 6.0)
+    assert SchNet.energy_from_gradient is True
+    ref = PygSchNet(hidden_channels=1024, num_filters=256, num_interactions=3, num_gaussians=200)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in ref.parameters())
+
+
+def test_energy_matches_pyg_schnet_on_our_periodic_graph(float64):
+    """Same weights, same edges: PyG's forward (fed our PBC distances) gives our energy."""
+    model = _tiny()
+    batch = _batch([_slab(1), _bulk_pair(2)])
+    vec = edge_vectors(
+        batch[K.POS], batch[K.CELL], batch[K.BATCH], batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS]
+    )
+    graph = (batch[K.EDGE_INDEX], vec.norm(dim=-1))
+    kw = TINY_KWARGS["schnet"]
+    ref = PygSchNet(**kw, interaction_graph=lambda pos, b: graph).to(float64)
+    ref.load_state_dict(model.state_dict())
+    expected = ref(batch[K.ATOMIC_NUMBERS], batch[K.POS], batch[K.BATCH]).squeeze(-1)
+    torch.testing.assert_close(predict(model, batch)[K.OUT_ENERGY], expected, **F64)
+
+
+def test_supercell_doubles_energy_and_repeats_forces(float64):
+    """A 2x1x1 supercell is the same periodic crystal: E doubles, forces repeat."""
+    model = _tiny()
+    for small, big in [
+        (_bulk_pair(3), _bulk_pair(3, repeat=(2, 1, 1))),
+        (_slab(4, size=(2, 2, 2)), _slab(4, size=(2, 2, 2), repeat=(2, 1, 1))),
+    ]:
+        out_small = predict(model, _batch([small]))
+        out_big = predict(model, _batch([big]))
+        torch.testing.assert_close(out_big[K.OUT_ENERGY], 2 * out_small[K.OUT_ENERGY], **F64)
+        expected = torch.cat([out_small[K.OUT_FORCES]] * 2)  # ASE repeat: copies in order
+        torch.testing.assert_close(out_big[K.OUT_FORCES], expected, rtol=1e-7, atol=1e-9)
+        assert out_small[K.OUT_FORCES].abs().max() > 1e-3  # non-trivial forces
+
+
+def test_rotation_translation_and_batching(float64):
+    model = _tiny()
+    samples = [_slab(5), _bulk_pair(6)]
+    batch = _batch(samples)
+    ref = predict(model, batch)
+    rot = random_rotation(torch.Generator().manual_seed(0), dtype=float64)
+    turned = predict(model, dict(batch, pos=batch[K.POS] @ rot, cell=batch[K.CELL] @ rot))
+    torch.testing.assert_close(turned[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
+    torch.testing.assert_close(turned[K.OUT_FORCES], ref[K.OUT_FORCES] @ rot, **F64)
+    moved = predict(model, dict(batch, pos=batch[K.POS] + torch.tensor([1.5, -2.0, 0.7])))
+    torch.testing.assert_close(moved[K.OUT_FORCES], ref[K.OUT_FORCES], **F64)
+    torch.testing.assert_close(moved[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
+    alone = [predict(model, _batch([s])) for s in samples]
+    for key in (K.OUT_ENERGY, K.OUT_FORCES):
+        torch.testing.assert_close(ref[key], torch.cat([a[key] for a in alone]), **F64)
+
+
+def test_forces_are_minus_energy_gradient_under_pbc(float64):
+    """Directional central differences in a small periodic cell where atoms see their own
+    images: dE/dh along u equals -F . u."""
+    model = _tiny()
+    batch = _batch([_bulk_pair(7)])
+    forces = predict(model, batch)[K.OUT_FORCES]
+    gen = torch.Generator().manual_seed(1)
+    h = 1e-5
+    for _ in range(3):
+        u = torch.randn(forces.shape, generator=gen, dtype=float64)
+        e_plus = predict(model, dict(batch, pos=batch[K.POS] + h * u))[K.OUT_ENERGY].sum()
+        e_minus = predict(model, dict(batch, pos=batch[K.POS] - h * u))[K.OUT_ENERGY].sum()
+        fd = (e_plus - e_minus) / (2 * h)
+        torch.testing.assert_close(fd, -(forces * u).sum(), rtol=1e-6, atol=1e-9)
+
+
+def test_training_mode_keeps_force_graph_and_eval_does_not():
+    model = _tiny(torch.float32).train()
+    batch = _batch([_slab(8)], torch.float32)
+    out = model(batch)
+    assert out[K.OUT_FORCES].requires_grad  # create_graph=True: the force loss trains
+    out[K.OUT_FORCES].pow(2).mean().backward()
+    filt = model.interactions[0].mlp[0].weight.grad
+    assert filt is not None and filt.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert not out[K.OUT_FORCES].requires_grad and not out[K.OUT_ENERGY].requires_grad
+    assert not batch[K.POS].requires_grad and out[K.OUT_FORCES].abs().sum() > 0
+
+
+def test_positions_that_require_grad_are_used_directly(float64):
+    """A caller differentiating through the model (e.g. a Hessian) gets its own pos back."""
+    model = _tiny()
+    batch = _batch([_bulk_pair(9)])
+    pos = batch[K.POS].clone().requires_grad_(True)
+    out = model(dict(batch, pos=pos))
+    (grad,) = torch.autograd.grad(out[K.OUT_ENERGY].sum(), pos)
+    torch.testing.assert_close(-grad, out[K.OUT_FORCES].detach(), **F64)
+
+
+def test_rejects_atomic_numbers_outside_the_table():
+    model = _tiny(torch.float32)
+    batch = _batch([_bulk_pair(10)], torch.float32)
+    bad = dict(batch, atomic_numbers=batch[K.ATOMIC_NUMBERS].clone().fill_(118))
+    with pytest.raises(ValueError, match="SchNet: atomic numbers must be in 1..99"):
+        model(bad)

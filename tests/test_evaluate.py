@@ -1,0 +1,220 @@
+"""Evaluation end to end on tiny stores and files, with stand-in models of known symmetry."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ase.build import add_adsorbate, fcc111
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+from torch import nn
+
+from forcenet import evaluate as ev
+from forcenet.data import keys as K
+from forcenet.data.frame import Frame
+from forcenet.geometry import edge_vectors
+
+CUTOFF, MAX_NEIGHBORS = 4.0, 30
+GRAPH = {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS}
+
+
+class PairForces(nn.Module):
+    """F_i = (sum_j exp(-d_ij) v_ij) @ A, E = sum_edges exp(-d)/2 per structure.
+
+    With A = identity every force is a sum of edge vectors: exactly rotation covariant.
+    With A = diag(1, 2, 3) the frame axes matter, so it is not.
+    """
+
+    energy_from_gradient = False
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", matrix.to(torch.float32))
+
+    def forward(self, batch):
+        v = edge_vectors(batch[K.POS], batch[K.CELL], batch[K.BATCH], batch[K.EDGE_INDEX],
+                         batch[K.CELL_OFFSETS])  # [E, 3]
+        w = torch.exp(-v.norm(dim=1))  # [E]
+        centre = batch[K.EDGE_INDEX][1]
+        forces = torch.zeros_like(batch[K.POS]).index_add_(0, centre, w[:, None] * v)
+        energy = torch.zeros(len(batch[K.NATOMS]), dtype=w.dtype, device=w.device)
+        energy = energy.index_add_(0, batch[K.BATCH][centre], 0.5 * w)
+        return {K.OUT_FORCES: forces @ self.matrix, K.OUT_ENERGY: energy}
+
+
+COVARIANT = PairForces(torch.eye(3))
+NOT_COVARIANT = PairForces(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
+
+
+def _frames(n: int, seed: int) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+        add_adsorbate(slab, "O", 1.8, "fcc")
+        slab.rattle(0.05, seed=seed + k)
+        tags = np.where(slab.get_tags() == 2, 0, 1)  # bottom layer sub-surface
+        tags[-1] = 2  # the adsorbate
+        m = len(slab)
+        out.append(Frame(
+            atomic_numbers=slab.numbers.astype(np.int64),
+            pos=slab.positions,
+            cell=slab.cell.array,
+            pbc=np.array([True, True, True]),
+            tags=tags.astype(np.int64),
+            fixed=tags == 0,
+            forces=rng.normal(scale=0.5, size=(m, 3)),
+            total_energy=float(rng.normal(-10, 1)),
+            reference_energy=-9.0,
+            sid=100 + k,
+            fid=k,
+        ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lmdb_split(tmp_path_factory):
+    """data/lmdb/val_id and data/graphs/val_id built through the real data path."""
+    from forcenet.data import raw, store
+    from forcenet.data.graphs import build_graphs
+
+    root = tmp_path_factory.mktemp("data")
+    frames = _frames(5, seed=0)
+    raw.write_shard(root / "raw" / "val_id", 0, frames)
+    store.preprocess(root / "raw", root / "lmdb")
+    build_graphs(root / "lmdb", root / "graphs", cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
+    return root / "lmdb" / "val_id", frames
+
+
+@pytest.fixture(scope="module")
+def extxyz_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ase") / "my_relax.extxyz"
+    images = []
+    for frame in _frames(3, seed=7):
+        atoms = ase.Atoms(frame.atomic_numbers, positions=frame.pos, cell=frame.cell, pbc=True)
+        atoms.set_tags(frame.tags)
+        atoms.set_constraint(FixAtoms(mask=frame.fixed))
+        atoms.info["reference_energy"] = frame.reference_energy
+        atoms.calc = SinglePointCalculator(atoms, energy=frame.total_energy, forces=frame.forces)
+        images.append(atoms)
+    ase.io.write(path, images, format="extxyz")
+    return path, _frames(3, seed=7)
+
+
+def _free_forces(frames):
+    return np.concatenate([f.forces[~f.fixed] for f in frames])
+
+
+def test_lmdb_split_long_table_predictions_and_json(lmdb_split, tmp_path):
+    split_dir, frames = lmdb_split
+    out, preds, js = tmp_path / "m.parquet", tmp_path / "p.parquet", tmp_path / "m.json"
+    table = ev.evaluate_model(
+        COVARIANT, [split_dir], model_name="pair", graph=GRAPH, out=out, batch_size=2,
+        device="cpu", predictions_out=preds, metrics_json=js, run_id="abc123",
+    )
+    on_disk = pd.read_parquet(out)
+    assert list(on_disk.columns) == ev.TABLE_COLUMNS
+    pd.testing.assert_frame_equal(on_disk, table)
+    got = dict(zip(table.metric, table.value, strict=True))
+    assert set(table.split) == {"val_id"} and set(table.run_id) == {"abc123"}
+    # zero baseline = mean |F| component over free atoms, straight from the frames
+    assert got["zero_forces_mae"] == pytest.approx(np.abs(_free_forces(frames)).mean(), rel=1e-5)
+    assert got["num_structures"] == 5
+    # the per-atom predictions reproduce the table's force MAE and carry the labels
+    p = pd.read_parquet(preds)
+    assert len(p) == sum(f.natoms for f in frames)
+    free = p[~p.fixed]
+    err = np.abs(free[["pred_fx", "pred_fy", "pred_fz"]].to_numpy() - free[["fx", "fy", "fz"]].to_numpy())
+    assert got["forces_mae"] == pytest.approx(err.mean(), rel=1e-5)
+    row = p[(p.sid == 102) & (p.atom == 3)].iloc[0]
+    np.testing.assert_allclose(row[["fx", "fy", "fz"]].to_numpy(float), frames[2].forces[3], rtol=1e-6)
+    assert row.atomic_number == frames[2].atomic_numbers[3] and row.tag == frames[2].tags[3]
+    # energy metrics exist for a model with an energy; referenced energy is the label
+    assert 0 <= got["energy_force_within_threshold"] <= 1 and got["energy_mae"] > 0
+    assert got["inference_graphs_per_s"] > 0 and got["inference_atoms_per_s"] > got["inference_graphs_per_s"]
+    assert got["rotation_covariance_mae"] < 1e-5  # exactly covariant up to float32 noise
+    assert json.loads(js.read_text())["val_id"]["forces_mae"] == pytest.approx(got["forces_mae"])
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_rotation_covariance_separates_models(lmdb_split, tmp_path):
+    split_dir, _ = lmdb_split
+    values = {}
+    for name, model in (("cov", COVARIANT), ("notcov", NOT_COVARIANT)):
+        table = ev.evaluate_model(
+            model, [split_dir], model_name=name, graph=GRAPH, out=tmp_path / f"{name}.parquet",
+            batch_size=3, device="cpu", rotation_samples=3,
+        )
+        values[name] = table.set_index("metric").value
+    assert values["cov"]["rotation_covariance_mae"] < 1e-5
+    assert values["notcov"]["rotation_covariance_mae"] > 1e-2
+    # same magnitude scale as forces_mae: the covariance error is a meaningful eV/Å number
+    assert values["notcov"]["rotation_covariance_mae"] < 10 * values["notcov"]["forces_mae"]
+
+
+def test_rotate_batch_keeps_edge_lengths(lmdb_split):
+    from forcenet.data.batch import collate
+    from forcenet.data.dataset import FrameDataset
+    from forcenet.geometry import random_rotation
+
+    split_dir, _ = lmdb_split
+    ds = FrameDataset(split_dir, split_dir.parent.parent / "graphs" / "val_id")
+    batch = collate([ds[0], ds[1]])
+    rot = random_rotation(torch.Generator().manual_seed(3))
+    r = ev.rotate_batch(batch, rot)
+    args = (K.BATCH, K.EDGE_INDEX, K.CELL_OFFSETS)
+    v0 = edge_vectors(batch[K.POS], batch[K.CELL], *(batch[a] for a in args))
+    v1 = edge_vectors(r[K.POS], r[K.CELL], *(r[a] for a in args))
+    np.testing.assert_allclose(v1.numpy(), (v0 @ rot.float()).numpy(), atol=1e-4)
+    np.testing.assert_allclose(r[K.FORCES].numpy(), (batch[K.FORCES] @ rot.float()).numpy(), atol=1e-6)
+    assert not np.allclose(v1.numpy(), v0.numpy(), atol=1e-2)  # it did rotate
+
+
+def test_graph_store_with_other_cutoff_is_refused(lmdb_split, tmp_path):
+    split_dir, _ = lmdb_split
+    with pytest.raises(ValueError, match="cutoff"):
+        ev.evaluate_model(COVARIANT, [split_dir], model_name="pair",
+                          graph={"cutoff": 6.0, "max_neighbors": MAX_NEIGHBORS},
+                          out=tmp_path / "x.parquet", device="cpu")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_checkpoint_on_extxyz_file(extxyz_file, tmp_path):
+    from forcenet.checkpoint import build_scaled_model, save_checkpoint
+
+    path, frames = extxyz_file
+    kwargs = {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": CUTOFF}
+    torch.manual_seed(0)
+    model = build_scaled_model("gns", kwargs)
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    save_checkpoint(ckpt_dir / "best.pt", {
+        "format_version": 1, "model_name": "gns", "model_kwargs": kwargs,
+        "model_state": model.state_dict(), "step": 0, "epoch": 0, "graph": GRAPH,
+    })
+    (ckpt_dir / "run_id.txt").write_text("feedbeef\n")
+    table = ev.evaluate_checkpoint(
+        ckpt_dir / "best.pt", [path], out=tmp_path / "gns.parquet", batch_size=2, device="cpu",
+        rotation_samples=2,
+    )
+    got = table.set_index("metric").value
+    assert set(table.split) == {"my_relax"} and set(table.model) == {"gns"}
+    assert set(table.run_id) == {"feedbeef"}
+    assert got["zero_forces_mae"] == pytest.approx(np.abs(_free_forces(frames)).mean(), rel=1e-5)
+    assert got["num_structures"] == 3
+    assert "energy_mae" not in got  # GNS predicts forces only
+    assert got["rotation_covariance_mae"] > 0  # GNS is not covariant by construction
+
+
+def test_ase_file_without_forces_names_file_and_frame(tmp_path):
+    atoms = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    path = tmp_path / "nolabels.extxyz"
+    ase.io.write(path, [atoms], format="extxyz")
+    with pytest.raises(ValueError, match=r"nolabels.extxyz: frame 0"):
+        ev.evaluate_model(COVARIANT, [path], model_name="pair", graph=GRAPH,
+                          out=tmp_path / "x.parquet", device="cpu")

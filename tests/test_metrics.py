@@ -1,0 +1,143 @@
+"""OC20 metrics against numpy values computed independently, batch by batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from forcenet.data import keys as K
+from forcenet.metrics import STATE_FIELDS, OC20Metrics
+
+
+def _make(natoms: list[int], seed: int, with_energy: bool = True):
+    rng = np.random.default_rng(seed)
+    n = sum(natoms)
+    f_true = rng.normal(size=(n, 3))
+    f_pred = f_true + rng.normal(scale=0.3, size=(n, 3))
+    fixed = rng.random(n) < 0.3
+    batch = {
+        K.FORCES: torch.tensor(f_true, dtype=torch.float32),
+        K.FIXED: torch.tensor(fixed),
+        K.NATOMS: torch.tensor(natoms),
+        K.BATCH: torch.repeat_interleave(torch.arange(len(natoms)), torch.tensor(natoms)),
+        K.ENERGY: torch.tensor(rng.normal(size=len(natoms)), dtype=torch.float32),
+    }
+    pred = {K.OUT_FORCES: torch.tensor(f_pred, dtype=torch.float32)}
+    if with_energy:
+        pred[K.OUT_ENERGY] = batch[K.ENERGY] + torch.tensor(rng.normal(scale=0.5, size=len(natoms)))
+    return pred, batch
+
+
+def _numpy_reference(preds, batches) -> dict[str, float]:
+    """The metrics written out with numpy over the concatenated data."""
+    f_hat = np.concatenate([p[K.OUT_FORCES].double().numpy() for p in preds])
+    f = np.concatenate([b[K.FORCES].double().numpy() for b in batches])
+    free = ~np.concatenate([b[K.FIXED].numpy() for b in batches])
+    d = np.abs(f_hat - f)[free]
+    cos = [
+        np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+        for a, b in zip(f_hat[free], f[free], strict=True)
+    ]
+    return {
+        "forces_mae": d.mean(),
+        "forcesx_mae": d[:, 0].mean(),
+        "forcesy_mae": d[:, 1].mean(),
+        "forcesz_mae": d[:, 2].mean(),
+        "zero_forces_mae": np.abs(f[free]).mean(),
+        "forces_cos": float(np.mean(cos)),
+        "forces_magnitude": np.abs(
+            np.linalg.norm(f_hat[free], axis=1) - np.linalg.norm(f[free], axis=1)
+        ).mean(),
+        "num_free_atoms": float(free.sum()),
+    }
+
+
+def test_force_metrics_match_numpy_across_batches():
+    data = [_make([3, 5], 0), _make([4], 1), _make([2, 6, 1], 2)]
+    m = OC20Metrics()
+    for pred, batch in data:
+        m.update(pred, batch)
+    got = m.compute()
+    ref = _numpy_reference([p for p, _ in data], [b for _, b in data])
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    assert got["num_structures"] == 6
+    # energy MAE over all structures
+    e_err = np.concatenate(
+        [(p[K.OUT_ENERGY].double() - b[K.ENERGY].double()).abs().numpy() for p, b in data]
+    )
+    assert got["energy_mae"] == pytest.approx(e_err.mean(), rel=1e-6)
+
+
+def test_zero_prediction_gives_zero_baseline_and_fixed_atoms_are_ignored():
+    pred, batch = _make([5, 5], 3, with_energy=False)
+    pred = {K.OUT_FORCES: torch.zeros_like(batch[K.FORCES])}
+    # Huge labels on fixed atoms must not move any metric.
+    batch[K.FORCES][batch[K.FIXED]] = 1e6
+    m = OC20Metrics()
+    m.update(pred, batch)
+    got = m.compute()
+    assert got["forces_mae"] == pytest.approx(got["zero_forces_mae"], rel=1e-12)
+    free = ~batch[K.FIXED]
+    assert got["zero_forces_mae"] == pytest.approx(batch[K.FORCES][free].abs().mean().item(), rel=1e-6)
+    assert "energy_mae" not in got and "energy_force_within_threshold" not in got
+
+
+def test_efwt_strict_thresholds_by_hand():
+    # Three structures of two atoms each; atom 1 of structure 2 is fixed.
+    f = torch.zeros(6, 3)
+    f_hat = torch.zeros(6, 3)
+    f_hat[0, 0] = 0.01  # structure 0: max |dF| 0.01 < 0.03, |dE| 0.01 -> hit
+    f_hat[2, 1] = 0.05  # structure 1: force error 0.05 -> miss
+    f_hat[5, 2] = 5.0  # structure 2: big error only on a fixed atom -> ignored
+    batch = {
+        K.FORCES: f,
+        K.FIXED: torch.tensor([False, False, False, False, False, True]),
+        K.NATOMS: torch.tensor([2, 2, 2]),
+        K.BATCH: torch.tensor([0, 0, 1, 1, 2, 2]),
+        K.ENERGY: torch.tensor([0.0, 0.0, 1.0]),
+    }
+    pred = {K.OUT_FORCES: f_hat, K.OUT_ENERGY: torch.tensor([0.01, 0.0, 1.0 + 0.025])}
+    m = OC20Metrics()
+    m.update(pred, batch)
+    got = m.compute()
+    # structure 2 fails only through its energy (0.025 >= 0.02)
+    assert got["energy_force_within_threshold"] == pytest.approx(1 / 3)
+    assert got["energy_mae"] == pytest.approx((0.01 + 0.0 + 0.025) / 3, rel=1e-5)
+    pred[K.OUT_ENERGY] = torch.tensor([0.01, 0.0, 1.0])
+    m.reset()
+    m.update(pred, batch)
+    assert m.compute()["energy_force_within_threshold"] == pytest.approx(2 / 3)
+    # exactly at the force threshold is a miss (strict <)
+    f_hat64 = f_hat.double()
+    f_hat64[0, 0] = 0.03
+    m.reset()
+    m.update({K.OUT_FORCES: f_hat64, K.OUT_ENERGY: pred[K.OUT_ENERGY].double()}, batch)
+    assert m.compute()["energy_force_within_threshold"] == pytest.approx(1 / 3)
+
+
+def test_state_merge_equals_single_pass_and_load_state():
+    data = [_make([3, 4], 10), _make([7], 11)]
+    whole, a, b = OC20Metrics(), OC20Metrics(), OC20Metrics()
+    for pred, batch in data:
+        whole.update(pred, batch)
+    a.update(*data[0])
+    b.update(*data[1])
+    # what an all-reduce would do: sum the state vectors
+    c = OC20Metrics()
+    c.load_state(a.state() + b.state())
+    a.merge(b)
+    for key, value in whole.compute().items():
+        assert a.compute()[key] == pytest.approx(value, rel=1e-12)
+        assert c.compute()[key] == pytest.approx(value, rel=1e-12)
+    assert whole.state().shape == (len(STATE_FIELDS),)
+    with pytest.raises(ValueError, match="shape"):
+        c.load_state(torch.zeros(3))
+
+
+def test_empty_accumulator_gives_nan_not_zero():
+    got = OC20Metrics().compute()
+    assert math.isnan(got["forces_mae"]) and got["num_structures"] == 0

@@ -1,0 +1,132 @@
+"""The comparison report from synthetic metrics, predictions and learning curves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forcenet import report, tracking
+from forcenet.evaluate import TABLE_COLUMNS, write_table
+
+SPLITS = ["val_ood_both", "val_id", "val_ood_ads", "val_ood_cat"]  # deliberately unordered
+ZERO = {"val_id": 0.50, "val_ood_ads": 0.55, "val_ood_cat": 0.60, "val_ood_both": 0.65}
+MAE = {"forcenet": 0.08, "schnet": 0.12, "gns": 0.10}
+
+
+def _long(model: str, run_id: str) -> pd.DataFrame:
+    rows = []
+    for k, split in enumerate(SPLITS):
+        metrics = {
+            "forces_mae": MAE[model] + 0.01 * k,
+            "zero_forces_mae": ZERO[split],
+            "forces_cos": 0.5,
+            "forces_magnitude": 0.1,
+            "rotation_covariance_mae": 0.0 if model == "schnet" else 0.02,
+            "inference_graphs_per_s": 1234.5,
+            "inference_atoms_per_s": 80000.0,
+        }
+        if model == "schnet":
+            metrics |= {"energy_mae": 0.4, "energy_force_within_threshold": 0.0}
+        rows += [(model, split, m, v, run_id) for m, v in metrics.items()]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _predictions(model: str, rng) -> pd.DataFrame:
+    n = 400
+    true = rng.normal(scale=0.5, size=(n, 3)).astype(np.float32)
+    pred = (true + rng.normal(scale=MAE[model], size=(n, 3))).astype(np.float32)
+    return pd.DataFrame({
+        "model": model, "split": np.where(np.arange(n) < 300, "val_id", "val_ood_ads"),
+        "sid": np.arange(n) // 20, "fid": 0, "atom": np.arange(n) % 20,
+        "atomic_number": 29, "tag": 1, "fixed": np.arange(n) % 5 == 0,
+        "fx": true[:, 0], "fy": true[:, 1], "fz": true[:, 2],
+        "pred_fx": pred[:, 0], "pred_fy": pred[:, 1], "pred_fz": pred[:, 2],
+    })
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    run = tracking.attach_run(model="forcenet", experiment="rep", tracking_uri=store)
+    for epoch in range(4):
+        tracking.log_epoch(run, epoch, {"train_loss": 1.0 / (epoch + 1), "force_mae": 0.3 - 0.05 * epoch})
+    tracking.finish_run(run)
+    rng = np.random.default_rng(0)
+    metrics, preds = [], []
+    for model in MAE:
+        path = tmp_path / "metrics" / f"{model}.parquet"
+        write_table(_long(model, run.run_id if model == "forcenet" else ""), path)
+        metrics.append(path)
+        ppath = tmp_path / "preds" / f"{model}.parquet"
+        write_table(_predictions(model, rng), ppath)
+        preds.append(ppath)
+    history = tmp_path / "checkpoints" / "gns" / "history.csv"
+    history.parent.mkdir(parents=True)
+    pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [2.0, 1.0, 0.7], "force_mae": [0.4, 0.3, 0.25]}
+                 ).to_csv(history, index=False)
+    return {"metrics": metrics, "preds": preds, "history": history, "store": store}
+
+
+def test_build_report_tables_and_plots(inputs, tmp_path):
+    out = tmp_path / "reports"
+    report.build_report(inputs["metrics"], out, tracking_uri=inputs["store"],
+                        predictions=inputs["preds"], histories=[inputs["history"]])
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 3 * 4
+    # splits in OC20 order, summary metrics first
+    assert table.split.unique().tolist() == ["val_id", "val_ood_ads", "val_ood_cat", "val_ood_both"]
+    assert table.columns[2:5].tolist() == ["forces_mae", "zero_forces_mae", "forces_cos"]
+    row = table[(table.model == "schnet") & (table.split == "val_ood_cat")].iloc[0]
+    assert row.forces_mae == pytest.approx(0.12 + 0.01 * SPLITS.index("val_ood_cat"))
+    assert row.energy_mae == pytest.approx(0.4)
+    assert np.isnan(table[table.model == "gns"].energy_mae).all()  # no energy -> empty cell
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), table, check_dtype=False)
+
+    md = (out / "results.md").read_text()
+    baseline = next(line for line in md.splitlines() if line.startswith("| zero-force baseline"))
+    assert baseline == "| zero-force baseline | 0.5000 | 0.5500 | 0.6000 | 0.6500 |"
+    assert "| gns | val_id | 0.1100 |" in md  # val_id is SPLITS[1] -> 0.10 + 0.01
+    assert "EFwT" in md and "–" in md  # EFwT column exists; missing values shown as –
+
+    curves = pd.read_csv(out / "learning_curves.csv")
+    assert set(curves.model) == {"forcenet", "gns"}
+    fn = curves[(curves.model == "forcenet") & (curves.metric == "train_loss")].sort_values("epoch")
+    assert fn.value.tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+
+    for name in ["force_mae_by_split", "learning_curves", "parity_forcenet", "parity_schnet",
+                 "parity_gns"]:
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert f"plots/{name}.png" in md
+    assert not list(out.rglob(".*tmp"))
+
+
+def test_force_mae_matrix_and_markdown_formatting():
+    table = report.comparison_table(pd.concat([_long("forcenet", ""), _long("gns", "")]))
+    mat = report.force_mae_matrix(table)
+    assert mat.model.tolist() == ["forcenet", "gns", "zero-force baseline"]
+    assert mat.columns.tolist()[1:] == ["val_id", "val_ood_ads", "val_ood_cat", "val_ood_both"]
+    md = report.markdown_table(pd.DataFrame({"a": ["x"], "b": [float("nan")], "c": [12345.6]}))
+    assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | – | 12,346 |"]
+
+
+def test_report_without_runs_or_predictions(tmp_path, monkeypatch):
+    """Tables and bars only; the default store is not created when absent."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path / "m.parquet"
+    write_table(_long("gns", "deadbeef"), path)
+    report.build_report([path], tmp_path / "out")
+    assert (tmp_path / "out" / "plots" / "force_mae_by_split.png").is_file()
+    assert not (tmp_path / "out" / "plots" / "learning_curves.png").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_metrics_table_names_the_file(tmp_path):
+    path = tmp_path / "bad.parquet"
+    pd.DataFrame({"model": ["x"], "value": [1.0]}).to_parquet(path)
+    with pytest.raises(ValueError, match="bad.parquet"):
+        report.build_report([path], tmp_path / "out")

@@ -1,0 +1,136 @@
+"""MLflow tracking into a temporary SQLite store shared by the tests of this module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from forcenet import tracking
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One migrated SQLite store per module (migrations take a couple of seconds)."""
+    root = tmp_path_factory.mktemp("store")
+    return f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+
+
+@pytest.fixture
+def in_repo(tmp_path, monkeypatch) -> Path:
+    """A fake repo root: DVC_ROOT points at tmp_path; artifacts go under it."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    return tmp_path
+
+
+def test_default_uri_follows_dvc_root_and_env(in_repo, monkeypatch):
+    assert tracking.repo_root() == in_repo.resolve()
+    assert tracking.default_tracking_uri() == f"sqlite:///{(in_repo.resolve() / 'mlflow.db').as_posix()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    assert tracking.default_tracking_uri() == "sqlite:////elsewhere/x.db"
+
+
+def test_git_commit_is_a_sha_inside_git_and_none_outside(tmp_path):
+    import shutil
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    if shutil.which("git") is None or subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True
+    ).returncode:
+        pytest.skip("tests are not inside a git checkout with a commit")
+    sha = tracking.git_commit(here)
+    assert sha is not None and len(sha) == 40 and int(sha, 16) >= 0
+    assert tracking.git_commit(tmp_path) is None
+
+
+def test_flatten_params_nested():
+    flat = tracking.flatten_params({"model": {"forcenet": {"hidden_channels": 512}}, "seed": 0})
+    assert flat == {"model.forcenet.hidden_channels": "512", "seed": "0"}
+
+
+def test_train_then_evaluate_share_one_run(store, in_repo, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
+    monkeypatch.setattr(tracking, "git_commit", lambda root=None: "a" * 40)
+    out_dir = in_repo / "checkpoints" / "schnet"
+    params = {"model": {"schnet": {"hidden_channels": 8}}, "train": {"lr": 5e-4}}
+    run = tracking.start_training_run(
+        model="schnet", params=params, out_dir=out_dir, experiment="t1", tracking_uri=store
+    )
+    assert run is not None
+    assert tracking.read_run_id(out_dir) == run.run_id
+    for epoch, loss in enumerate([1.0, 0.5, 0.25]):
+        tracking.log_epoch(run, epoch, {"train/loss": loss, "val/forces_mae": loss / 2})
+    ckpt = out_dir / "last.pt"
+    ckpt.write_bytes(b"weights")
+    tracking.log_artifacts(run, [ckpt], artifact_path="checkpoint")
+    tracking.finish_run(run)
+
+    # the evaluate stage (another process in practice) reopens the run from run_id.txt
+    ev = tracking.attach_run(
+        model="schnet", run_id=tracking.read_run_id(out_dir), experiment="t1", tracking_uri=store
+    )
+    assert ev.run_id == run.run_id
+    table = pd.DataFrame(
+        {"split": ["val_id", "val_id"], "metric": ["forces_mae", "forces_cos"], "value": [0.1, 0.9]}
+    )
+    tracking.log_split_metrics(ev, table)
+    tracking.finish_run(ev)
+
+    mlflow.set_tracking_uri(store)
+    try:
+        runs = mlflow.search_runs(experiment_names=["t1"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(runs) == 1
+    row = runs.iloc[0]
+    assert row["params.model.schnet.hidden_channels"] == "8"
+    assert row["metrics.val_id/forces_mae"] == pytest.approx(0.1)
+    assert row["metrics.train/loss"] == pytest.approx(0.25)  # latest epoch
+    assert row["tags.dvc.exp_name"] == "exp-abc"
+    assert row["tags.model"] == "schnet"
+    assert row["tags.mlflow.source.git.commit"] == "a" * 40
+    hist = tracking.epoch_history(run.run_id, tracking_uri=store)
+    loss = hist[hist.metric == "train/loss"].sort_values("epoch")
+    assert loss.epoch.tolist() == [0, 1, 2] and loss.value.tolist() == [1.0, 0.5, 0.25]
+    # artifacts land under <repo root>/mlartifacts
+    assert list((in_repo / "mlartifacts").rglob("last.pt"))
+
+
+def test_resumed_training_reopens_the_same_run(store, in_repo):
+    out_dir = in_repo / "ckpt"
+    first = tracking.start_training_run(
+        model="gns", params={"a": 1}, out_dir=out_dir, experiment="t2", tracking_uri=store
+    )
+    tracking.finish_run(first, status="KILLED")
+    again = tracking.start_training_run(
+        model="gns", params={"a": 1}, out_dir=out_dir, experiment="t2", tracking_uri=store
+    )
+    assert again.run_id == first.run_id
+
+
+def test_non_zero_rank_logs_nothing(store, in_repo, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    run = tracking.start_training_run(
+        model="gns", params={}, out_dir=in_repo / "r1", experiment="t3", tracking_uri=store
+    )
+    assert run is None and tracking.read_run_id(in_repo / "r1") is None
+    tracking.log_epoch(run, 0, {"train/loss": 1.0})  # no-op, no error
+
+
+def test_evaluate_without_training_run_creates_one(store, in_repo):
+    run = tracking.attach_run(model="forcenet", run_id=None, experiment="t4", tracking_uri=store)
+    assert run is not None
+    got = run.client.get_run(run.run_id)
+    assert got.data.tags["stage"] == "evaluate"
+
+
+def test_bad_run_id_file_is_rejected(tmp_path):
+    (tmp_path / tracking.RUN_ID_FILE).write_text("../../etc\n")
+    with pytest.raises(ValueError, match="run_id.txt"):
+        tracking.read_run_id(tmp_path)
