@@ -11,7 +11,7 @@ folder and takes about a minute on 2 CPU cores:
 * ``loader``: graphs/s through ``make_loader`` (batch 16) with 0 and 2 workers, one
   epoch including worker start-up.
 
-Usage: ``python benchmarks/bench_data.py [--systems 12] [--copies 8] [--out PATH]``.
+Usage: ``python benchmarks/bench_data.py [--systems 8] [--copies 12] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -104,9 +104,7 @@ def bench_neighbors(lmdb_root: Path, graphs_root: Path) -> dict:
 
 def bench_loader(lmdb_root: Path, graphs_root: Path, workers: int) -> dict:
     dataset = FrameDataset(lmdb_root / K.TRAIN, graphs_root / K.TRAIN)
-    loader = make_loader(
-        dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=workers, seed=0
-    )
+    loader = make_loader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=workers, seed=0)
     start = time.perf_counter()
     graphs = sum(int(batch[K.NATOMS].numel()) for batch in loader)
     return {**_rate(graphs, time.perf_counter() - start), "workers": workers}
@@ -114,8 +112,8 @@ def bench_loader(lmdb_root: Path, graphs_root: Path, workers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", type=int, default=12, help="EMT systems to generate")
-    parser.add_argument("--copies", type=int, default=8, help="replicas of the generated shard")
+    parser.add_argument("--systems", type=int, default=8, help="EMT systems to generate")
+    parser.add_argument("--copies", type=int, default=12, help="replicas of the generated shard")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/data.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
@@ -127,7 +125,11 @@ def main() -> None:
                 "python": platform.python_version(),
                 "vesin": vesin.__version__,
             },
-            "settings": {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS, "batch_size": BATCH_SIZE},
+            "settings": {
+                "cutoff": CUTOFF,
+                "max_neighbors": MAX_NEIGHBORS,
+                "batch_size": BATCH_SIZE,
+            },
             "generate": bench_generate(root / "raw", args.systems),
         }
         frames = replicate_shards(root / "raw", args.copies)

@@ -102,3 +102,55 @@ def section(params: Mapping[str, Any], dotted: str) -> Any:
             raise ConfigError(f"params: missing key {dotted!r}")
         node = node[part]
     return node
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass(frozen=True)
+class EmtConfig:
+    """``data.emt``: the embedded OC20-like dataset (see :func:`forcenet.data.generate.generate_emt`)."""
+
+    seed: int
+    n_systems: dict[str, int]  # systems per split (train, val_id, val_ood_ads, ...)
+    frames_per_system: int  # relaxation frames sampled per system
+    md_frames_per_system: int  # MD frames sampled per system
+    relax_steps: int  # BFGS steps of the sampled relaxation
+    md_temperature_K: float
+    max_force: float  # eV/Å; frames above are rejected
+    workers: int  # processes (the output does not depend on it)
+    shard_size: int  # frames per raw shard
+    is2rs_systems: int  # validation systems per split kept for relaxation benchmarks
+    is2rs_fmax: float  # eV/Å; the oracle's own relaxation target
+
+
+@dataclasses.dataclass(frozen=True)
+class Oc20Config:
+    """``data.oc20``: the official S2EF archives."""
+
+    base_url: str
+    train: str  # 200k | 2M | 20M | all
+    val: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class FilesConfig:
+    """``data.files``: your own ASE-readable files, by split name."""
+
+    splits: dict[str, tuple[str, ...]]
+    shard_size: int
+    reference_energy: float  # eV subtracted from every frame's energy
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``data``: where the raw frames come from."""
+
+    source: Literal["emt", "oc20", "files"]
+    emt: EmtConfig
+    oc20: Oc20Config
+    files: FilesConfig
+
+
+def load_data_config(path: Path) -> DataConfig:
+    return parse(DataConfig, section(load_yaml(path), "data"), "data")

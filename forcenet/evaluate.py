@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +135,7 @@ def evaluate_batches(
     *,
     device: torch.device,
     keep_graphs: int = 0,
-    on_batch=None,
+    on_batch: Callable[[Batch, Tensor], None] | None = None,
 ) -> tuple[dict[str, float], list[Batch]]:
     """One pass over ``batches``: OC20 metrics plus ``inference_graphs_per_s`` and
     ``inference_atoms_per_s``. Returns the metrics and the first batches (on CPU) holding
@@ -153,10 +153,11 @@ def evaluate_batches(
         _sync(device)
         elapsed = time.perf_counter() - start
         n_batches += 1
-        if n_batches > 1:  # the first batch pays for warm-up (allocations, kernels)
-            seconds += elapsed
-            graphs += int(batch[K.NATOMS].shape[0])
-            atoms += int(batch[K.NATOMS].sum())
+        timing = (elapsed, int(batch[K.NATOMS].shape[0]), int(batch[K.NATOMS].sum()))
+        if n_batches == 1:  # pays for warm-up (allocations, kernels): used only if alone
+            first = timing
+        else:
+            seconds, graphs, atoms = seconds + timing[0], graphs + timing[1], atoms + timing[2]
         metrics.update(out, batch)
         if on_batch is not None:
             on_batch(batch, out[K.OUT_FORCES])
@@ -165,20 +166,12 @@ def evaluate_batches(
             n_kept += int(cpu_batch[K.NATOMS].shape[0])
     if n_batches == 0:
         raise ValueError("no structures to evaluate")
+    if n_batches == 1:
+        seconds, graphs, atoms = first
     result = metrics.compute()
-    if n_batches == 1:  # nothing left after the warm-up: time the single batch again
-        seconds, graphs, atoms = _time_once(model, batch, device)
     result["inference_graphs_per_s"] = graphs / seconds if seconds > 0 else float("nan")
     result["inference_atoms_per_s"] = atoms / seconds if seconds > 0 else float("nan")
     return result, kept
-
-
-def _time_once(model: nn.Module, batch: Batch, device: torch.device) -> tuple[float, int, int]:
-    _sync(device)
-    start = time.perf_counter()
-    predict(model, batch)
-    _sync(device)
-    return time.perf_counter() - start, int(batch[K.NATOMS].shape[0]), int(batch[K.NATOMS].sum())
 
 
 def rotate_batch(batch: Batch, rot: Tensor) -> Batch:
@@ -258,12 +251,16 @@ def _check_graph_settings(graphs_dir: Path, graph: dict) -> None:
             )
 
 
-def lmdb_batches(frames_dir: Path, graphs_dir: Path, *, batch_size: int) -> Iterator[Batch]:
+def lmdb_batches(
+    frames_dir: Path, graphs_dir: Path, *, batch_size: int, num_workers: int = 0
+) -> Iterable[Batch]:
     """Batches of an LMDB split (frames + matching graph store), in stored order."""
-    from forcenet.data.dataset import FrameDataset
+    from forcenet.data.dataset import FrameDataset, make_loader
 
     dataset = FrameDataset(frames_dir, graphs_dir)
-    yield from _chunks((dataset[i] for i in range(len(dataset))), batch_size)
+    return make_loader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, seed=0
+    )
 
 
 def _ase_labels(atoms, index: int) -> dict[str, np.ndarray]:
@@ -298,20 +295,24 @@ def ase_batches(path: Path, *, graph: dict, batch_size: int) -> Iterator[Batch]:
         raise ValueError(f"{path}: format {fmt!r} is not accepted; use one of {ASE_FORMATS}")
 
     def samples() -> Iterator[dict]:
-        for index, atoms in enumerate(ase.io.iread(str(path), index=":", format=fmt)):
-            try:
+        index = 0  # frame being read, for the error message (parse errors included)
+        try:
+            for atoms in ase.io.iread(str(path), index=":", format=fmt):
                 sample = sample_from_atoms(
                     atoms, cutoff=float(graph["cutoff"]), max_neighbors=int(graph["max_neighbors"])
                 )
                 sample.update(_ase_labels(atoms, index))
-            except Exception as exc:
-                raise ValueError(f"{path}: frame {index}: {exc}") from exc
-            yield sample
+                yield sample
+                index += 1
+        except Exception as exc:
+            raise ValueError(f"{path}: frame {index}: {exc}") from exc
 
     yield from _chunks(samples(), batch_size)
 
 
-def resolve_input(path: Path, *, graphs: Path | None, graph: dict, batch_size: int):
+def resolve_input(
+    path: Path, *, graphs: Path | None, graph: dict, batch_size: int, num_workers: int = 0
+) -> tuple[str, Iterable[Batch]]:
     """``(split, batches)`` for an LMDB split folder or an ASE file (split = file stem).
 
     An LMDB split ``.../lmdb/<split>`` takes its graphs from ``graphs/<split>`` when
@@ -322,7 +323,7 @@ def resolve_input(path: Path, *, graphs: Path | None, graph: dict, batch_size: i
         split = path.name
         graphs_dir = (Path(graphs) if graphs else path.parent.parent / "graphs") / split
         _check_graph_settings(graphs_dir, graph)
-        return split, lmdb_batches(path, graphs_dir, batch_size=batch_size)
+        return split, lmdb_batches(path, graphs_dir, batch_size=batch_size, num_workers=num_workers)
     if path.is_file():
         return path.stem, ase_batches(path, graph=graph, batch_size=batch_size)
     raise FileNotFoundError(f"evaluation input not found: {path}")
@@ -356,7 +357,9 @@ def write_metrics_json(table: pd.DataFrame, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def long_table(model: str, split: str, metrics: dict[str, float], run_id: str | None) -> pd.DataFrame:
+def long_table(
+    model: str, split: str, metrics: dict[str, float], run_id: str | None
+) -> pd.DataFrame:
     rows = [(model, split, name, float(value), run_id or "") for name, value in metrics.items()]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
@@ -374,6 +377,7 @@ def evaluate_model(
     batch_size: int = 16,
     device: str | None = None,
     graphs: Path | None = None,
+    num_workers: int = 0,
     rotation_samples: int = 4,
     rotation_structures: int = 16,
     predictions_out: Path | None = None,
@@ -389,7 +393,9 @@ def evaluate_model(
     tables = []
     try:
         for path in inputs:
-            split, batches = resolve_input(path, graphs=graphs, graph=graph, batch_size=batch_size)
+            split, batches = resolve_input(
+                path, graphs=graphs, graph=graph, batch_size=batch_size, num_workers=num_workers
+            )
             on_batch = None
             if writer is not None:
                 on_batch = lambda b, f, s=split: writer.write(model_name, s, b, f)  # noqa: E731
@@ -421,6 +427,7 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str | None = None,
     graphs: Path | None = None,
+    num_workers: int = 0,
     rotation_samples: int = 4,
     rotation_structures: int = 16,
     predictions_out: Path | None = None,
@@ -431,7 +438,8 @@ def evaluate_checkpoint(
     """Evaluate ``checkpoint`` on LMDB split folders and/or ASE files; returns the long table.
 
     ``inputs``: ``data/lmdb/<split>`` folders (graphs from ``<graphs>/<split>``, default
-    ``data/graphs/<split>``, checked to use the checkpoint's cutoff/max_neighbors) or
+    ``data/graphs/<split>``, checked to use the checkpoint's cutoff/max_neighbors; read
+    with ``num_workers`` DataLoader workers) or
     extxyz/traj/db files with energies and forces (split = file stem; graphs built with
     the checkpoint's settings). ``rotation_samples`` rotations of the first batches
     holding at least ``rotation_structures`` structures give ``rotation_covariance_mae``. ``model_name``
@@ -454,6 +462,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         device=device,
         graphs=graphs,
+        num_workers=num_workers,
         rotation_samples=rotation_samples,
         rotation_structures=rotation_structures,
         predictions_out=predictions_out,

@@ -76,7 +76,9 @@ class OC20Metrics:
 
     def load_state(self, state: Tensor) -> None:
         if state.shape != self._state.shape:
-            raise ValueError(f"metric state has shape {tuple(state.shape)}, expected {tuple(self._state.shape)}")
+            raise ValueError(
+                f"metric state has shape {tuple(state.shape)}, expected {tuple(self._state.shape)}"
+            )
         self._state = state.detach().to("cpu", torch.float64).clone()
 
     def merge(self, other: OC20Metrics) -> None:
@@ -100,7 +102,9 @@ class OC20Metrics:
         f_hat = pred[K.OUT_FORCES].detach().to(torch.float64)  # [N, 3]
         f_true = batch[K.FORCES].detach().to(f_hat.device, torch.float64)  # [N, 3]
         if f_hat.shape != f_true.shape:
-            raise ValueError(f"predicted forces {tuple(f_hat.shape)} vs labels {tuple(f_true.shape)}")
+            raise ValueError(
+                f"predicted forces {tuple(f_hat.shape)} vs labels {tuple(f_true.shape)}"
+            )
         free = ~batch[K.FIXED].to(f_hat.device, torch.bool)  # [N]
         graph = batch[K.BATCH].to(f_hat.device)  # [N]
         n_graphs = int(batch[K.NATOMS].shape[0])
@@ -116,8 +120,10 @@ class OC20Metrics:
         s[_IDX["n_free_atoms"]] = float(free.sum().item())
         s[_IDX["n_structures"]] = float(n_graphs)
         if K.OUT_ENERGY in pred and K.ENERGY in batch:
-            e_err = (pred[K.OUT_ENERGY].detach().to(torch.float64).reshape(-1)
-                     - batch[K.ENERGY].to(f_hat.device, torch.float64).reshape(-1)).abs()  # [G]
+            e_err = (
+                pred[K.OUT_ENERGY].detach().to(torch.float64).reshape(-1)
+                - batch[K.ENERGY].to(f_hat.device, torch.float64).reshape(-1)
+            ).abs()  # [G]
             f_max = _free_atom_max_abs_error(abs_err, graph, free, n_graphs)  # [G]
             hits = (e_err < EFWT_ENERGY_THRESHOLD) & (f_max < EFWT_FORCE_THRESHOLD)
             s[_IDX["energy_abs_err"]] = e_err.sum().item()

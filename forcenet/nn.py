@@ -235,6 +235,72 @@ class RealSphericalHarmonics(nn.Module):
         return torch.stack(cols, dim=-1)  # [E, out_features]
 
 
+# ----------------------------------------------------------------------------- edge bases
+# Combine a direction u [E, 3] (unit vectors) and distance features [E, k] into one
+# edge-basis tensor [E, out_features].
+
+
+class UnitInterval(nn.Module):
+    """Maps unit-vector components from [-1, 1] to [0, 1] (for the Gaussian basis)."""
+
+    def forward(self, u: Tensor) -> Tensor:
+        return 0.5 * (u + 1.0)
+
+
+class ScalarEdgeBasis(nn.Module):
+    """A scalar basis applied to the raw edge attributes [direction, distances]."""
+
+    def __init__(self, basis: nn.Module, direction_map: nn.Module) -> None:
+        super().__init__()
+        self.basis, self.direction_map = basis, direction_map
+        self.out_features: int = basis.out_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        return self.basis(torch.cat([self.direction_map(u), dists], dim=-1))
+
+
+class DistanceEdgeBasis(nn.Module):
+    """A scalar basis of the distance features only (``onlydist`` ablation)."""
+
+    def __init__(self, basis: nn.Module) -> None:
+        super().__init__()
+        self.basis = basis
+        self.out_features: int = basis.out_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        return self.basis(dists)
+
+
+class SphericalOuterBasis(nn.Module):
+    """Outer product SH(u) x radial(dists), flattened: ``sph*mul``/``m40``/``nosine``.
+
+    ``radial`` maps [E, k] -> [E, R] (sine basis + Linear for mul/m40, identity for nosine);
+    output [E, S*R] with S spherical harmonics.
+    """
+
+    def __init__(self, sph: RealSphericalHarmonics, radial: nn.Module, radial_features: int):
+        super().__init__()
+        self.sph, self.radial = sph, radial
+        self.out_features = sph.out_features * radial_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        y = self.sph(u)  # [E, S]
+        r = self.radial(dists)  # [E, R]
+        return (y[:, :, None] * r[:, None, :]).flatten(1)  # [E, S*R]
+
+
+class SphericalConcatBasis(nn.Module):
+    """[SH(u), sine(dists)] concatenated: ``sph*cat``."""
+
+    def __init__(self, sph: RealSphericalHarmonics, sine: SinusoidalBasis) -> None:
+        super().__init__()
+        self.sph, self.sine = sph, sine
+        self.out_features = sph.out_features + sine.out_features
+
+    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
+        return torch.cat([self.sph(u), self.sine(dists)], dim=-1)
+
+
 # ----------------------------------------------------------------------------- MLP builders
 
 

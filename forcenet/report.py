@@ -30,6 +30,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from forcenet.data import keys as K  # noqa: E402
 
@@ -83,7 +84,9 @@ def comparison_table(long: pd.DataFrame) -> pd.DataFrame:
     first = [m for m in SUMMARY_METRICS if m in wide.columns]
     wide = wide[first + sorted(set(wide.columns) - set(first))].reset_index()
     order = {s: i for i, s in enumerate(_split_order(wide.split))}
-    wide = wide.sort_values(["split", "model"], key=lambda c: c.map(order) if c.name == "split" else c)
+    wide = wide.sort_values(
+        ["split", "model"], key=lambda c: c.map(order) if c.name == "split" else c
+    )
     return wide.reset_index(drop=True)
 
 
@@ -95,6 +98,8 @@ def _fmt(value) -> str:
     v = float(value)
     if abs(v) >= 100:
         return f"{v:,.0f}"
+    if 0 < abs(v) < 1e-3:  # e.g. float32 noise of a covariant model: keep it visible
+        return f"{v:.1e}"
     return f"{v:.4f}"
 
 
@@ -204,8 +209,9 @@ def curves_from_mlflow(long: pd.DataFrame, tracking_uri: str | None) -> pd.DataF
         try:
             hist = tracking.epoch_history(run_id, tracking_uri=uri)
         except Exception as exc:  # a run deleted from, or never logged to, this store
-            warnings.warn(f"learning curves of {model} (run {run_id}) unavailable: {exc}",
-                          stacklevel=2)
+            warnings.warn(
+                f"learning curves of {model} (run {run_id}) unavailable: {exc}", stacklevel=2
+            )
             continue
         frames.append(hist.assign(model=model))
     if not frames:
@@ -253,7 +259,7 @@ def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
     ax.set_xticks(x, splits)
     ax.set_ylabel("force MAE on free atoms [eV/Å]")
     ax.set_title("Force MAE by split")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     _save_figure(fig, path)
 
@@ -261,6 +267,7 @@ def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
 def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
     """Training loss and dev force MAE against epoch, one line per model; False (and no
     file) when no model has a curve of at least two epochs."""
+    baseline = curves[curves.metric == "zero_force_mae"]
     curves = curves[curves.metric.isin(list(CURVE_METRICS))]
     counts = curves.groupby(["model", "metric"]).epoch.nunique()
     curves = curves.set_index(["model", "metric"]).loc[counts[counts >= 2].index].reset_index()
@@ -272,9 +279,15 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
         for model, rows in curves[curves.metric == metric].groupby("model"):
             rows = rows.sort_values("epoch")
             ax.plot(rows.epoch, rows.value, marker="o", markersize=3, label=model)
+        if metric == "force_mae" and len(baseline):
+            ax.axhline(baseline.value.median(), color="black", ls="--", lw=1,
+                       label="zero-force baseline")  # fmt: skip
+        values = curves[curves.metric == metric].value
+        if values.min() > 0 and values.max() / values.min() > 20:
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(CURVE_METRICS[metric])
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("Learning curves")
@@ -311,7 +324,7 @@ def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
     ax.plot([-lim, lim], [-lim, lim], color="red", lw=0.8, label="y = x")
     mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")
     split = pred.split.iloc[0] if len(pred) else "?"
-    ax.set_title(f"{model} on {split}: force MAE {mae:.4f} eV/Å")
+    ax.set_title(f"{model} on {split} (free atoms)\nforce MAE {mae:.4f} eV/Å", fontsize="medium")
     ax.set_xlabel("DFT force component [eV/Å]")
     ax.set_ylabel("predicted force component [eV/Å]")
     ax.set_aspect("equal")

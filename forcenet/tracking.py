@@ -68,7 +68,10 @@ def git_commit(root: Path | None = None) -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=root or repo_root(), capture_output=True, text=True, check=True,
+            cwd=root or repo_root(),
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):

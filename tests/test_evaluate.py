@@ -37,8 +37,9 @@ class PairForces(nn.Module):
         self.register_buffer("matrix", matrix.to(torch.float32))
 
     def forward(self, batch):
-        v = edge_vectors(batch[K.POS], batch[K.CELL], batch[K.BATCH], batch[K.EDGE_INDEX],
-                         batch[K.CELL_OFFSETS])  # [E, 3]
+        v = edge_vectors(
+            batch[K.POS], batch[K.CELL], batch[K.BATCH], batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS]
+        )  # [E, 3]
         w = torch.exp(-v.norm(dim=1))  # [E]
         centre = batch[K.EDGE_INDEX][1]
         forces = torch.zeros_like(batch[K.POS]).index_add_(0, centre, w[:, None] * v)
@@ -61,19 +62,21 @@ def _frames(n: int, seed: int) -> list[Frame]:
         tags = np.where(slab.get_tags() == 2, 0, 1)  # bottom layer sub-surface
         tags[-1] = 2  # the adsorbate
         m = len(slab)
-        out.append(Frame(
-            atomic_numbers=slab.numbers.astype(np.int64),
-            pos=slab.positions,
-            cell=slab.cell.array,
-            pbc=np.array([True, True, True]),
-            tags=tags.astype(np.int64),
-            fixed=tags == 0,
-            forces=rng.normal(scale=0.5, size=(m, 3)),
-            total_energy=float(rng.normal(-10, 1)),
-            reference_energy=-9.0,
-            sid=100 + k,
-            fid=k,
-        ))
+        out.append(
+            Frame(
+                atomic_numbers=slab.numbers.astype(np.int64),
+                pos=slab.positions,
+                cell=slab.cell.array,
+                pbc=np.array([True, True, True]),
+                tags=tags.astype(np.int64),
+                fixed=tags == 0,
+                forces=rng.normal(scale=0.5, size=(m, 3)),
+                total_energy=float(rng.normal(-10, 1)),
+                reference_energy=-9.0,
+                sid=100 + k,
+                fid=k,
+            )
+        )
     return out
 
 
@@ -114,8 +117,16 @@ def test_lmdb_split_long_table_predictions_and_json(lmdb_split, tmp_path):
     split_dir, frames = lmdb_split
     out, preds, js = tmp_path / "m.parquet", tmp_path / "p.parquet", tmp_path / "m.json"
     table = ev.evaluate_model(
-        COVARIANT, [split_dir], model_name="pair", graph=GRAPH, out=out, batch_size=2,
-        device="cpu", predictions_out=preds, metrics_json=js, run_id="abc123",
+        COVARIANT,
+        [split_dir],
+        model_name="pair",
+        graph=GRAPH,
+        out=out,
+        batch_size=2,
+        device="cpu",
+        predictions_out=preds,
+        metrics_json=js,
+        run_id="abc123",
     )
     on_disk = pd.read_parquet(out)
     assert list(on_disk.columns) == ev.TABLE_COLUMNS
@@ -129,14 +140,21 @@ def test_lmdb_split_long_table_predictions_and_json(lmdb_split, tmp_path):
     p = pd.read_parquet(preds)
     assert len(p) == sum(f.natoms for f in frames)
     free = p[~p.fixed]
-    err = np.abs(free[["pred_fx", "pred_fy", "pred_fz"]].to_numpy() - free[["fx", "fy", "fz"]].to_numpy())
+    err = np.abs(
+        free[["pred_fx", "pred_fy", "pred_fz"]].to_numpy() - free[["fx", "fy", "fz"]].to_numpy()
+    )
     assert got["forces_mae"] == pytest.approx(err.mean(), rel=1e-5)
     row = p[(p.sid == 102) & (p.atom == 3)].iloc[0]
-    np.testing.assert_allclose(row[["fx", "fy", "fz"]].to_numpy(float), frames[2].forces[3], rtol=1e-6)
+    np.testing.assert_allclose(
+        row[["fx", "fy", "fz"]].to_numpy(float), frames[2].forces[3], rtol=1e-6
+    )
     assert row.atomic_number == frames[2].atomic_numbers[3] and row.tag == frames[2].tags[3]
     # energy metrics exist for a model with an energy; referenced energy is the label
     assert 0 <= got["energy_force_within_threshold"] <= 1 and got["energy_mae"] > 0
-    assert got["inference_graphs_per_s"] > 0 and got["inference_atoms_per_s"] > got["inference_graphs_per_s"]
+    assert (
+        got["inference_graphs_per_s"] > 0
+        and got["inference_atoms_per_s"] > got["inference_graphs_per_s"]
+    )
     assert got["rotation_covariance_mae"] < 1e-5  # exactly covariant up to float32 noise
     assert json.loads(js.read_text())["val_id"]["forces_mae"] == pytest.approx(got["forces_mae"])
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
@@ -147,8 +165,14 @@ def test_rotation_covariance_separates_models(lmdb_split, tmp_path):
     values = {}
     for name, model in (("cov", COVARIANT), ("notcov", NOT_COVARIANT)):
         table = ev.evaluate_model(
-            model, [split_dir], model_name=name, graph=GRAPH, out=tmp_path / f"{name}.parquet",
-            batch_size=3, device="cpu", rotation_samples=3,
+            model,
+            [split_dir],
+            model_name=name,
+            graph=GRAPH,
+            out=tmp_path / f"{name}.parquet",
+            batch_size=3,
+            device="cpu",
+            rotation_samples=3,
         )
         values[name] = table.set_index("metric").value
     assert values["cov"]["rotation_covariance_mae"] < 1e-5
@@ -171,16 +195,23 @@ def test_rotate_batch_keeps_edge_lengths(lmdb_split):
     v0 = edge_vectors(batch[K.POS], batch[K.CELL], *(batch[a] for a in args))
     v1 = edge_vectors(r[K.POS], r[K.CELL], *(r[a] for a in args))
     np.testing.assert_allclose(v1.numpy(), (v0 @ rot.float()).numpy(), atol=1e-4)
-    np.testing.assert_allclose(r[K.FORCES].numpy(), (batch[K.FORCES] @ rot.float()).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        r[K.FORCES].numpy(), (batch[K.FORCES] @ rot.float()).numpy(), atol=1e-6
+    )
     assert not np.allclose(v1.numpy(), v0.numpy(), atol=1e-2)  # it did rotate
 
 
 def test_graph_store_with_other_cutoff_is_refused(lmdb_split, tmp_path):
     split_dir, _ = lmdb_split
     with pytest.raises(ValueError, match="cutoff"):
-        ev.evaluate_model(COVARIANT, [split_dir], model_name="pair",
-                          graph={"cutoff": 6.0, "max_neighbors": MAX_NEIGHBORS},
-                          out=tmp_path / "x.parquet", device="cpu")
+        ev.evaluate_model(
+            COVARIANT,
+            [split_dir],
+            model_name="pair",
+            graph={"cutoff": 6.0, "max_neighbors": MAX_NEIGHBORS},
+            out=tmp_path / "x.parquet",
+            device="cpu",
+        )
     assert not (tmp_path / "x.parquet").exists()
 
 
@@ -193,13 +224,25 @@ def test_checkpoint_on_extxyz_file(extxyz_file, tmp_path):
     model = build_scaled_model("gns", kwargs)
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
-    save_checkpoint(ckpt_dir / "best.pt", {
-        "format_version": 1, "model_name": "gns", "model_kwargs": kwargs,
-        "model_state": model.state_dict(), "step": 0, "epoch": 0, "graph": GRAPH,
-    })
+    save_checkpoint(
+        ckpt_dir / "best.pt",
+        {
+            "format_version": 1,
+            "model_name": "gns",
+            "model_kwargs": kwargs,
+            "model_state": model.state_dict(),
+            "step": 0,
+            "epoch": 0,
+            "graph": GRAPH,
+        },
+    )
     (ckpt_dir / "run_id.txt").write_text("feedbeef\n")
     table = ev.evaluate_checkpoint(
-        ckpt_dir / "best.pt", [path], out=tmp_path / "gns.parquet", batch_size=2, device="cpu",
+        ckpt_dir / "best.pt",
+        [path],
+        out=tmp_path / "gns.parquet",
+        batch_size=2,
+        device="cpu",
         rotation_samples=2,
     )
     got = table.set_index("metric").value
@@ -216,5 +259,51 @@ def test_ase_file_without_forces_names_file_and_frame(tmp_path):
     path = tmp_path / "nolabels.extxyz"
     ase.io.write(path, [atoms], format="extxyz")
     with pytest.raises(ValueError, match=r"nolabels.extxyz: frame 0"):
-        ev.evaluate_model(COVARIANT, [path], model_name="pair", graph=GRAPH,
-                          out=tmp_path / "x.parquet", device="cpu")
+        ev.evaluate_model(
+            COVARIANT,
+            [path],
+            model_name="pair",
+            graph=GRAPH,
+            out=tmp_path / "x.parquet",
+            device="cpu",
+        )
+
+
+def test_metrics_do_not_depend_on_batch_size(lmdb_split, tmp_path):
+    split_dir, _ = lmdb_split
+    tables = [
+        ev.evaluate_model(
+            NOT_COVARIANT,
+            [split_dir],
+            model_name="m",
+            graph=GRAPH,
+            device="cpu",
+            out=tmp_path / f"b{b}.parquet",
+            batch_size=b,
+            rotation_samples=1,
+        )
+        .set_index("metric")
+        .value
+        for b in (1, 5)
+    ]
+    for name in ("forces_mae", "forces_cos", "forces_magnitude", "energy_mae", "zero_forces_mae"):
+        assert tables[0][name] == pytest.approx(tables[1][name], rel=1e-6), name
+
+
+def test_truncated_ase_file_names_the_bad_frame(extxyz_file, tmp_path):
+    src, _ = extxyz_file
+    text = src.read_text().splitlines()
+    bad = tmp_path / "broken.extxyz"
+    n_atoms = int(text[0])
+    bad.write_text("\n".join(text[: 2 * (n_atoms + 2) + 3]) + "\n")  # frame 2 cut short
+    with pytest.raises(ValueError, match=r"broken.extxyz: frame 2"):
+        ev.evaluate_model(
+            COVARIANT,
+            [bad],
+            model_name="pair",
+            graph=GRAPH,
+            out=tmp_path / "x.parquet",
+            device="cpu",
+            batch_size=1,
+        )
+    assert not (tmp_path / "x.parquet").exists()

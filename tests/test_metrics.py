@@ -82,7 +82,9 @@ def test_zero_prediction_gives_zero_baseline_and_fixed_atoms_are_ignored():
     got = m.compute()
     assert got["forces_mae"] == pytest.approx(got["zero_forces_mae"], rel=1e-12)
     free = ~batch[K.FIXED]
-    assert got["zero_forces_mae"] == pytest.approx(batch[K.FORCES][free].abs().mean().item(), rel=1e-6)
+    assert got["zero_forces_mae"] == pytest.approx(
+        batch[K.FORCES][free].abs().mean().item(), rel=1e-6
+    )
     assert "energy_mae" not in got and "energy_force_within_threshold" not in got
 
 

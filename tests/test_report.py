@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forcenet import report, tracking
+from forcenet import report
 from forcenet.evaluate import TABLE_COLUMNS, write_table
 
 SPLITS = ["val_ood_both", "val_id", "val_ood_ads", "val_ood_cat"]  # deliberately unordered
@@ -36,44 +36,65 @@ def _predictions(model: str, rng) -> pd.DataFrame:
     n = 400
     true = rng.normal(scale=0.5, size=(n, 3)).astype(np.float32)
     pred = (true + rng.normal(scale=MAE[model], size=(n, 3))).astype(np.float32)
-    return pd.DataFrame({
-        "model": model, "split": np.where(np.arange(n) < 300, "val_id", "val_ood_ads"),
-        "sid": np.arange(n) // 20, "fid": 0, "atom": np.arange(n) % 20,
-        "atomic_number": 29, "tag": 1, "fixed": np.arange(n) % 5 == 0,
-        "fx": true[:, 0], "fy": true[:, 1], "fz": true[:, 2],
-        "pred_fx": pred[:, 0], "pred_fy": pred[:, 1], "pred_fz": pred[:, 2],
-    })
+    return pd.DataFrame(
+        {
+            "model": model,
+            "split": np.where(np.arange(n) < 300, "val_id", "val_ood_ads"),
+            "sid": np.arange(n) // 20,
+            "fid": 0,
+            "atom": np.arange(n) % 20,
+            "atomic_number": 29,
+            "tag": 1,
+            "fixed": np.arange(n) % 5 == 0,
+            "fx": true[:, 0],
+            "fy": true[:, 1],
+            "fz": true[:, 2],
+            "pred_fx": pred[:, 0],
+            "pred_fy": pred[:, 1],
+            "pred_fz": pred[:, 2],
+        }
+    )
 
 
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
+    """Metrics and predictions of three models; forcenet's curves come from a CSV in
+    MLflow's long layout (the MLflow reader itself is tested in test_tracking.py, which
+    already pays for one store migration), gns's from a wide history CSV."""
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
-    run = tracking.attach_run(model="forcenet", experiment="rep", tracking_uri=store)
-    for epoch in range(4):
-        tracking.log_epoch(run, epoch, {"train_loss": 1.0 / (epoch + 1), "force_mae": 0.3 - 0.05 * epoch})
-    tracking.finish_run(run)
     rng = np.random.default_rng(0)
     metrics, preds = [], []
     for model in MAE:
         path = tmp_path / "metrics" / f"{model}.parquet"
-        write_table(_long(model, run.run_id if model == "forcenet" else ""), path)
+        write_table(_long(model, "0123abcd" if model == "forcenet" else ""), path)
         metrics.append(path)
         ppath = tmp_path / "preds" / f"{model}.parquet"
         write_table(_predictions(model, rng), ppath)
         preds.append(ppath)
     history = tmp_path / "checkpoints" / "gns" / "history.csv"
     history.parent.mkdir(parents=True)
-    pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [2.0, 1.0, 0.7], "force_mae": [0.4, 0.3, 0.25]}
-                 ).to_csv(history, index=False)
-    return {"metrics": metrics, "preds": preds, "history": history, "store": store}
+    pd.DataFrame(
+        {"epoch": [0, 1, 2], "train_loss": [2.0, 1.0, 0.7], "force_mae": [0.4, 0.3, 0.25]}
+    ).to_csv(history, index=False)
+    fn_history = tmp_path / "checkpoints" / "forcenet" / "history.csv"
+    fn_history.parent.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "model": "forcenet",
+            "epoch": range(4),
+            "train_loss": [1.0 / (e + 1) for e in range(4)],
+            "force_mae": [0.3 - 0.05 * e for e in range(4)],
+        }
+    ).to_csv(fn_history, index=False)
+    return {"metrics": metrics, "preds": preds, "history": [history, fn_history]}
 
 
 def test_build_report_tables_and_plots(inputs, tmp_path):
     out = tmp_path / "reports"
-    report.build_report(inputs["metrics"], out, tracking_uri=inputs["store"],
-                        predictions=inputs["preds"], histories=[inputs["history"]])
+    report.build_report(
+        inputs["metrics"], out, predictions=inputs["preds"], histories=inputs["history"]
+    )
     table = pd.read_parquet(out / "results.parquet")
     assert len(table) == 3 * 4
     # splits in OC20 order, summary metrics first
@@ -96,8 +117,13 @@ def test_build_report_tables_and_plots(inputs, tmp_path):
     fn = curves[(curves.model == "forcenet") & (curves.metric == "train_loss")].sort_values("epoch")
     assert fn.value.tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
 
-    for name in ["force_mae_by_split", "learning_curves", "parity_forcenet", "parity_schnet",
-                 "parity_gns"]:
+    for name in [
+        "force_mae_by_split",
+        "learning_curves",
+        "parity_forcenet",
+        "parity_schnet",
+        "parity_gns",
+    ]:
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"plots/{name}.png" in md

@@ -28,7 +28,10 @@ def in_repo(tmp_path, monkeypatch) -> Path:
 
 def test_default_uri_follows_dvc_root_and_env(in_repo, monkeypatch):
     assert tracking.repo_root() == in_repo.resolve()
-    assert tracking.default_tracking_uri() == f"sqlite:///{(in_repo.resolve() / 'mlflow.db').as_posix()}"
+    assert (
+        tracking.default_tracking_uri()
+        == f"sqlite:///{(in_repo.resolve() / 'mlflow.db').as_posix()}"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
     assert tracking.default_tracking_uri() == "sqlite:////elsewhere/x.db"
 
@@ -38,9 +41,10 @@ def test_git_commit_is_a_sha_inside_git_and_none_outside(tmp_path):
     import subprocess
 
     here = Path(__file__).resolve().parent
-    if shutil.which("git") is None or subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True
-    ).returncode:
+    if (
+        shutil.which("git") is None
+        or subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True).returncode
+    ):
         pytest.skip("tests are not inside a git checkout with a commit")
     sha = tracking.git_commit(here)
     assert sha is not None and len(sha) == 40 and int(sha, 16) >= 0
@@ -98,6 +102,12 @@ def test_train_then_evaluate_share_one_run(store, in_repo, monkeypatch):
     hist = tracking.epoch_history(run.run_id, tracking_uri=store)
     loss = hist[hist.metric == "train/loss"].sort_values("epoch")
     assert loss.epoch.tolist() == [0, 1, 2] and loss.value.tolist() == [1.0, 0.5, 0.25]
+    # the report reads the same curves through the run id of the metrics table
+    from forcenet.report import curves_from_mlflow
+
+    curves = curves_from_mlflow(table.assign(model="schnet", run_id=run.run_id), store)
+    got = curves[(curves.metric == "train/loss")].sort_values("epoch")
+    assert set(curves.model) == {"schnet"} and got.value.tolist() == [1.0, 0.5, 0.25]
     # artifacts land under <repo root>/mlartifacts
     assert list((in_repo / "mlartifacts").rglob("last.pt"))
 

@@ -153,7 +153,9 @@ def make_loader(
     """A DataLoader yielding :func:`collate` batches, shuffled by a generator seeded with ``seed``.
 
     Pass ``sampler`` (e.g. a ``DistributedSampler``) instead of ``shuffle``; both at
-    once is an error.
+    once is an error. Workers persist across epochs; each is seeded once from the
+    loader's generator (see :func:`_seed_worker`), so a run is reproducible for a given
+    ``seed`` and ``num_workers``.
     """
     if sampler is not None and shuffle:
         raise ValueError("pass either shuffle=True or a sampler, not both")
@@ -173,6 +175,7 @@ def make_loader(
         generator=generator,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         drop_last=drop_last,
+        persistent_workers=num_workers > 0,  # no re-fork (seconds) at every epoch/evaluation
     )
 
 

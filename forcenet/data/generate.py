@@ -57,9 +57,9 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,6 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write as ase_write
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import BFGS
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
@@ -207,7 +206,10 @@ def _md(
     """Langevin MD from ``start``: labels every :data:`MD_STRIDE` steps, or a problem."""
     atoms = start.copy()
     atoms.calc = EMT()
-    MaxwellBoltzmannDistribution(atoms, temperature_K=settings.md_temperature_K, rng=rng)
+    # Maxwell-Boltzmann momenta; set_momenta zeroes those of fixed atoms.
+    kT = units.kB * settings.md_temperature_K  # eV
+    sigma = np.sqrt(atoms.get_masses() * kT)[:, None]  # [N, 1]
+    atoms.set_momenta(sigma * rng.standard_normal((len(atoms), 3)))
     dyn = Langevin(
         atoms,
         timestep=1.0 * units.fs,
@@ -339,8 +341,11 @@ def _mapper(workers: int) -> Iterator[Callable]:
         with threadpool_limits(limits=1):
             yield map
         return
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        yield partial(pool.imap, chunksize=1)
+    # spawn, not fork: the parent may hold threads (torch, tqdm); a crashed worker raises
+    # BrokenProcessPool instead of hanging.
+    context = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        yield pool.map
 
 
 def _call_slab(args: tuple[int, str, str]) -> tuple[np.ndarray, float]:
@@ -464,7 +469,9 @@ def generate_emt(
                            unit="system")
             report, rows, is2rs = _collect(results, tmp, shard_size)
         _atomic_text(tmp / "systems.csv", _csv(rows))
-        report.update(_timing(report, time.perf_counter() - start, seed, workers))
+        report["seed"] = settings.seed
+        report["frames"] = sum(e["frames"] for e in report["splits"].values())
+        # report.json holds only seed-determined numbers, so the output stays reproducible.
         _atomic_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         if is2rs_dir is not None:
             _write_is2rs(Path(is2rs_dir), is2rs)
@@ -473,6 +480,9 @@ def generate_emt(
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    report.update(workers=workers, seconds=round(seconds, 2),
+                  frames_per_second=round(report["frames"] / max(seconds, 1e-9), 2))
     return report
 
 
@@ -512,12 +522,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _timing(report: dict, seconds: float, seed: int, workers: int) -> dict:
-    frames = sum(e["frames"] for e in report["splits"].values())
-    return {"seed": seed, "workers": workers, "frames": frames, "seconds": round(seconds, 2),
-            "frames_per_second": round(frames / max(seconds, 1e-9), 2)}
 
 
 def _write_is2rs(directory: Path, pairs: dict[str, list[tuple[Atoms, Atoms]]]) -> None:

@@ -81,8 +81,7 @@ def build_graphs(
     neighbors.check_params(cutoff, max_neighbors)
     cutoff, max_neighbors = float(cutoff), int(max_neighbors)
     summary: dict[str, dict[str, Any]] = {}
-    has_shards = lambda d: bool(store.list_lmdb(d))  # noqa: E731
-    for split_dir in store.split_dirs(lmdb_root, splits, has_shards):
+    for split_dir in store.split_dirs(lmdb_root, splits, lambda d: bool(store.list_lmdb(d))):
         inputs = store.list_lmdb(split_dir)
         if not inputs:
             raise store.StoreError(f"{split_dir}: no frame shards")

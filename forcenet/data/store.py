@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,12 @@ class LmdbShard:
         self._pid = -1
 
     def _handle(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            self._env = _shared_env(self._key)
+        env = self._env
+        # re-acquire after a fork or after release() closed the shared handle
+        if env is None or self._pid != os.getpid() or _ENVS.get(self._key) is not env:
+            env = self._env = _shared_env(self._key)
             self._pid = os.getpid()
-        return self._env
+        return env
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -289,7 +291,7 @@ def select_shards(items: list[Path], shard: tuple[int, int] | None) -> list[tupl
 def run_jobs(
     fn: Callable[..., tuple[str, int, bool]], jobs: list[tuple], workers: int, desc: str
 ) -> list[tuple[str, int, bool]]:
-    """Run ``fn(*job)`` for every job, in-process or in ``workers`` spawned processes."""
+    """Run ``fn(*job)`` for every job, in this process or in ``workers`` worker processes."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     bar = tqdm(total=len(jobs), desc=desc, unit="shard", leave=False, disable=None)
@@ -300,8 +302,9 @@ def run_jobs(
                 results.append(fn(*job))
                 bar.update()
         else:
-            # spawn: a clean interpreter per worker (no inherited LMDB handles or threads)
-            ctx = get_context("spawn")
+            # fork where available: spawn re-imports the caller's main module (torch, ...) in
+            # every worker, seconds per start; inherited LMDB handles are reopened per pid.
+            ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 futures = [pool.submit(fn, *job) for job in jobs]
                 try:
@@ -332,6 +335,12 @@ def split_dirs(root: Path, splits: Sequence[str] | None, has_inputs: Callable[[P
     return [root / s for s in splits]
 
 
+def _has_raw_shards(split_dir: Path) -> bool:
+    from forcenet.data import raw
+
+    return any(split_dir.glob(f"*{raw.XYZ_SUFFIX}"))
+
+
 def preprocess(
     raw_root: Path,
     out_root: Path,
@@ -352,8 +361,7 @@ def preprocess(
     from forcenet.data import raw
 
     summary: dict[str, dict[str, Any]] = {}
-    has_shards = lambda d: any(d.glob(f"*{raw.XYZ_SUFFIX}"))  # noqa: E731
-    for split_dir in split_dirs(raw_root, splits, has_shards):
+    for split_dir in split_dirs(raw_root, splits, _has_raw_shards):
         inputs = raw.list_shards(split_dir)
         out_dir = Path(out_root) / split_dir.name
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -368,6 +376,9 @@ def preprocess(
 
 
 def summarise(results, out_dir: Path, kind: str, shard) -> dict[str, Any]:
+    """Per-split summary of run_jobs results; writes the manifest once the split is complete."""
+    for name, _, _ in results:
+        release(out_dir / name)  # a worker may have replaced a file this process had open
     manifest = None
     try:
         manifest = write_manifest(out_dir, kind)
@@ -412,6 +423,19 @@ def _check_current(path: Path, meta: dict[str, Any], kind: str) -> None:
         raise StaleShardError(f"{path}: frame shard {frames} changed since the graphs were built")
 
 
+def _check_complete(split_dir: Path, names: list[str], meta: dict[str, Any], kind: str) -> None:
+    """Every input of the split has its shard, and no shard lacks an input."""
+    expected = _expected_names(meta, kind)
+    missing = sorted(set(expected) - set(names)) if expected is not None else []
+    extra = sorted(set(names) - set(expected)) if expected is not None else []
+    if extra:
+        raise StaleShardError(f"{split_dir}: shards {extra[:10]} have no input any more")
+    wanted = meta["split_shards"]
+    if missing or len(names) < wanted:
+        shown = missing[:10] or [f"{wanted - len(names)} shard(s)"]
+        raise MissingShardError(f"{split_dir}: missing {kind} shards {shown}")
+
+
 def write_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
     """Scan the shard metas of ``split_dir`` and write ``manifest.json`` atomically.
 
@@ -429,12 +453,7 @@ def write_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
             raise StoreError(f"{path}: kind {meta.get('kind')!r}, expected {kind!r}")
         _check_current(path, meta, kind)
     names = [p.name for p in paths]
-    expected = _expected_names(metas[0], kind)
-    missing = sorted(set(expected) - set(names)) if expected is not None else []
-    wanted = metas[0]["split_shards"]
-    if missing or len(names) < wanted:
-        shown = missing[:10] or [f"{wanted - len(names)} shard(s)"]
-        raise MissingShardError(f"{split_dir}: missing {kind} shards {shown}")
+    _check_complete(split_dir, names, metas[0], kind)
     manifest: dict[str, Any] = {
         "kind": kind,
         "schema_version": K.SCHEMA_VERSION,

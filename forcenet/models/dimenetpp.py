@@ -11,6 +11,7 @@ no torch-sparse is needed and triplets across periodic images are right.
 from __future__ import annotations
 
 from functools import lru_cache, partial
+from typing import Literal, get_args
 
 import sympy as sym
 import torch
@@ -29,6 +30,8 @@ from torch_geometric.nn.resolver import activation_resolver
 from forcenet.data import keys as K
 from forcenet.geometry import edge_vectors, gradient_forces, triplets
 from forcenet.models.schnet import check_atomic_numbers, input_positions
+
+OutputInit = Literal["zeros", "glorot_orthogonal"]
 
 #: PyG's EmbeddingBlock table has 95 rows (atomic numbers 1..94; OC20 stops at 83).
 MAX_ATOMIC_NUMBER = 94
@@ -105,10 +108,14 @@ class DimeNetPlusPlus(nn.Module):
         num_before_skip: residual layers before the skip connection (default 1).
         num_after_skip: residual layers after the skip connection (default 2).
         num_output_layers: linear layers in each output block (default 3).
+        output_initializer: initial weights of each output block's last layer:
+            ``"zeros"`` (default, as in the reference code: an untrained model predicts
+            E = 0 and F = 0) or ``"glorot_orthogonal"`` (non-trivial from the start).
 
-    Activation is swish (SiLU); output layers start at zero as in the reference code,
-    so an untrained model predicts E = 0 and F = 0. ``forward(batch)`` returns
-    ``"energy"`` [G] (eV, referenced) and ``"forces"`` [N, 3] (eV/Å).
+    Activation is swish (SiLU). ``forward(batch)`` returns ``"energy"`` [G] (eV,
+    referenced) and ``"forces"`` [N, 3] (eV/Å); training mode keeps the force graph so a
+    force loss can be back-propagated, and under ``torch.no_grad()`` forces are still
+    computed and returned detached.
     """
 
     energy_from_gradient = True
@@ -128,6 +135,7 @@ class DimeNetPlusPlus(nn.Module):
         num_before_skip: int = 1,
         num_after_skip: int = 2,
         num_output_layers: int = 3,
+        output_initializer: OutputInit = "zeros",
     ) -> None:
         super().__init__()
         self.hparams = dict(
@@ -143,14 +151,28 @@ class DimeNetPlusPlus(nn.Module):
             num_before_skip=num_before_skip,
             num_after_skip=num_after_skip,
             num_output_layers=num_output_layers,
+            output_initializer=output_initializer,
         )
+        if output_initializer not in get_args(OutputInit):
+            raise ValueError(
+                f"output_initializer must be one of {get_args(OutputInit)}, "
+                f"got {output_initializer!r}"
+            )
         self.cutoff = cutoff
         act = activation_resolver("swish")
         self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
         self.sbf = CosineSphericalBasis(num_spherical, num_radial, cutoff, envelope_exponent)
         self.emb = EmbeddingBlock(num_radial, hidden_channels, act)
         self.output_blocks = nn.ModuleList(
-            OutputPPBlock(num_radial, hidden_channels, out_emb_channels, 1, num_output_layers, act)
+            OutputPPBlock(
+                num_radial,
+                hidden_channels,
+                out_emb_channels,
+                1,
+                num_output_layers,
+                act,
+                output_initializer,
+            )
             for _ in range(num_blocks + 1)
         )
         self.interaction_blocks = nn.ModuleList(

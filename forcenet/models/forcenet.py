@@ -24,8 +24,13 @@ from forcenet.geometry import cosine_envelope, edge_vectors
 from forcenet.models import elements
 from forcenet.nn import (
     ActivationName,
+    DistanceEdgeBasis,
     RealSphericalHarmonics,
+    ScalarEdgeBasis,
     SinusoidalBasis,
+    SphericalConcatBasis,
+    SphericalOuterBasis,
+    UnitInterval,
     act_linear_stack,
     check_choice,
     norm_act_linear_stack,
@@ -85,71 +90,15 @@ class PlainDistance(nn.Module):
         return (d / self.cutoff).clamp(min=MIN_SCALED_DISTANCE)[:, None]
 
 
-class UnitInterval(nn.Module):
-    """Maps unit-vector components from [-1, 1] to [0, 1] (for the Gaussian basis)."""
-
-    def forward(self, u: Tensor) -> Tensor:
-        return 0.5 * (u + 1.0)
-
-
-class ScalarEdgeBasis(nn.Module):
-    """A scalar basis applied to the raw edge attributes [direction, distances]."""
-
-    def __init__(self, basis: nn.Module, direction_map: nn.Module) -> None:
-        super().__init__()
-        self.basis, self.direction_map = basis, direction_map
-        self.out_features: int = basis.out_features
-
-    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
-        return self.basis(torch.cat([self.direction_map(u), dists], dim=-1))
-
-
-class DistanceEdgeBasis(nn.Module):
-    """A scalar basis of the distance features only (``onlydist`` ablation)."""
-
-    def __init__(self, basis: nn.Module) -> None:
-        super().__init__()
-        self.basis = basis
-        self.out_features: int = basis.out_features
-
-    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
-        return self.basis(dists)
-
-
-class SphericalOuterBasis(nn.Module):
-    """Outer product SH(u) x radial(dists), flattened: ``sph*mul``/``m40``/``nosine``.
-
-    ``radial`` maps [E, k] -> [E, R] (sine basis + Linear for mul/m40, identity for nosine);
-    output [E, S*R] with S spherical harmonics.
-    """
-
-    def __init__(self, sph: RealSphericalHarmonics, radial: nn.Module, radial_features: int):
-        super().__init__()
-        self.sph, self.radial = sph, radial
-        self.out_features = sph.out_features * radial_features
-
-    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
-        y = self.sph(u)  # [E, S]
-        r = self.radial(dists)  # [E, R]
-        return (y[:, :, None] * r[:, None, :]).flatten(1)  # [E, S*R]
-
-
-class SphericalConcatBasis(nn.Module):
-    """[SH(u), sine(dists)] concatenated: ``sph*cat``."""
-
-    def __init__(self, sph: RealSphericalHarmonics, sine: SinusoidalBasis) -> None:
-        super().__init__()
-        self.sph, self.sine = sph, sine
-        self.out_features = sph.out_features + sine.out_features
-
-    def forward(self, u: Tensor, dists: Tensor) -> Tensor:
-        return torch.cat([self.sph(u), self.sine(dists)], dim=-1)
-
-
 def edge_basis(
-    basis: BasisName, num_dists: int, only_dist: bool, num_freqs: int, max_n: int,
+    basis: BasisName,
+    *,
+    num_dists: int,
+    only_dist: bool,
+    num_freqs: int,
+    max_n: int,
     act: ActivationName,
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     """The edge-basis module (computed once per forward); ``out_features`` = its width B."""
     if only_dist:  # no direction: spherical bases fall back to powersine (reference)
         kind = "powersine" if basis.startswith("sph") else basis
@@ -223,12 +172,15 @@ class ConditionalFilter(nn.Module):
         # Linear_basis then the e-slice is one linear map B -> H: fuse the weights.
         w_fused = w_e @ self.lin_basis.weight  # [H, B]
         b_fused = torch.addmv(self.first.bias, w_e, self.lin_basis.bias)  # [H]
-        node_j = h @ w_j.t()  # [N, H], once per node instead of once per edge
+        # The node slices once per node (not per edge); the bias rides on the j slice.
+        node_j = torch.addmm(b_fused, h, w_j.t())  # [N, H]
         node_i = h @ w_i.t()  # [N, H]
-        return F.linear(basis, w_fused, b_fused) + node_j[j] + node_i[i]  # [E, H]
+        # index_select (not x[idx]): its backward is index_add, much faster on CPU
+        out = node_j.index_select(0, j).add_(node_i.index_select(0, i))  # [E, H]
+        return torch.addmm(out, basis, w_fused.t())
 
     def forward(self, basis: Tensor, envelope: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        return self.tail(self.first_layer(basis, h, j, i)) * envelope
+        return self.tail(self.first_layer(basis, h, j, i)).mul_(envelope)  # [E, H]
 
 
 class EdgeOnlyFilter(ConditionalFilter):
@@ -252,13 +204,13 @@ class FilteredMessage(nn.Module):
         self.lin = nn.Linear(hidden, hidden)
         self.center = nn.Parameter(torch.empty(1, hidden))
 
-    def self_term(self, x: Tensor) -> Tensor:
-        return self.center * x
+    def add_self_term(self, agg: Tensor, x: Tensor) -> Tensor:
+        return torch.addcmul(agg, self.center, x)  # agg + c * x
 
     def forward(self, h: Tensor, w: Tensor, j: Tensor, i: Tensor) -> Tensor:
         x = self.lin(h)  # [N, H]
-        agg = torch.zeros_like(x).index_add(0, i, x[j] * w)  # [N, H]
-        return agg + self.self_term(x)
+        agg = torch.zeros_like(x).index_add_(0, i, x.index_select(0, j) * w)  # [N, H]
+        return self.add_self_term(agg, x)
 
 
 class NoSelfMessage(FilteredMessage):
@@ -268,8 +220,8 @@ class NoSelfMessage(FilteredMessage):
         super().__init__(hidden)
         del self.center
 
-    def self_term(self, x: Tensor) -> Tensor:
-        return torch.zeros_like(x)
+    def add_self_term(self, agg: Tensor, x: Tensor) -> Tensor:
+        return agg
 
 
 class FilterOnlyMessage(nn.Module):
@@ -280,7 +232,7 @@ class FilterOnlyMessage(nn.Module):
         self.center = nn.Parameter(torch.empty(1, hidden))
 
     def forward(self, h: Tensor, w: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        return torch.zeros_like(h).index_add(0, i, w) + self.center
+        return torch.zeros_like(h).index_add_(0, i, w) + self.center
 
 
 class InteractionBlock(nn.Module):
@@ -305,6 +257,28 @@ class InteractionBlock(nn.Module):
         return self.node_mlp(self.message(h, w, j, i))  # [N, H]
 
 
+def interaction_block(
+    *,
+    hidden: int,
+    basis_features: int,
+    depth_mlp_edge: int,
+    depth_mlp_node: int,
+    act: ActivationName,
+    ablation: AblationName,
+) -> InteractionBlock:
+    """One block with the filter and message variant that ``ablation`` selects."""
+    filter_cls = EdgeOnlyFilter if ablation == "nocond" else ConditionalFilter
+    message_cls = {"nofilter": FilterOnlyMessage, "noself": NoSelfMessage}.get(
+        ablation, FilteredMessage
+    )
+    node_tail = norm_act_linear_stack(hidden, depth_mlp_node, act) or [nn.BatchNorm1d(hidden)]
+    return InteractionBlock(
+        filter_cls(hidden, basis_features, depth_mlp_edge, act),
+        message_cls(hidden),
+        nn.Sequential(nn.Linear(hidden, hidden), *node_tail),
+    )
+
+
 # ----------------------------------------------------------------------------- heads
 
 
@@ -324,9 +298,11 @@ def force_decoder(kind: DecoderType, channels: int, act: ActivationName) -> nn.S
     if kind == "linear":
         return nn.Sequential(nn.Linear(channels, 3))
     return nn.Sequential(
-        nn.Linear(channels, channels), nn.BatchNorm1d(channels), make_activation(act),
+        nn.Linear(channels, channels),
+        nn.BatchNorm1d(channels),
+        make_activation(act),
         nn.Linear(channels, 3),
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -404,9 +380,13 @@ class ForceNet(nn.Module):
 
         self.distances = (PlainDistance if ablation == "nodistlist" else RadiusDistances)(cutoff)
         self.edge_basis = edge_basis(
-            basis, self.distances.out_features, ablation == "onlydist", num_freqs, max_n,
-            activation,
-        )  # fmt: skip
+            basis,
+            num_dists=self.distances.out_features,
+            only_dist=ablation == "onlydist",
+            num_freqs=num_freqs,
+            max_n=max_n,
+            act=activation,
+        )
         if feat == "full":
             atom_kind = "powersine" if basis.startswith("sph") else basis
             atom_basis = scalar_basis(atom_kind, len(elements.FEATURE_NAMES), num_freqs, activation)
@@ -415,22 +395,17 @@ class ForceNet(nn.Module):
             self.atom_embedding = SimpleAtomEmbedding(hidden)
         self.register_buffer("supported", _supported(feat, ablation), persistent=False)
 
-        filter_cls = EdgeOnlyFilter if ablation == "nocond" else ConditionalFilter
-        message_cls = {"nofilter": FilterOnlyMessage, "noself": NoSelfMessage}.get(
-            ablation, FilteredMessage
-        )
         self.interactions = nn.ModuleList(
-            InteractionBlock(
-                filter_cls(hidden, self.edge_basis.out_features, depth_mlp_edge, activation),
-                message_cls(hidden),
-                nn.Sequential(
-                    nn.Linear(hidden, hidden),
-                    *(norm_act_linear_stack(hidden, depth_mlp_node, activation)
-                      or [nn.BatchNorm1d(hidden)]),
-                ),
+            interaction_block(
+                hidden=hidden,
+                basis_features=self.edge_basis.out_features,
+                depth_mlp_edge=depth_mlp_edge,
+                depth_mlp_node=depth_mlp_node,
+                act=activation,
+                ablation=ablation,
             )
             for _ in range(num_interactions)
-        )  # fmt: skip
+        )
         self.lin_out = nn.Linear(hidden, decoder_hidden_channels)
         self.act = make_activation(activation)
         self.decoder = force_decoder(decoder_type, decoder_hidden_channels, decoder_activation)
@@ -440,10 +415,10 @@ class ForceNet(nn.Module):
     def reset_parameters(self) -> None:
         """Reference initialisation: Xavier-uniform/zero bias in blocks and decoder, PyTorch
         defaults for the atom embedding, edge basis, Linear(H -> D) and energy head."""
-        parts = nn.ModuleList([self.atom_embedding, self.edge_basis, self.lin_out])
-        for m in [*parts.modules(), *(self.energy_head.modules() if self.energy_head else ())]:
-            if isinstance(m, nn.Linear | nn.Embedding):
-                m.reset_parameters()
+        for part in (self.atom_embedding, self.edge_basis, self.lin_out, self.energy_head):
+            for m in part.modules() if part is not None else ():
+                if isinstance(m, nn.Linear | nn.Embedding):
+                    m.reset_parameters()
         for block in self.interactions:
             block.reset_parameters()
         xavier_linears_(self.decoder)
@@ -492,8 +467,13 @@ def _supported(feat: FeatName, ablation: AblationName) -> Tensor:
 
 def _check_args(args: dict) -> None:
     """Clear ValueErrors for out-of-range or unknown hyperparameters."""
-    for name in ("hidden_channels", "num_interactions", "num_freqs", "max_n",
-                 "decoder_hidden_channels"):  # fmt: skip
+    for name in (
+        "hidden_channels",
+        "num_interactions",
+        "num_freqs",
+        "max_n",
+        "decoder_hidden_channels",
+    ):
         if not isinstance(args[name], int) or args[name] < 1:
             raise ValueError(f"ForceNet: {name} must be a positive integer, got {args[name]!r}")
     for name in ("depth_mlp_edge", "depth_mlp_node"):
@@ -501,8 +481,13 @@ def _check_args(args: dict) -> None:
             raise ValueError(f"ForceNet: {name} must be an integer >= 0, got {args[name]!r}")
     if not float(args["cutoff"]) > 0:
         raise ValueError(f"ForceNet: cutoff must be > 0 Å, got {args['cutoff']!r}")
-    choices = {"feat": FeatName, "basis": BasisName, "activation": ActivationName,
-               "decoder_type": DecoderType, "decoder_activation": ActivationName,
-               "ablation": AblationName}  # fmt: skip
+    choices = {
+        "feat": FeatName,
+        "basis": BasisName,
+        "activation": ActivationName,
+        "decoder_type": DecoderType,
+        "decoder_activation": ActivationName,
+        "ablation": AblationName,
+    }
     for name, options in choices.items():
         check_choice(f"ForceNet: {name}", args[name], options)

@@ -18,7 +18,7 @@ from forcenet.data.frame import Frame
 from forcenet.data.graphs import build_graphs
 from forcenet.geometry import edge_vectors
 
-OC20_JSON = Path("/work/shared/data/oc20-slab-co-alcuse.json")
+OC20_JSON = Path(__file__).resolve().parents[1] / "fixtures" / "oc20-slab-co-alcuse.json"
 
 # The table in forcenet/data/keys.py, field -> (dtype, ndim or None for per-atom rank).
 RECORD_TABLE = {

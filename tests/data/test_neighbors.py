@@ -12,7 +12,7 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from forcenet.data.neighbors import NeighborListError, neighbor_list
 
-OC20_JSON = Path("/work/shared/data/oc20-slab-co-alcuse.json")
+OC20_JSON = Path(__file__).resolve().parents[1] / "fixtures" / "oc20-slab-co-alcuse.json"
 ALL = 10**6  # max_neighbors large enough to keep every pair
 
 

@@ -229,6 +229,10 @@ def test_write_manifest_detects_stale_and_foreign_shards(tmp_path):
         store.write_manifest(tmp_path / "lmdb" / "train", "frames")
     with pytest.raises(store.StoreError, match="kind 'frames', expected 'graphs'"):
         store.write_manifest(tmp_path / "lmdb" / "train", "graphs")
+    for path in (tmp_path / "raw" / "train").glob("0.*"):
+        path.unlink()  # shard 0's input is gone: its output must not enter a manifest
+    with pytest.raises(store.StaleShardError, match=r"\['0\.lmdb'\] have no input any more"):
+        store.write_manifest(tmp_path / "lmdb" / "train", "frames")
 
 
 def test_graph_store_matches_neighbor_list_and_records_settings(tmp_path):

@@ -80,11 +80,29 @@ def float64() -> Iterator[torch.dtype]:
         yield torch.float64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; avoids oversubscribing the shared CPU cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def build_tiny(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The tiny model ``name``, initialised in float32 from ``seed``, cast to ``dtype``, eval()."""
+    """The tiny model ``name``, initialised in float32 from ``seed``, cast to ``dtype``, eval().
+
+    Weight matrices that the reference initialisation sets to zero (DimeNet++'s output
+    layers) are redrawn from N(0, 1/fan_in): with them the model is identically zero and
+    every symmetry test would pass vacuously.
+    """
     with default_dtype(torch.float32):
         torch.manual_seed(seed)
         model = build_model(name, TINY_KWARGS[name])
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2 and param.requires_grad and not param.any():
+                    param.normal_(0.0, param.shape[1] ** -0.5)
     return model.to(dtype).eval()
 
 

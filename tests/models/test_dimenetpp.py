@@ -1,8 +1,8 @@
 """DimeNet++-specific tests: agreement with PyG's DimeNet++, triplets across periodic
 images, the cosine spherical basis, supercells and gradient forces.
 
-The reference output layers start at zero (E = F = 0 untrained), so every physics test
-here first randomises them; otherwise the checks could not fail.
+The reference output layers start at zero (E = F = 0 untrained), so the physics tests
+here use ``output_initializer="glorot_orthogonal"``; otherwise the checks could not fail.
 """
 
 from __future__ import annotations
@@ -25,22 +25,20 @@ from forcenet.models.dimenetpp import CosineSphericalBasis, DimeNetPlusPlus
 
 F64 = {"rtol": 1e-8, "atol": 1e-10}
 KW = TINY_KWARGS["dimenetpp"]
+#: (num_spherical, num_radial) where PyG's own basis is built too (sympy: seconds per size)
+SMALL_BASIS = (3, 2)
+
+
+def _model(dtype: torch.dtype = torch.float64, **overrides) -> DimeNetPlusPlus:
+    """Tiny model with non-zero output layers, seed 0, in eval mode."""
+    torch.manual_seed(0)
+    model = DimeNetPlusPlus(**dict(KW, output_initializer="glorot_orthogonal", **overrides))
+    return model.to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
 def model64() -> DimeNetPlusPlus:
-    """Tiny float64 model with non-zero output layers (built once: sympy is slow)."""
-    torch.manual_seed(0)
-    model = DimeNetPlusPlus(**KW)
-    _randomise_outputs(model)
-    return model.double().eval()
-
-
-def _randomise_outputs(model: DimeNetPlusPlus) -> None:
-    gen = torch.Generator().manual_seed(1)
-    for block in model.output_blocks:
-        w = block.lin.weight
-        w.data.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * 0.5)
+    return _model()
 
 
 def _slab(seed: int, size=(2, 2, 2), repeat=(1, 1, 1)) -> Atoms:
@@ -89,26 +87,31 @@ def test_defaults_are_ocp_s2ef():
         "num_before_skip": 1,
         "num_after_skip": 2,
         "num_output_layers": 3,
+        "output_initializer": "zeros",
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     assert DimeNetPlusPlus.energy_from_gradient is True
+    with pytest.raises(ValueError, match="output_initializer"):
+        DimeNetPlusPlus(**dict(KW, output_initializer="ones"))
 
 
 def test_cosine_basis_equals_pyg_angle_basis(float64):
-    ref = SphericalBasisLayer(3, 4, cutoff=4.5, envelope_exponent=5)
-    ours = CosineSphericalBasis(3, 4, cutoff=4.5, envelope_exponent=5)
+    ref = SphericalBasisLayer(*SMALL_BASIS, cutoff=4.5, envelope_exponent=5)
+    ours = CosineSphericalBasis(*SMALL_BASIS, cutoff=4.5, envelope_exponent=5)
     gen = torch.Generator().manual_seed(0)
     dist = 0.8 + 3.5 * torch.rand(10, generator=gen, dtype=float64)
     angle = math.pi * torch.rand(25, generator=gen, dtype=float64)
     idx_kj = torch.randint(0, 10, (25,), generator=gen)
     expected = ref(dist, angle, idx_kj)
     torch.testing.assert_close(ours(dist, torch.cos(angle), idx_kj), expected, **F64)
-    assert expected.shape == (25, 12) and expected.abs().max() > 0.1
+    assert expected.shape == (25, 6) and expected.abs().max() > 0.1
 
 
-def test_energy_matches_pyg_dimenetpp_forward(model64, float64, monkeypatch):
+def test_energy_matches_pyg_dimenetpp_forward(float64, monkeypatch):
     """PyG's own forward, fed our graph and triplets instead of radius_graph/torch-sparse,
     gives our energy with the same weights (molecule in free space)."""
+    kw = dict(KW, num_spherical=SMALL_BASIS[0], num_radial=SMALL_BASIS[1])
+    model = _model(**kw)
     mol = molecule("CH3CH2OH")
     mol.cell = np.zeros((3, 3))
     batch = _batch([mol])
@@ -120,11 +123,10 @@ def test_energy_matches_pyg_dimenetpp_forward(model64, float64, monkeypatch):
         return ei[1], ei[0], t.i, t.j, t.k, t.idx_kj, t.idx_ji
 
     monkeypatch.setattr(pyg_dimenet, "triplets", pyg_style_triplets)
-    ref = pyg_dimenet.DimeNetPlusPlus(out_channels=1, **KW).to(float64)
-    ref.load_state_dict(model64.state_dict())
+    ref = pyg_dimenet.DimeNetPlusPlus(out_channels=1, **kw).to(float64)  # zero outputs
+    ref.load_state_dict(model.state_dict())
     expected = ref(batch[K.ATOMIC_NUMBERS], batch[K.POS], batch[K.BATCH]).squeeze(-1)
-    out = predict(model64, batch)
-    torch.testing.assert_close(out[K.OUT_ENERGY], expected, **F64)
+    torch.testing.assert_close(predict(model, batch)[K.OUT_ENERGY], expected, **F64)
     assert expected.abs().max() > 1e-3
 
 
@@ -177,10 +179,7 @@ def test_forces_are_minus_energy_gradient_under_pbc(model64, float64):
 def test_force_training_is_finite_with_collinear_triplets():
     """A perfect crystal has exactly collinear triplets; the double backward of a force
     loss must stay finite (angles enter through their cosine)."""
-    torch.manual_seed(0)
-    model = DimeNetPlusPlus(**KW)
-    _randomise_outputs(model)
-    model.train()
+    model = _model(torch.float32).train()
     batch = _batch([_bulk_pair(0, rattle=0.0)], torch.float32)
     out = model(batch)
     assert out[K.OUT_FORCES].requires_grad
@@ -192,9 +191,7 @@ def test_force_training_is_finite_with_collinear_triplets():
 
 
 def test_eval_under_no_grad_and_isolated_atom():
-    torch.manual_seed(0)
-    model = DimeNetPlusPlus(**KW).eval()
-    _randomise_outputs(model)
+    model = _model(torch.float32)
     far = Atoms("O", positions=[[0.0, 0.0, 0.0]], cell=np.eye(3) * 20.0, pbc=True)
     batch = _batch([far, _bulk_pair(8)], torch.float32)
     with torch.no_grad():
@@ -206,8 +203,7 @@ def test_eval_under_no_grad_and_isolated_atom():
 
 
 def test_rejects_atomic_numbers_outside_the_table():
-    torch.manual_seed(0)
-    model = DimeNetPlusPlus(**KW)
+    model = _model(torch.float32)
     batch = _batch([_bulk_pair(9)], torch.float32)
     bad = dict(batch, atomic_numbers=batch[K.ATOMIC_NUMBERS].clone().fill_(95))
     with pytest.raises(ValueError, match=r"DimeNet\+\+: atomic numbers must be in 1..94"):
