@@ -39,10 +39,13 @@ not on the number of workers.
 Outputs: ``out_dir/<split>/<k>.extxyz.xz`` + ``<k>.txt.xz`` (the raw OC20 layout, see
 :mod:`forcenet.data.raw`), ``out_dir/systems.csv`` (one row per system), and
 ``out_dir/report.json`` (the returned report). With ``is2rs_dir``, the first
-``is2rs_systems`` systems of each validation split are also relaxed to ``is2rs_fmax``:
+``2 * is2rs_systems`` systems of each validation split are candidates for relaxation
+benchmarking: their relaxation is continued to ``is2rs_fmax`` and the first
+``is2rs_systems`` that converge without a structural problem are kept.
 ``is2rs_dir/<split>_initial.extxyz`` holds their starting placements (the first S2EF
 frame), ``<split>_relaxed.extxyz`` the EMT-relaxed structures with energy and forces, in
-the same order, with ``sid`` in ``atoms.info``. Everything is written under temporary
+the same order, with ``sid`` (and ``reference_energy``, ``adsorbate``, ``catalyst``,
+``facet``, ``site``) in ``atoms.info``. Everything is written under temporary
 names and renamed when complete.
 """
 
@@ -98,6 +101,7 @@ IS2RS_MAX_STEPS = 500
 MD_STRIDE = 5  # MD steps (1 fs each) between sampled frames
 MD_FRICTION = 0.01 / units.fs
 SID_STRIDE = 1_000_000
+IS2RS_CANDIDATES = 2  # candidate systems per requested IS2RS system
 
 #: split -> (adsorbate pool, catalyst pool)
 SPLIT_POOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -145,6 +149,7 @@ class SystemResult:
     relax_length: int = 0
     initial: Atoms | None = None  # IS2RS starting placement
     relaxed: Atoms | None = None  # IS2RS EMT-relaxed structure (None if it failed)
+    is2rs_problem: str | None = None  # why an IS2RS candidate was dropped
 
 
 def plan_systems(
@@ -166,7 +171,7 @@ def plan_systems(
                     catalyst=str(rng.choice(catalysts)),
                     facet=facet,
                     site=str(rng.choice(SITES[facet])),
-                    is2rs=split != K.TRAIN and i < is2rs_systems,
+                    is2rs=split != K.TRAIN and i < IS2RS_CANDIDATES * is2rs_systems,
                 )
             )
     return specs
@@ -314,7 +319,7 @@ def _is2rs(result: SystemResult, initial: Atoms, atoms: Atoms, opt: BFGS, check:
             "adsorbate": result.spec.adsorbate, "catalyst": result.spec.catalyst,
             "facet": result.spec.facet, "site": result.spec.site}
     if problem or not converged:
-        result.rejected["is2rs_" + (problem or "not_converged")] += 1
+        result.is2rs_problem = problem or "not_converged"
         return
     result.initial = initial
     initial.info.update(info)
@@ -467,7 +472,7 @@ def generate_emt(
             jobs = [(s, *slabs[(s.catalyst, s.facet)], settings) for s in specs]
             results = tqdm(pmap(_call_system, jobs), total=len(jobs), desc="emt systems",
                            unit="system")
-            report, rows, is2rs = _collect(results, tmp, shard_size)
+            report, rows, is2rs = _collect(results, tmp, shard_size, is2rs_systems)
         _atomic_text(tmp / "systems.csv", _csv(rows))
         report["seed"] = settings.seed
         report["frames"] = sum(e["frames"] for e in report["splits"].values())
@@ -486,7 +491,7 @@ def generate_emt(
     return report
 
 
-def _collect(results: Iterable[SystemResult], tmp: Path, shard_size: int):
+def _collect(results: Iterable[SystemResult], tmp: Path, shard_size: int, is2rs_systems: int):
     """Stream results into per-split shards; returns (report, csv rows, IS2RS pairs)."""
     writers: dict[str, _SplitWriter] = {}
     report: dict = {"splits": {}}
@@ -497,21 +502,25 @@ def _collect(results: Iterable[SystemResult], tmp: Path, shard_size: int):
         if split not in writers:
             writers[split] = _SplitWriter(tmp / split, shard_size)
             report["splits"][split] = {"systems": 0, "frames": 0, "atoms": 0,
-                                       "rejected": Counter(), "is2rs": 0}
+                                       "rejected": Counter(), "is2rs": 0,
+                                       "is2rs_rejected": Counter()}
         entry = report["splits"][split]
         writers[split].add(r.frames)
         entry["systems"] += 1
         entry["frames"] += len(r.frames)
         entry["atoms"] += sum(f.natoms for f in r.frames)
         entry["rejected"].update(r.rejected)
-        if r.relaxed is not None:
+        if r.relaxed is not None and entry["is2rs"] < is2rs_systems:
             is2rs[split].append((r.initial, r.relaxed))
             entry["is2rs"] += 1
+        if r.is2rs_problem:
+            entry["is2rs_rejected"][r.is2rs_problem] += 1
         rows.append(_summary_row(r))
     for w in writers.values():
         w.close()
     for entry in report["splits"].values():
-        entry["rejected"] = dict(sorted(entry["rejected"].items()))
+        for name in ("rejected", "is2rs_rejected"):
+            entry[name] = dict(sorted(entry[name].items()))
         entry["mean_atoms"] = round(entry.pop("atoms") / max(entry["frames"], 1), 2)
     return report, rows, is2rs
 

@@ -57,10 +57,16 @@ def neighbor_list(
     i, j, shifts, dist = i[keep], j[keep], shifts[keep], dist[keep]
     if not pbc.all():
         shifts[:, ~pbc] = 0  # offsets along non-periodic directions are zero by construction
-    # Sort by centre, then distance (rounded so float noise does not beat the tie rule),
-    # then neighbor index, then image offset.
-    dkey = np.round(dist, 8)
-    order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, dkey, i))
+    # Sort by centre, then distance (rounded to 1e-8 Å so float noise does not beat the
+    # tie rule), then neighbor index, then image offset. Two composite keys keep the
+    # sort cheap: (centre, distance) as one float, (j, offset) as one integer.
+    primary = i * (2.0 * cutoff + 1.0) + np.round(dist, 8)
+    span = int(np.abs(shifts).max(initial=0)) * 2 + 1
+    offset_code = ((shifts[:, 0] + span // 2) * span + shifts[:, 1] + span // 2) * span + (
+        shifts[:, 2] + span // 2
+    )
+    secondary = j * span**3 + offset_code
+    order = np.lexsort((secondary, primary))
     i, j, shifts = i[order], j[order], shifts[order]
     # rank of each edge within its centre's list
     starts = np.searchsorted(i, i, side="left")

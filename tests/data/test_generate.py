@@ -76,6 +76,13 @@ def dataset(tmp_path_factory):
     return _run(root, "one", workers=1)
 
 
+@pytest.fixture(scope="module")
+def first_system():
+    """The first train system of seed 3 with its relaxed clean slab (positions, energy)."""
+    spec = plan_systems(3, {"train": 1})[0]
+    return (spec, *relax_clean_slab(3, spec.catalyst, spec.facet))
+
+
 def _systems(out: Path) -> list[dict]:
     with open(out / "systems.csv") as fh:
         return list(csv.DictReader(fh))
@@ -180,28 +187,26 @@ def test_labels_are_emt_forces_and_energies(dataset):
         assert np.abs(f.forces[f.fixed]).max() > 0  # raw forces: fixed atoms keep theirs
 
 
-def test_reference_energy_is_clean_slab_plus_gas_references():
+def test_reference_energy_is_clean_slab_plus_gas_references(first_system):
     refs = gas_references()
     # OC20 scheme: the C and O references add up to the CO molecule, H2O = 2 H + O.
     assert refs["C"] + refs["O"] == pytest.approx(adsorbate_reference(["C", "O"]))
-    settings = _Settings(seed=0, frames_per_system=2, md_frames_per_system=0, relax_steps=3,
+    settings = _Settings(seed=3, frames_per_system=2, md_frames_per_system=1, relax_steps=3,
                          md_temperature_K=300.0, max_force=100.0, is2rs_fmax=0.05)
-    spec = plan_systems(0, {"train": 1})[0]
-    pos, e_slab = relax_clean_slab(0, spec.catalyst, spec.facet)
+    spec, pos, e_slab = first_system
     result = run_system(spec, pos, e_slab, settings)
     symbols = adsorbate_atoms(spec.adsorbate).get_chemical_symbols()
     assert result.reference_energy == pytest.approx(e_slab + adsorbate_reference(symbols))
-    slab = catalyst_slab(0, spec.catalyst, spec.facet)
+    slab = catalyst_slab(3, spec.catalyst, spec.facet)
     slab.positions = pos
     slab.calc = EMT()
     assert np.abs(slab.get_forces()).max() < 0.05 + 1e-9  # relaxed (free atoms)
     assert [f.fid for f in result.frames] == sorted({f.fid for f in result.frames})
 
 
-def test_rejected_frames_are_counted():
-    spec = plan_systems(1, {"train": 1})[0]
-    pos, e_slab = relax_clean_slab(1, spec.catalyst, spec.facet)
-    strict = _Settings(seed=1, frames_per_system=4, md_frames_per_system=2, relax_steps=6,
+def test_rejected_frames_are_counted(first_system):
+    spec, pos, e_slab = first_system
+    strict = _Settings(seed=3, frames_per_system=4, md_frames_per_system=2, relax_steps=6,
                        md_temperature_K=300.0, max_force=1e-3, is2rs_fmax=0.05)
     result = run_system(spec, pos, e_slab, strict)
     assert result.frames == []
@@ -269,9 +274,14 @@ def test_is2rs_files(dataset):
     out, is2rs, report = dataset
     first = {f.sid: f for fs in _frames(out).values() for f in fs if f.fid == 0}
     for split in K.VAL_SPLITS:
+        kept = report["splits"][split]["is2rs"]
+        assert kept <= TINY["is2rs_systems"]
+        if kept == 0:  # every candidate dissociated/desorbed: an empty file
+            assert (is2rs / f"{split}_initial.extxyz").stat().st_size == 0
+            continue
         initial = read(is2rs / f"{split}_initial.extxyz", index=":")
         relaxed = read(is2rs / f"{split}_relaxed.extxyz", index=":")
-        assert len(initial) == len(relaxed) == report["splits"][split]["is2rs"]
+        assert len(initial) == len(relaxed) == kept
         for a, b in zip(initial, relaxed, strict=True):
             assert a.info["sid"] == b.info["sid"]
             assert a.get_tags().tolist() == b.get_tags().tolist()
