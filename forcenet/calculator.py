@@ -70,6 +70,8 @@ class ForceNetCalculator(Calculator):
         self.model = model.to(self.device).eval()
         self.cutoff = float(cutoff)
         self.max_neighbors = int(max_neighbors)
+        self.model_name = type(model).__name__  # the checkpoint's model name when loaded from one
+        self.checkpoint_path: Path | None = None
         probe = self._forward([_probe_structure()])
         has_energy = K.OUT_ENERGY in probe
         # Instance attribute: the class-level list would be shared by all calculators.

@@ -202,8 +202,114 @@ def manifest(
     _echo_json(write_manifest(split_dir, kind))
 
 
-def main() -> None:  # pragma: no cover
-    app()
+# ---------------------------------------------------------------- train, evaluate
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="forcenet, schnet, dimenetpp or gns.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt, run_id.txt).")],
+    frames: Annotated[Path, typer.Option(help="LMDB frame root holding train/.")] = Path(
+        "data/lmdb"
+    ),
+    graphs: Annotated[Path, typer.Option(help="Graph root holding train/.")] = Path("data/graphs"),
+    params: ParamsOpt = Path("params.yaml"),
+    resume: Annotated[
+        bool, typer.Option(help="Continue from <out>/last.pt (same weights as no interruption).")
+    ] = False,
+) -> None:
+    """Train one model with `model.<name>` and `train.<name>` from params.yaml.
+
+    Runs on the GPU when there is one. For several GPUs or nodes launch it with
+    torchrun (e.g. `torchrun --standalone --nproc_per_node=8 -m forcenet.cli train ...`).
+    """
+    from forcenet.stages import train_model
+
+    best = train_model(
+        model, params_path=params, frames=frames, graphs=graphs, out=out, resume=resume
+    )
+    typer.echo(f"best checkpoint: {best}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="LMDB split folders (data/lmdb/<split>) and/or ASE-readable files with "
+            "energies and forces (split = file name)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Long metrics table (Parquet).")],
+    graphs: Annotated[
+        Path | None, typer.Option(help="Graph root for LMDB inputs (default data/graphs).")
+    ] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Also write per-atom predictions (Parquet).")
+    ] = None,
+    metrics_json: Annotated[
+        Path | None, typer.Option(help="Also write {split: {metric: value}} JSON for DVC.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Structures per batch.")] = 16,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")] = None,
+    track: Annotated[bool, typer.Option(help="Log to the checkpoint's MLflow run.")] = True,
+) -> None:
+    """OC20 metrics on free atoms (force MAE with the zero-force baseline, cosine,
+    magnitude, energy MAE and EFwT where the model has an energy), inference throughput
+    and the rotation-covariance error, per split."""
+    from forcenet.stages import evaluate_model
+
+    table = evaluate_model(
+        checkpoint,
+        inputs,
+        out=out,
+        graphs=graphs,
+        predictions=predictions,
+        metrics_json=metrics_json,
+        batch_size=batch_size,
+        device=device,
+        track=track,
+    )
+    wide = table.pivot_table(index="metric", columns="split", values="value")
+    keep = [m for m in ("forces_mae", "zero_forces_mae", "forces_cos", "energy_mae") if m in wide.index]
+    typer.echo(wide.loc[keep].to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+@app.command()
+def report(
+    metrics: Annotated[list[Path], typer.Argument(help="Metrics tables from `forcenet evaluate`.")],
+    out: Annotated[Path, typer.Option(help="Report folder (results.md, plots/).")] = Path(
+        "reports"
+    ),
+    predictions: Annotated[
+        list[Path] | None, typer.Option(help="Per-atom predictions for parity plots.")
+    ] = None,
+    relax: Annotated[
+        list[Path] | None, typer.Option(help="Relaxation summaries from `forcenet relax-oracle`.")
+    ] = None,
+) -> None:
+    """Comparison table (Parquet, CSV, Markdown) and plots: force MAE per split with the
+    zero baseline, learning curves from MLflow, force parity per model."""
+    from forcenet.report import build_report
+
+    build_report(metrics, out, predictions=predictions or ())
+    typer.echo((out / "results.md").read_text())
+
+
+def main() -> None:
+    """Console entry point: expected failures (bad input, bad params) print one clear
+    line naming the file and record instead of a traceback; set FORCENET_DEBUG=1 for it."""
+    import os
+    import sys
+
+    try:
+        app()
+    except (ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("FORCENET_DEBUG"):
+            raise
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

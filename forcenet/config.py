@@ -154,3 +154,48 @@ class DataConfig:
 
 def load_data_config(path: Path) -> DataConfig:
     return parse(DataConfig, section(load_yaml(path), "data"), "data")
+
+
+# ------------------------------------------------------------------- models, training
+
+#: Names of the models the pipeline trains (keys of params.yaml ``model`` and ``train``).
+MODEL_NAMES = ("forcenet", "schnet", "dimenetpp", "gns")
+#: Keys of params.yaml ``train`` shared by every model (the same budget for all).
+SHARED_TRAIN_KEYS = ("time_budget_s", "max_epochs", "seed", "num_workers")
+
+
+def model_kwargs(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Constructor kwargs of model ``name``: ``model.<name>`` plus the graph cutoff.
+
+    ``model.hidden`` (default null) is the short alias of ForceNet's ``hidden_channels``:
+    when set, ``dvc exp run -S model.hidden=512`` widens ForceNet without spelling the
+    full key.
+    """
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {name!r}; choose from {list(MODEL_NAMES)}")
+    kwargs = dict(section(params, f"model.{name}"))
+    alias = section(params, "model").get("hidden")
+    if name == "forcenet" and alias is not None:
+        kwargs["hidden_channels"] = int(alias)
+    kwargs["cutoff"] = float(section(params, "graph.cutoff"))
+    return kwargs
+
+
+def train_config(params: Mapping[str, Any], name: str):
+    """:class:`forcenet.train.TrainConfig` of model ``name``: ``train.<name>`` plus the
+    shared keys (``train.time_budget_s`` etc.), unknown keys rejected."""
+    from forcenet.train import TrainConfig
+
+    train = section(params, "train")
+    merged = {k: train[k] for k in SHARED_TRAIN_KEYS if k in train}
+    own = section(params, f"train.{name}")
+    clash = sorted(set(own) & set(SHARED_TRAIN_KEYS))
+    if clash:
+        raise ConfigError(f"train.{name}: {clash} are shared keys; set them under train")
+    merged.update(own)
+    return parse(TrainConfig, merged, f"train.{name}")
+
+
+def graph_settings(params: Mapping[str, Any]) -> dict[str, float | int]:
+    g = section(params, "graph")
+    return {"cutoff": float(g["cutoff"]), "max_neighbors": int(g["max_neighbors"])}

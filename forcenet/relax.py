@@ -51,8 +51,17 @@ LBFGS_SETTINGS = {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}
 #: Systems whose oracle energy along the ML trajectory is plotted, per split.
 PLOT_SYSTEMS = 3
 
-SUMMARY_COLUMNS = ["name", "sid", "natoms", "n_free", "steps", "fmax", "converged", "wall_s",
-                   "trajectory"]
+SUMMARY_COLUMNS = [
+    "name",
+    "sid",
+    "natoms",
+    "n_free",
+    "steps",
+    "fmax",
+    "converged",
+    "wall_s",
+    "trajectory",
+]
 
 
 # --------------------------------------------------------------------------- ADwT
@@ -86,7 +95,10 @@ def min_image_distances(
 
 
 def mean_free_distance(
-    pred_pos: np.ndarray, true_pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+    pred_pos: np.ndarray,
+    true_pos: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
     free_mask: np.ndarray,
 ) -> float:
     """Mean minimum-image distance (Å) over free atoms: ADwT's per-system distance."""
@@ -97,7 +109,10 @@ def mean_free_distance(
 
 
 def adwt(
-    pred_pos: np.ndarray, true_pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+    pred_pos: np.ndarray,
+    true_pos: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
     free_mask: np.ndarray,
 ) -> float:
     """ADwT of one system: fraction of :data:`ADWT_THRESHOLDS` above its mean free distance.
@@ -138,19 +153,29 @@ class _Run:
     wall_s: float = float("nan")
 
 
-def _start(name: str, atoms: Atoms, calculator: ForceNetCalculator, optimizer: OptimizerName,
-           traj_dir: Path) -> _Run:
+def _start(
+    name: str,
+    atoms: Atoms,
+    calculator: ForceNetCalculator,
+    optimizer: OptimizerName,
+    traj_dir: Path,
+) -> _Run:
     work = atoms.copy()  # the caller's structure is never modified
     work.calc = calculator.clone()
     path = traj_dir / f"{name}.traj"
     tmp = traj_dir / f".{name}.traj.{os.getpid()}.tmp"
-    return _Run(name=name, atoms=work, free=free_mask(work),
-                optimizer=make_optimizer(optimizer, work), traj_tmp=tmp, traj_path=path,
-                traj=Trajectory(str(tmp), "w"))
+    return _Run(
+        name=name,
+        atoms=work,
+        free=free_mask(work),
+        optimizer=make_optimizer(optimizer, work),
+        traj_tmp=tmp,
+        traj_path=path,
+        traj=Trajectory(str(tmp), "w"),
+    )
 
 
-def _relax_group(calculator: ForceNetCalculator, runs: list[_Run], fmax: float,
-                 steps: int) -> None:
+def _relax_group(calculator: ForceNetCalculator, runs: list[_Run], fmax: float, steps: int) -> None:
     """Step ``runs`` in lock-step: one batched forward pass per step for all unfinished ones."""
     start = time.perf_counter()
     active = runs
@@ -161,14 +186,26 @@ def _relax_group(calculator: ForceNetCalculator, runs: list[_Run], fmax: float,
             run.atoms.calc.set_results(run.atoms, pred)
             free_forces = pred["forces"][run.free]  # [N_free, 3] eV/Å
             run.fmax = float(np.linalg.norm(free_forces, axis=1).max()) if run.free.any() else 0.0
+            if not np.isfinite(run.fmax):
+                raise FloatingPointError(
+                    f"structure {run.name}: the model predicted non-finite "
+                    f"forces at step {run.steps}"
+                )
             run.traj.write(run.atoms)
-            run.converged = run.fmax < fmax
+            # Exactly zero force: a stationary point the optimizer cannot leave (its
+            # curvature update would divide by zero), so it counts as converged even at fmax 0.
+            run.converged = run.fmax < fmax or run.fmax == 0.0
             if run.converged or run.steps >= steps:
                 run.traj.close()
                 os.replace(run.traj_tmp, run.traj_path)
                 run.wall_s = time.perf_counter() - start
             else:
                 run.optimizer.step()  # uses the cached forces: no extra forward pass
+                if not np.all(np.isfinite(run.atoms.positions)):
+                    raise FloatingPointError(
+                        f"structure {run.name}: the optimizer produced non-finite positions "
+                        f"at step {run.steps} (degenerate curvature update)"
+                    )
                 run.steps += 1
                 still.append(run)
         active = still
@@ -182,11 +219,27 @@ def _names(structures: Sequence[Atoms], names: Sequence[str] | None) -> list[str
         raise ValueError(f"{len(names)} names for {len(structures)} structures")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"structure names must be unique (they name the trajectories): {dupes[:5]}")
+        raise ValueError(
+            f"structure names must be unique (they name the trajectories): {dupes[:5]}"
+        )
     bad = [n for n in names if not n or "/" in n or n.startswith(".")]
     if bad:
         raise ValueError(f"structure names cannot be used as file names: {bad[:5]}")
     return names
+
+
+def _summary_row(run: _Run, sid: object) -> dict:
+    return {
+        "name": run.name,
+        "sid": int(sid) if isinstance(sid, int | np.integer) else -1,
+        "natoms": len(run.atoms),
+        "n_free": int(run.free.sum()),
+        "steps": run.steps,
+        "fmax": run.fmax,
+        "converged": run.converged,
+        "wall_s": run.wall_s,
+        "trajectory": str(run.traj_path),
+    }
 
 
 def relax_structures(
@@ -214,8 +267,9 @@ def relax_structures(
     end), ``trajectory`` (path).
     """
     if steps < 0 or not fmax >= 0 or batch_size < 1:
-        raise ValueError(f"need steps >= 0, fmax >= 0, batch_size >= 1; got {steps}, {fmax}, "
-                         f"{batch_size}")
+        raise ValueError(
+            f"need steps >= 0, fmax >= 0, batch_size >= 1; got {steps}, {fmax}, {batch_size}"
+        )
     labels = _names(structures, names)
     traj_dir = Path(traj_dir)
     traj_dir.mkdir(parents=True, exist_ok=True)
@@ -231,12 +285,9 @@ def relax_structures(
             for run in runs:
                 run.traj.close()
                 run.traj_tmp.unlink(missing_ok=True)
-        for k, run in zip(group, runs, strict=True):
-            sid = structures[k].info.get("sid", -1)
-            rows.append({"name": run.name, "sid": int(sid) if isinstance(sid, int | np.integer)
-                         else -1, "natoms": len(run.atoms), "n_free": int(run.free.sum()),
-                         "steps": run.steps, "fmax": run.fmax, "converged": run.converged,
-                         "wall_s": run.wall_s, "trajectory": str(run.traj_path)})
+        rows += [
+            _summary_row(r, structures[k].info.get("sid")) for k, r in zip(group, runs, strict=True)
+        ]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -303,9 +354,16 @@ def relax_command(
     if not structures:
         raise ValueError(f"no structures in {[str(p) for p in inputs]}")
     out_dir = Path(out_dir)
-    table = relax_structures(calc, structures, optimizer=optimizer, fmax=fmax, steps=steps,
-                             traj_dir=out_dir / "trajectories", batch_size=batch_size,
-                             names=names)
+    table = relax_structures(
+        calc,
+        structures,
+        optimizer=optimizer,
+        fmax=fmax,
+        steps=steps,
+        traj_dir=out_dir / "trajectories",
+        batch_size=batch_size,
+        names=names,
+    )
     table.insert(0, "model", calc.model_name)
     _write_extxyz(out_dir / "relaxed.extxyz", [final_structure(p) for p in table.trajectory])
     write_table(table, out_dir / "summary.parquet")
@@ -339,8 +397,9 @@ def read_is2rs(is2rs_dir: Path, split: str) -> tuple[list[Atoms], list[Atoms]]:
     relaxed_path = Path(is2rs_dir) / f"{split}_relaxed.extxyz"
     initial, relaxed = _read_images(init_path), _read_images(relaxed_path)
     if len(initial) != len(relaxed):
-        raise ValueError(f"{init_path} has {len(initial)} structures but {relaxed_path} "
-                         f"has {len(relaxed)}")
+        raise ValueError(
+            f"{init_path} has {len(initial)} structures but {relaxed_path} has {len(relaxed)}"
+        )
     for k, (a, b) in enumerate(zip(initial, relaxed, strict=True)):
         where = f"{init_path} / {relaxed_path}: record {k}"
         if "sid" not in a.info or a.info.get("sid") != b.info.get("sid"):
@@ -357,8 +416,14 @@ def _oracle_minimum(relaxed: Atoms) -> float:
     return oracle_check(relaxed)[1]
 
 
-def _score(model: str, split: str, table: pd.DataFrame, initial: list[Atoms],
-           relaxed: list[Atoms], where: Path) -> pd.DataFrame:
+def _score(
+    model: str,
+    split: str,
+    table: pd.DataFrame,
+    initial: list[Atoms],
+    relaxed: list[Atoms],
+    where: Path,
+) -> pd.DataFrame:
     """Per-system ADwT distance, oracle max force and oracle energy gap of the ML results."""
     rows = []
     for k, (run, init, ref) in enumerate(zip(table.itertuples(), initial, relaxed, strict=True)):
@@ -369,17 +434,29 @@ def _score(model: str, split: str, table: pd.DataFrame, initial: list[Atoms],
             minimum = _oracle_minimum(ref)
         except (KeyError, NotImplementedError) as exc:
             raise ValueError(f"{where}: record {k}: EMT cannot evaluate it ({exc})") from exc
-        rows.append({
-            "model": model, "split": split, "sid": int(init.info["sid"]),
-            "natoms": run.natoms, "n_free": run.n_free, "steps": run.steps,
-            "converged": run.converged, "ml_fmax": run.fmax, "wall_s": run.wall_s,
-            "distance": mean_free_distance(final.positions, ref.positions, ref.cell, ref.pbc,
-                                           free),
-            "adwt": adwt(final.positions, ref.positions, ref.cell, ref.pbc, free),
-            "oracle_fmax": oracle_fmax, "fbt": oracle_fmax < FBT_THRESHOLD,
-            "oracle_energy": oracle_energy, "oracle_min_energy": minimum,
-            "oracle_delta_e": oracle_energy - minimum, "trajectory": run.trajectory,
-        })
+        rows.append(
+            {
+                "model": model,
+                "split": split,
+                "sid": int(init.info["sid"]),
+                "natoms": run.natoms,
+                "n_free": run.n_free,
+                "steps": run.steps,
+                "converged": run.converged,
+                "ml_fmax": run.fmax,
+                "wall_s": run.wall_s,
+                "distance": mean_free_distance(
+                    final.positions, ref.positions, ref.cell, ref.pbc, free
+                ),
+                "adwt": adwt(final.positions, ref.positions, ref.cell, ref.pbc, free),
+                "oracle_fmax": oracle_fmax,
+                "fbt": oracle_fmax < FBT_THRESHOLD,
+                "oracle_energy": oracle_energy,
+                "oracle_min_energy": minimum,
+                "oracle_delta_e": oracle_energy - minimum,
+                "trajectory": run.trajectory,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -412,8 +489,9 @@ def metrics_long_table(aggregate: pd.DataFrame, run_id: str | None = None) -> pd
     return pd.concat(parts, ignore_index=True)
 
 
-def plot_oracle_energy(systems: pd.DataFrame, path: Path, *, per_split: int = PLOT_SYSTEMS,
-                       max_frames: int = 60) -> None:
+def plot_oracle_energy(
+    systems: pd.DataFrame, path: Path, *, per_split: int = PLOT_SYSTEMS, max_frames: int = 60
+) -> None:
     """PNG: EMT energy along the ML trajectory minus the oracle minimum, a few systems per split.
 
     EMT is recomputed on (at most ``max_frames``, evenly spaced) trajectory frames, so
@@ -425,18 +503,23 @@ def plot_oracle_energy(systems: pd.DataFrame, path: Path, *, per_split: int = PL
     import matplotlib.pyplot as plt
 
     splits = list(dict.fromkeys(systems["split"]))
-    fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(4.5 * max(len(splits), 1), 3.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(splits), 1), figsize=(4.5 * max(len(splits), 1), 3.5), squeeze=False
+    )
     for ax, split in zip(axes[0], splits, strict=False):
         for row in systems[systems.split == split].head(per_split).itertuples():
             with Trajectory(row.trajectory) as traj:
-                picks = np.unique(np.linspace(0, len(traj) - 1, min(len(traj), max_frames))
-                                  .round().astype(int))
+                picks = np.unique(
+                    np.linspace(0, len(traj) - 1, min(len(traj), max_frames)).round().astype(int)
+                )
                 energies = [oracle_check(traj[int(i)])[1] - row.oracle_min_energy for i in picks]
             ax.plot(picks, energies, marker=".", label=f"sid {row.sid}")
         ax.set_yscale("symlog", linthresh=1e-2)
-        ax.set(title=f"{systems.model.iloc[0]} · {split}", xlabel="ML relaxation step",
-               ylabel="E_EMT − E_EMT,min (eV)")
+        ax.set(
+            title=f"{systems.model.iloc[0]} · {split}",
+            xlabel="ML relaxation step",
+            ylabel="E_EMT − E_EMT,min (eV)",
+        )
         ax.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -475,10 +558,16 @@ def evaluate_relaxations(
         initial, relaxed = read_is2rs(Path(is2rs_dir), split)
         if not initial:
             continue
-        table = relax_structures(calc, initial, optimizer=optimizer, fmax=fmax, steps=steps,
-                                 traj_dir=out_dir / "trajectories" / split,
-                                 batch_size=batch_size,
-                                 names=[str(a.info["sid"]) for a in initial])
+        table = relax_structures(
+            calc,
+            initial,
+            optimizer=optimizer,
+            fmax=fmax,
+            steps=steps,
+            traj_dir=out_dir / "trajectories" / split,
+            batch_size=batch_size,
+            names=[str(a.info["sid"]) for a in initial],
+        )
         where = Path(is2rs_dir) / f"{split}_initial.extxyz"
         scored.append(_score(calc.model_name, split, table, initial, relaxed, where))
     if not scored:

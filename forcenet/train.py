@@ -379,6 +379,8 @@ def fit_datasets(
     )  # fmt: skip
     clock0 = _now() - progress.elapsed_s
     while progress.epoch < cfg.max_epochs:
+        if cfg.time_budget_s > 0 and D.sync_max(_now() - clock0) >= cfg.time_budget_s:
+            break  # budget used up exactly at an epoch end (already checkpointed)
         done = _train_epoch(cfg, net, optimizer, loss_fn, train_set, progress, info,
                             steps_per_epoch, clock0, bar)  # fmt: skip
         metrics = evaluate(model, dev_loader, device=info.device) if len(dev_set) else {}
@@ -422,6 +424,8 @@ def _train_epoch(
         Subset(train_set, indices), batch_size=cfg.batch_size, drop_last=True,
         collate_fn=collate, num_workers=cfg.num_workers,
     )  # fmt: skip
+    # bf16 autocast only for direct-force models: double backward through bf16 is too lossy
+    amp = cfg.amp and not getattr(_unwrap(net), "energy_from_gradient", False)
     loss_sum, n_steps, n_graphs, t_start = 0.0, 0, 0, _now()
     for batch in loader:
         progress.elapsed_s = D.sync_max(_now() - clock0)
@@ -442,8 +446,8 @@ def _train_epoch(
             )
             batch = rotate_batch(batch, random_rotations(len(batch[K.NATOMS]), gen))
         batch = batch_to(batch, info.device)
-        diag = train_step(net, batch, optimizer, loss_fn=loss_fn, amp=cfg.amp and
-                          not loss_fn.energy_coef, clip_grad=cfg.clip_grad)  # fmt: skip
+        diag = train_step(net, batch, optimizer, loss_fn=loss_fn, amp=amp,
+                          clip_grad=cfg.clip_grad)  # fmt: skip
         progress.step += 1
         progress.batches_in_epoch += 1
         loss_sum, n_steps = loss_sum + diag["loss"], n_steps + 1
@@ -458,6 +462,10 @@ def _train_epoch(
         "elapsed_s": progress.elapsed_s,
         "graphs_per_s": n_graphs / max(_now() - t_start, 1e-9),
     }
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, DistributedDataParallel) else net
 
 
 def _set_scales(model: C.ScaledModel, stats: dict[str, float]) -> None:

@@ -23,8 +23,13 @@ OC20_JSON = Path(__file__).resolve().parent / "fixtures" / "oc20-slab-co-alcuse.
 CUTOFF, MAX_NEIGHBORS = 4.5, 12  # 12 < the fcc coordination + images: truncation is exercised
 TINY = {
     "gns": {"hidden_channels": 16, "num_interactions": 2, "cutoff": CUTOFF},
-    "schnet": {"hidden_channels": 16, "num_filters": 16, "num_interactions": 2,
-               "num_gaussians": 16, "cutoff": CUTOFF},
+    "schnet": {
+        "hidden_channels": 16,
+        "num_filters": 16,
+        "num_interactions": 2,
+        "num_gaussians": 16,
+        "cutoff": CUTOFF,
+    },
 }
 
 
@@ -44,11 +49,18 @@ def write_tiny_checkpoint(path: Path, name: str, *, seed: int = 0, force_scale: 
     model.force_scale.fill_(force_scale)
     model.energy_scale.fill_(force_scale)  # gradient models need equal scales
     model.energy_shift.fill_(-1.5)
-    save_checkpoint(path, {
-        "format_version": 1, "model_name": name, "model_kwargs": TINY[name],
-        "model_state": model.state_dict(), "step": 0, "epoch": 0,
-        "graph": {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS},
-    })
+    save_checkpoint(
+        path,
+        {
+            "format_version": 1,
+            "model_name": name,
+            "model_kwargs": TINY[name],
+            "model_state": model.state_dict(),
+            "step": 0,
+            "epoch": 0,
+            "graph": {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS},
+        },
+    )
     return model.eval()
 
 
@@ -112,8 +124,11 @@ def test_checkpoint_round_trip_reproduces_the_saved_model(tmp_path: Path):
     atoms.calc = calc
     batch = collate([sample_from_atoms(atoms, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)])
     out = original(batch)  # gradient model: forces need autograd
-    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False),
-                               out[K.OUT_FORCES].detach().double().numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        atoms.get_forces(apply_constraint=False),
+        out[K.OUT_FORCES].detach().double().numpy(),
+        atol=1e-6,
+    )
     # Energy model: referenced energy in eV, including the saved scale and shift.
     assert calc.has_energy
     assert atoms.get_potential_energy() == pytest.approx(float(out[K.OUT_ENERGY]), abs=1e-5)
@@ -137,8 +152,9 @@ def test_predict_many_equals_one_by_one(gns_ckpt: Path):
     for atoms, got in zip(structures, batched, strict=True):
         single = atoms.copy()
         single.calc = calc.clone()
-        np.testing.assert_allclose(got["forces"], single.get_forces(apply_constraint=False),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            got["forces"], single.get_forces(apply_constraint=False), atol=1e-5
+        )
         assert got["forces"].shape == (len(atoms), 3) and "energy" not in got
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,7 +54,8 @@ def test_adwt_displacement_gives_fraction_of_thresholds_above_it():
     moved = pos + step
     moved[~free] += 3.0  # fixed atoms do not count
     assert relax.mean_free_distance(moved, pos, cell, [True, True, False], free) == (
-        pytest.approx(0.1005))
+        pytest.approx(0.1005)
+    )
     # thresholds strictly above 0.1005: 0.101 .. 0.499 -> 399 of 490
     assert relax.adwt(moved, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
     # Across the cell boundary: a 0.1005 Å move that wrapped the atom to the other side.
@@ -83,16 +83,22 @@ class MorsePair(nn.Module):
 
     energy_from_gradient = True
 
-    def __init__(self, depth: float = 0.35, width: float = 1.4, r0: float = 2.6,
-                 cutoff: float = 4.5) -> None:
+    def __init__(
+        self, depth: float = 0.35, width: float = 1.4, r0: float = 2.6, cutoff: float = 4.5
+    ) -> None:
         super().__init__()
         self.depth, self.width, self.r0, self.cutoff = depth, width, r0, cutoff
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         with torch.enable_grad():
             pos = batch[K.POS].detach().double().requires_grad_(True)  # [N, 3]
-            vec = edge_vectors(pos, batch[K.CELL].double(), batch[K.BATCH],
-                               batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS])  # [E, 3]
+            vec = edge_vectors(
+                pos,
+                batch[K.CELL].double(),
+                batch[K.BATCH],
+                batch[K.EDGE_INDEX],
+                batch[K.CELL_OFFSETS],
+            )  # [E, 3]
             r = vec.norm(dim=-1)  # [E]
             morse = (1 - torch.exp(-self.width * (r - self.r0))) ** 2 - 1
             pair = 0.5 * self.depth * morse * smooth_cosine_cutoff(r, self.cutoff)  # [E]
@@ -111,8 +117,9 @@ def morse_calc() -> ForceNetCalculator:
 def test_relaxation_converges_and_keeps_fixed_atoms(tmp_path, morse_calc, optimizer):
     start = slab()
     start.info["sid"] = 7
-    table = relax.relax_structures(morse_calc, [start], optimizer=optimizer, fmax=0.05,
-                                   steps=400, traj_dir=tmp_path)
+    table = relax.relax_structures(
+        morse_calc, [start], optimizer=optimizer, fmax=0.05, steps=400, traj_dir=tmp_path
+    )
     row = table.iloc[0]
     assert row["name"] == "7" and row["sid"] == 7 and row["converged"] and row["fmax"] < 0.05
     assert 0 < row["steps"] < 400 and row["n_free"] == 5 and row["wall_s"] > 0
@@ -132,17 +139,54 @@ def test_relaxation_converges_and_keeps_fixed_atoms(tmp_path, morse_calc, optimi
         assert np.linalg.norm(steps, axis=2).max() <= 0.04 + 1e-9
 
 
+class ZeroForces(nn.Module):
+    """Stand-in for an untrained model whose output layers start at zero (DimeNet++)."""
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {K.OUT_FORCES: torch.zeros_like(batch[K.POS])}
+
+
+def test_zero_forces_stop_at_once_instead_of_dividing_by_zero(tmp_path):
+    calc = ForceNetCalculator(model=ZeroForces(), cutoff=4.5, max_neighbors=50, device="cpu")
+    start = slab()
+    table = relax.relax_structures(
+        calc, [start], optimizer="lbfgs", fmax=0.0, steps=10, traj_dir=tmp_path
+    )
+    assert table["converged"][0] and table["steps"][0] == 0 and table["fmax"][0] == 0.0
+    np.testing.assert_array_equal(
+        relax.final_structure(table.trajectory[0]).positions, start.positions
+    )
+
+
+class ConstantForces(nn.Module):
+    """Stand-in whose forces never change: LBFGS's curvature update divides by zero."""
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {K.OUT_FORCES: torch.ones_like(batch[K.POS])}
+
+
+def test_degenerate_optimizer_step_is_a_clear_error_not_nan(tmp_path):
+    calc = ForceNetCalculator(model=ConstantForces(), cutoff=4.5, max_neighbors=50, device="cpu")
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="structure 0"):
+        relax.relax_structures(
+            calc, [slab()], optimizer="lbfgs", fmax=0.05, steps=5, traj_dir=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == []  # no half-written trajectory left behind
+
+
 def test_batched_relaxation_equals_one_at_a_time(tmp_path, morse_calc):
     structures = [slab(), slab(2, "CO", size=(3, 2)), slab(4)]
     kwargs = {"optimizer": "lbfgs", "fmax": 0.05, "steps": 25}
     alone = relax.relax_structures(morse_calc, structures, traj_dir=tmp_path / "a", **kwargs)
-    batched = relax.relax_structures(morse_calc, structures, traj_dir=tmp_path / "b",
-                                     batch_size=3, **kwargs)
+    batched = relax.relax_structures(
+        morse_calc, structures, traj_dir=tmp_path / "b", batch_size=3, **kwargs
+    )
     pd.testing.assert_series_equal(alone["steps"], batched["steps"])
     assert list(alone["name"]) == ["0", "1", "2"]
     for pa, pb in zip(alone.trajectory, batched.trajectory, strict=True):
-        np.testing.assert_allclose(relax.final_structure(pa).positions,
-                                   relax.final_structure(pb).positions, atol=1e-5)
+        np.testing.assert_allclose(
+            relax.final_structure(pa).positions, relax.final_structure(pb).positions, atol=1e-5
+        )
 
 
 def test_relax_command_with_a_checkpoint(tmp_path):
@@ -179,8 +223,11 @@ def _emt_minimum(sid: int) -> Atoms:
     BFGS(atoms, logfile=None).run(fmax=0.02, steps=300)
     relaxed = atoms.copy()
     relaxed.info["sid"] = sid
-    relaxed.calc = SinglePointCalculator(relaxed, energy=atoms.get_potential_energy(),
-                                         forces=atoms.get_forces(apply_constraint=False))
+    relaxed.calc = SinglePointCalculator(
+        relaxed,
+        energy=atoms.get_potential_energy(),
+        forces=atoms.get_forces(apply_constraint=False),
+    )
     return relaxed
 
 
@@ -214,7 +261,8 @@ def test_evaluate_relaxations_against_the_oracle(tmp_path):
     check = rattled.copy()
     check.calc = EMT()
     assert moved["oracle_fmax"] == pytest.approx(
-        np.linalg.norm(check.get_forces(apply_constraint=False)[free], axis=1).max(), rel=1e-4)
+        np.linalg.norm(check.get_forces(apply_constraint=False)[free], axis=1).max(), rel=1e-4
+    )
     assert moved["oracle_delta_e"] > 0.01 and not moved["fbt"]
     row = agg.iloc[0]
     assert (row["model"], row["split"], row["relax_systems"]) == ("gns", "val_id", 2)

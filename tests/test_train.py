@@ -175,7 +175,7 @@ def test_train_step_learns_one_batch(samples):
     free = ~batch[K.FIXED]
     with torch.no_grad():
         err = (model(batch)[K.OUT_FORCES] - batch[K.FORCES])[free].square().mean()
-    assert float(err) < 0.95 * float(batch[K.FORCES][free].square().mean())
+    assert float(err) < 0.97 * float(batch[K.FORCES][free].square().mean())
 
 
 def train_step_loss(model, batch, opt, loss_fn) -> float:

@@ -39,7 +39,7 @@ not on the number of workers.
 Outputs: ``out_dir/<split>/<k>.extxyz.xz`` + ``<k>.txt.xz`` (the raw OC20 layout, see
 :mod:`forcenet.data.raw`), ``out_dir/systems.csv`` (one row per system), and
 ``out_dir/report.json`` (the returned report). With ``is2rs_dir``, the first
-``2 * is2rs_systems`` systems of each validation split are candidates for relaxation
+``3 * is2rs_systems`` systems of each validation split are candidates for relaxation
 benchmarking: their relaxation is continued to ``is2rs_fmax`` and the first
 ``is2rs_systems`` that converge without a structural problem are kept.
 ``is2rs_dir/<split>_initial.extxyz`` holds their starting placements (the first S2EF
@@ -101,7 +101,7 @@ IS2RS_MAX_STEPS = 500
 MD_STRIDE = 5  # MD steps (1 fs each) between sampled frames
 MD_FRICTION = 0.01 / units.fs
 SID_STRIDE = 1_000_000
-IS2RS_CANDIDATES = 2  # candidate systems per requested IS2RS system
+IS2RS_CANDIDATES = 3  # candidate systems per requested IS2RS system
 
 #: split -> (adsorbate pool, catalyst pool)
 SPLIT_POOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -405,8 +405,10 @@ def _check_args(n_systems: Mapping[str, int], counts: dict[str, int]) -> None:
     if unknown:
         raise ValueError(f"n_systems: unknown split(s) {sorted(unknown)}; known: {K.SPLITS}")
     for name, value in {**{f"n_systems.{k}": v for k, v in n_systems.items()}, **counts}.items():
-        if int(value) != value or value < 0:
+        if not isinstance(value, int | np.integer) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if any(v >= SID_STRIDE for v in n_systems.values()):
+        raise ValueError(f"n_systems: at most {SID_STRIDE - 1} systems per split")
     for name in ("frames_per_system", "workers", "shard_size", "relax_steps"):
         if counts[name] < 1:
             raise ValueError(f"{name} must be at least 1, got {counts[name]}")
@@ -430,15 +432,15 @@ def generate_emt(
     *,
     seed: int,
     n_systems: Mapping[str, int],
-    frames_per_system: int = 8,
-    md_frames_per_system: int = 4,
-    relax_steps: int = 60,
+    frames_per_system: int = 14,
+    md_frames_per_system: int = 6,
+    relax_steps: int = 40,
     md_temperature_K: float = 600.0,
     max_force: float = 15.0,
     workers: int = 2,
     shard_size: int = 5000,
     is2rs_dir: Path | None = None,
-    is2rs_systems: int = 10,
+    is2rs_systems: int = 8,
     is2rs_fmax: float = 0.02,
 ) -> dict:
     """Generate the EMT dataset into ``out_dir`` (replaced as a whole); returns the report.
@@ -451,9 +453,9 @@ def generate_emt(
     report holds per-split system/frame counts, rejected frames by reason, IS2RS counts,
     wall time and frames per second.
     """
-    counts = {"frames_per_system": frames_per_system, "md_frames_per_system": md_frames_per_system,
-              "relax_steps": relax_steps, "workers": workers, "shard_size": shard_size,
-              "is2rs_systems": is2rs_systems}
+    counts = {"seed": seed, "frames_per_system": frames_per_system,
+              "md_frames_per_system": md_frames_per_system, "relax_steps": relax_steps,
+              "workers": workers, "shard_size": shard_size, "is2rs_systems": is2rs_systems}
     _check_args(n_systems, counts)
     settings = _Settings(seed=int(seed), frames_per_system=frames_per_system,
                          md_frames_per_system=md_frames_per_system, relax_steps=relax_steps,
@@ -466,16 +468,11 @@ def generate_emt(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with _mapper(workers) as pmap:
-            keys = list(dict.fromkeys((s.catalyst, s.facet) for s in specs))
-            slabs = dict(zip(keys, pmap(_call_slab, [(settings.seed, *k) for k in keys]),
-                             strict=True))
-            jobs = [(s, *slabs[(s.catalyst, s.facet)], settings) for s in specs]
-            results = tqdm(pmap(_call_system, jobs), total=len(jobs), desc="emt systems",
-                           unit="system")
+            results = _simulate(pmap, specs, settings)
             report, rows, is2rs = _collect(results, tmp, shard_size, is2rs_systems)
-        _atomic_text(tmp / "systems.csv", _csv(rows))
         report["seed"] = settings.seed
         report["frames"] = sum(e["frames"] for e in report["splits"].values())
+        _atomic_text(tmp / "systems.csv", _csv(rows))
         # report.json holds only seed-determined numbers, so the output stays reproducible.
         _atomic_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         if is2rs_dir is not None:
@@ -489,6 +486,14 @@ def generate_emt(
     report.update(workers=workers, seconds=round(seconds, 2),
                   frames_per_second=round(report["frames"] / max(seconds, 1e-9), 2))
     return report
+
+
+def _simulate(pmap: Callable, specs: list[SystemSpec], settings: _Settings) -> Iterable:
+    """Relax every clean slab the systems need, then run the systems; results in order."""
+    keys = list(dict.fromkeys((s.catalyst, s.facet) for s in specs))
+    slabs = dict(zip(keys, pmap(_call_slab, [(settings.seed, *k) for k in keys]), strict=True))
+    jobs = [(s, *slabs[(s.catalyst, s.facet)], settings) for s in specs]
+    return tqdm(pmap(_call_system, jobs), total=len(jobs), desc="emt systems", unit="system")
 
 
 def _collect(results: Iterable[SystemResult], tmp: Path, shard_size: int, is2rs_systems: int):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,11 +161,14 @@ class ConditionalFilter(nn.Module):
     The first Linear(3H -> H) is applied slice by slice (see module docstring).
     """
 
+    #: Node-embedding slices of the first Linear's input (h_j, h_i).
+    node_slices = 2
+
     def __init__(self, hidden: int, basis_features: int, depth: int, act: ActivationName):
         super().__init__()
         self.hidden = hidden
         self.lin_basis = nn.Linear(basis_features, hidden)
-        self.first = nn.Linear(3 * hidden, hidden)
+        self.first = nn.Linear((1 + self.node_slices) * hidden, hidden)
         self.tail = _edge_tail(hidden, depth, act)
 
     def first_layer(self, basis: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
@@ -186,9 +190,7 @@ class ConditionalFilter(nn.Module):
 class EdgeOnlyFilter(ConditionalFilter):
     """W_ij = MLP_edge(Linear_basis(b_ij)) * w(d_ij): the ``nocond`` ablation."""
 
-    def __init__(self, hidden: int, basis_features: int, depth: int, act: ActivationName):
-        super().__init__(hidden, basis_features, depth, act)
-        self.first = nn.Linear(hidden, hidden)
+    node_slices = 0
 
     def first_layer(self, basis: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
         w = self.first.weight @ self.lin_basis.weight  # [H, B]
@@ -456,13 +458,12 @@ class ForceNet(nn.Module):
 
 def _supported(feat: FeatName, ablation: AblationName) -> Tensor:
     """Bool [101]: elements this configuration has data for (Z = 0 never)."""
-    ok = torch.ones(elements.MAX_Z + 1, dtype=torch.bool)
-    ok[0] = False
+    ok = np.arange(elements.MAX_Z + 1) > 0
     if feat == "full":
-        ok &= torch.from_numpy(elements.feature_support())
+        ok &= elements.feature_support()
     if ablation != "nodistlist":
-        ok &= torch.from_numpy(elements.radius_support())
-    return ok
+        ok &= elements.radius_support()
+    return torch.from_numpy(ok)
 
 
 def _check_args(args: dict) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch_geometric.nn.models.schnet import GaussianSmearing, InteractionBlock, ShiftedSoftplus
 
 from forcenet.data import keys as K
-from forcenet.geometry import edge_vectors, gradient_forces
+from forcenet.geometry import edge_vectors, gradient_forces, smooth_cosine_cutoff
 
 #: Embedding table size (atomic numbers 1..99; OC20 stops at 83).
 MAX_ATOMIC_NUMBER = 99
@@ -33,6 +33,35 @@ def check_atomic_numbers(z: Tensor, max_z: int, model: str) -> None:
         raise ValueError(
             f"{model}: atomic numbers must be in 1..{max_z}, got {int(z.min())}..{int(z.max())}"
         )
+
+
+def undirected_pairs(
+    edge_index: Tensor, cell_offsets: Tensor, num_nodes: int
+) -> tuple[Tensor, Tensor]:
+    """Group the directed edges into unordered pairs {(j -> i, n), (i -> j, -n)}.
+
+    ``edge_index`` [2, E], integer-valued ``cell_offsets`` [E, 3] (any dtype). Returns
+    ``rep`` [P] (the lowest edge id of each pair, a representative) and ``inverse`` [E]
+    (the pair of each edge), so a per-pair quantity ``q`` [P] is ``q[inverse]`` per edge.
+    An edge whose reverse is missing (neighbor truncation) forms a pair on its own.
+    """
+    src, dst = edge_index[0], edge_index[1]  # [E]
+    off = cell_offsets.round().to(torch.int64)  # [E, 3]
+    # canonical orientation: lower atom first; for an atom's own image, the offset whose
+    # first non-zero component is positive
+    sign = torch.sign(off[:, 0]) * 4 + torch.sign(off[:, 1]) * 2 + torch.sign(off[:, 2])
+    flip = (src > dst) | ((src == dst) & (sign < 0))  # [E]
+    a, b = torch.where(flip, dst, src), torch.where(flip, src, dst)
+    off = torch.where(flip.unsqueeze(-1), -off, off)
+    span = 2 * int(off.abs().max()) + 1 if off.numel() else 1
+    code = ((off[:, 0] + span // 2) * span + off[:, 1] + span // 2) * span + off[:, 2] + span // 2
+    key = (a * num_nodes + b) * span**3 + code  # [E] unique per unordered pair
+    _, inverse = torch.unique(key, return_inverse=True)  # [E]
+    edge_ids = torch.arange(src.numel(), device=src.device)
+    n_pairs = int(inverse.max()) + 1 if inverse.numel() else 0
+    rep = torch.full((n_pairs,), src.numel(), dtype=torch.int64, device=src.device)
+    rep = rep.scatter_reduce(0, inverse, edge_ids, reduce="amin")  # [P]
+    return rep, inverse
 
 
 class SchNet(nn.Module):
@@ -96,13 +125,20 @@ class SchNet(nn.Module):
         """Referenced energy [G] (eV) as a differentiable function of ``pos`` [N, 3]."""
         z = batch[K.ATOMIC_NUMBERS]  # [N]
         check_atomic_numbers(z, MAX_ATOMIC_NUMBER, "SchNet")
-        edge_index = batch[K.EDGE_INDEX]  # [2, E]
-        vec = edge_vectors(pos, batch[K.CELL], batch[K.BATCH], edge_index, batch[K.CELL_OFFSETS])
-        dist = vec.norm(dim=-1)  # [E]
-        rbf = self.distance_expansion(dist)  # [E, num_gaussians]
+        edge_index, offsets = batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS]
+        # Filters depend on the distance only, so each undirected pair (both directions
+        # of an edge) is expanded once: about half the work of the filter networks.
+        rep, inverse = undirected_pairs(edge_index, offsets, z.shape[0])  # [P], [E]
+        vec = edge_vectors(pos, batch[K.CELL], batch[K.BATCH], edge_index[:, rep], offsets[rep])
+        dist = vec.norm(dim=-1)  # [P]
+        rbf = self.distance_expansion(dist)  # [P, num_gaussians]
+        envelope = smooth_cosine_cutoff(dist, self.cutoff).unsqueeze(-1)  # [P, 1]
         h = self.embedding(z)  # [N, hidden]
         for block in self.interactions:
-            h = h + block(h, edge_index, dist, rbf)
+            # PyG's InteractionBlock/CFConv forward, with the filter computed per pair
+            filt = (block.mlp(rbf) * envelope)[inverse]  # [E, num_filters]
+            x = block.conv.propagate(edge_index, x=block.conv.lin1(h), W=filt)  # [N, filters]
+            h = h + block.lin(block.act(block.conv.lin2(x)))
         atomic = self.lin2(self.act(self.lin1(h))).squeeze(-1)  # [N]
         n_graphs = batch[K.NATOMS].shape[0]
         return atomic.new_zeros(n_graphs).index_add(0, batch[K.BATCH], atomic)  # [G]

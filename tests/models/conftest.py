@@ -53,7 +53,8 @@ TINY_KWARGS: dict[str, dict] = {
         "num_radial": 4,
         "cutoff": CUTOFF,
     },
-    "gns": {"hidden_channels": 16, "num_interactions": 2, "cutoff": CUTOFF},
+    # width 32: at 16, GNS needs many more Adam steps to overfit a batch
+    "gns": {"hidden_channels": 32, "num_interactions": 2, "cutoff": CUTOFF},
 }
 
 #: Models under test: every registered model (each must have tiny kwargs above).
@@ -163,13 +164,14 @@ def make_slab(
 
 
 def tiny_slabs() -> list[dict[str, np.ndarray]]:
-    """Four small slab records (10-14 atoms): Cu/Pt/Ni/Pd with O, CO, H, NO; small 2x2 cells,
-    so atoms see their own periodic images within the cutoff."""
+    """Five small slab records (9-13 atoms): Cu/Pt/Ni/Pd/Ag with O, CO, H, NO, N; 3 or 2
+    layers; small 2x2 cells, so atoms see their own periodic images within the cutoff."""
     return [
         make_slab("Cu", "O", layers=3, seed=1, pbc_z=True),
         make_slab("Pt", "CO", layers=2, seed=2, pbc_z=False),
         make_slab("Ni", "H", layers=3, seed=3, pbc_z=True),
         make_slab("Pd", "NO", layers=2, seed=4, pbc_z=True),
+        make_slab("Ag", "N", layers=2, seed=5, pbc_z=True),
     ]
 
 

@@ -43,12 +43,12 @@ def _reference_param_count(h: int, d: int, blocks: int, f: int, n_sh: int) -> in
 
 
 def test_paper_config_parameter_count() -> None:
-    model = ForceNet()
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model, with_energy = ForceNet(), ForceNet(energy_head=True)
     n = sum(p.numel() for p in model.parameters())
     assert n == _reference_param_count(512, 512, 5, 50, 9)
     assert abs(n - 11.36e6) / 11.36e6 < 0.02
-    with_energy = sum(p.numel() for p in ForceNet(energy_head=True).parameters())
-    assert with_energy == n + 512 + 1
+    assert sum(p.numel() for p in with_energy.parameters()) == n + 512 + 1
 
 
 @pytest.mark.parametrize("filter_cls", [ConditionalFilter, EdgeOnlyFilter])

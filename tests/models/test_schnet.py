@@ -16,7 +16,7 @@ from torch_geometric.nn.models import SchNet as PygSchNet
 
 from forcenet.data import keys as K
 from forcenet.geometry import edge_vectors, random_rotation
-from forcenet.models.schnet import SchNet
+from forcenet.models.schnet import SchNet, undirected_pairs
 
 F64 = {"rtol": 1e-8, "atol": 1e-10}
 
@@ -159,3 +159,26 @@ def test_rejects_atomic_numbers_outside_the_table():
     bad = dict(batch, atomic_numbers=batch[K.ATOMIC_NUMBERS].clone().fill_(118))
     with pytest.raises(ValueError, match="SchNet: atomic numbers must be in 1..99"):
         model(bad)
+
+
+def test_undirected_pairs_join_each_edge_with_its_reverse():
+    """Pairs hold an edge and its reverse (atoms swapped, offset negated), self images too."""
+    batch = _batch([_bulk_pair(11), _slab(12)], torch.float32)
+    edge_index, offsets = batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS]
+    order = torch.randperm(edge_index.shape[1], generator=torch.Generator().manual_seed(0))
+    edge_index, offsets = edge_index[:, order], offsets[order]  # any edge order works
+    rep, inverse = undirected_pairs(edge_index, offsets, batch[K.POS].shape[0])
+    assert rep.numel() * 2 == edge_index.shape[1]  # symmetric graph: every edge has a twin
+    assert torch.equal(inverse[rep], torch.arange(rep.numel()))
+    src, dst = edge_index
+    twin = torch.full_like(inverse, -1)
+    for e in range(inverse.numel()):  # the other member of e's pair
+        members = (inverse == inverse[e]).nonzero().flatten().tolist()
+        assert len(members) == 2
+        twin[e] = members[0] if members[1] == e else members[1]
+    assert torch.equal(src[twin], dst) and torch.equal(dst[twin], src)
+    assert torch.equal(offsets[twin], -offsets)
+    assert bool((src == dst).any())  # the 2-atom cell has edges to an atom's own images
+    # a truncated graph (one direction dropped) keeps the lone edge as its own pair
+    rep1, inverse1 = undirected_pairs(edge_index[:, 1:], offsets[1:], batch[K.POS].shape[0])
+    assert rep1.numel() == rep.numel() and int(torch.bincount(inverse1).min()) == 1

@@ -1,0 +1,98 @@
+"""Pipeline stages that combine library pieces: training and evaluation with tracking.
+
+Each function is what one DVC stage runs (through the CLI): it reads params.yaml, calls
+the library and records the run in MLflow (rank 0 only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from forcenet import config, tracking
+
+
+def train_model(
+    name: str, *, params_path: Path, frames: Path, graphs: Path, out: Path, resume: bool
+) -> Path:
+    """Train model ``name`` on ``frames/train`` (+ ``graphs/train``); checkpoints in ``out``."""
+    from forcenet.train import fit
+
+    params = config.load_yaml(params_path)
+    cfg = config.train_config(params, name)
+    kwargs = config.model_kwargs(params, name)
+    snapshot = _snapshot(params, name)
+    run = tracking.start_training_run(model=name, params=snapshot, out_dir=out)
+    try:
+        best = fit(
+            cfg,
+            name,
+            kwargs,
+            train_dir=frames / "train",
+            graphs_dir=graphs / "train",
+            out_dir=out,
+            graph=config.graph_settings(params),
+            resume=resume,
+            params_snapshot=snapshot,
+            on_epoch_end=lambda epoch, metrics: tracking.log_epoch(run, epoch, metrics),
+        )
+    except BaseException:
+        tracking.finish_run(run, status="FAILED")
+        raise
+    tracking.finish_run(run)
+    return best
+
+
+def _snapshot(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The params this model's run depends on (logged to MLflow, stored in checkpoints)."""
+    train = config.section(params, "train")
+    return {
+        "model": {name: config.model_kwargs(params, name)},
+        "train": {**{k: train[k] for k in config.SHARED_TRAIN_KEYS if k in train},
+                  name: dict(train[name])},  # fmt: skip
+        "graph": config.graph_settings(params),
+        "data": {"source": config.section(params, "data.source")},
+    }
+
+
+def evaluate_model(
+    checkpoint: Path,
+    inputs: Sequence[Path],
+    *,
+    out: Path,
+    graphs: Path | None,
+    predictions: Path | None,
+    metrics_json: Path | None,
+    batch_size: int,
+    device: str | None,
+    track: bool,
+):
+    """Evaluate a checkpoint and attach the results to its training run in MLflow."""
+    from forcenet.checkpoint import load_checkpoint
+    from forcenet.evaluate import evaluate_checkpoint
+
+    name = load_checkpoint(checkpoint)["model_name"]
+    run = None
+    if track:
+        run = tracking.attach_run(model=name, run_id=tracking.read_run_id(checkpoint.parent))
+    try:
+        table = evaluate_checkpoint(
+            checkpoint,
+            inputs,
+            out=out,
+            batch_size=batch_size,
+            device=device,
+            graphs=graphs,
+            predictions_out=predictions,
+            metrics_json=metrics_json,
+            run_id=run.run_id if run else None,
+        )
+        tracking.log_split_metrics(run, table)
+        artifacts = [p for p in (out, predictions, checkpoint) if p is not None]
+        tracking.log_artifacts(run, artifacts, artifact_path="evaluation")
+    except BaseException:
+        tracking.finish_run(run, status="FAILED")
+        raise
+    tracking.finish_run(run)
+    return table
