@@ -199,7 +199,9 @@ def _batch_stats(args: argparse.Namespace) -> dict:
     natoms = [len(s[K.ATOMIC_NUMBERS]) for s in samples]
     edges = sum(s[K.EDGE_INDEX].shape[1] for s in samples)
     return {
-        "source": f"lmdb {args.frames}" if args.frames else "synthetic EMT slabs (ase fcc111 3x3x3)",
+        "source": f"lmdb {args.frames}"
+        if args.frames
+        else "synthetic EMT slabs (ase fcc111 3x3x3)",
         "batch_size": BATCH_SIZE,
         "atoms_per_graph_mean": float(np.mean(natoms)),
         "edges_per_atom_mean": edges / sum(natoms),

@@ -297,6 +297,63 @@ def report(
     typer.echo((out / "results.md").read_text())
 
 
+# ----------------------------------------------------------------------- relax
+
+
+@app.command()
+def relax(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="ASE-readable files of structures.")],
+    out: Annotated[Path, typer.Option(help="Folder for trajectories and summary.parquet.")],
+    optimizer: Annotated[str, typer.Option(help="lbfgs or fire.")] = "lbfgs",
+    fmax: Annotated[float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")] = 0.05,
+    steps: Annotated[int, typer.Option(help="Maximum optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Structures relaxed together per forward.")] = 1,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
+) -> None:
+    """Relax structures with a trained model (fixed atoms stay put); writes trajectories
+    and a Parquet summary (steps, final max force, converged, wall time)."""
+    from forcenet.relax import relax_command
+
+    summary = relax_command(
+        checkpoint, inputs, out, _optimizer(optimizer), fmax, steps, batch_size=batch_size,
+        device=device,
+    )  # fmt: skip
+    typer.echo(summary.to_string(index=False))
+
+
+@app.command("relax-oracle")
+def relax_oracle(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
+    is2rs: Annotated[Path, typer.Argument(help="Folder of <split>_initial/_relaxed.extxyz.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    params: ParamsOpt = Path("params.yaml"),
+    table: Annotated[
+        Path | None, typer.Option(help="Also write the aggregates as a long Parquet table.")
+    ] = None,
+    metrics_json: Annotated[
+        Path | None, typer.Option(help="Also write the aggregates as JSON for DVC.")
+    ] = None,
+    track: Annotated[bool, typer.Option(help="Log to the checkpoint's MLflow run.")] = True,
+) -> None:
+    """Relax the embedded validation systems with the model and check every result with
+    the oracle (EMT): ADwT, FbT-oracle (oracle max force < 0.05 eV/Å) and the oracle
+    energy above the oracle's own minimum. Settings from params.yaml `relax`."""
+    from forcenet.stages import relax_against_oracle
+
+    table = relax_against_oracle(
+        checkpoint, is2rs, out=out, params_path=params, table=table, metrics_json=metrics_json,
+        track=track,
+    )  # fmt: skip
+    typer.echo(table.to_string(index=False))
+
+
+def _optimizer(name: str):
+    if name not in ("lbfgs", "fire"):
+        raise typer.BadParameter(f"--optimizer must be lbfgs or fire, got {name!r}")
+    return name
+
+
 def main() -> None:
     """Console entry point: expected failures (bad input, bad params) print one clear
     line naming the file and record instead of a traceback; set FORCENET_DEBUG=1 for it."""

@@ -199,3 +199,18 @@ def train_config(params: Mapping[str, Any], name: str):
 def graph_settings(params: Mapping[str, Any]) -> dict[str, float | int]:
     g = section(params, "graph")
     return {"cutoff": float(g["cutoff"]), "max_neighbors": int(g["max_neighbors"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaxConfig:
+    """``relax``: ML relaxations of the embedded validation systems (oracle-checked)."""
+
+    optimizer: Literal["lbfgs", "fire"]
+    fmax: float  # eV/Å, convergence on free atoms
+    steps: int  # maximum optimizer steps
+    batch_size: int  # structures relaxed together per forward pass
+    splits: tuple[str, ...]
+
+
+def load_relax_config(path: Path) -> RelaxConfig:
+    return parse(RelaxConfig, section(load_yaml(path), "relax"), "relax")

@@ -96,3 +96,42 @@ def evaluate_model(
         raise
     tracking.finish_run(run)
     return table
+
+
+def relax_against_oracle(
+    checkpoint: Path,
+    is2rs: Path,
+    *,
+    out: Path,
+    params_path: Path,
+    table: Path | None,
+    metrics_json: Path | None,
+    track: bool,
+):
+    """ML relaxations of the embedded validation systems, scored by the oracle (EMT).
+
+    Settings from params.yaml ``relax``. Writes ``out`` (trajectories, per-system table,
+    plot) and, when given, the long metrics table ``table`` and ``metrics_json``.
+    """
+    from forcenet.evaluate import write_metrics_json, write_table
+    from forcenet.relax import evaluate_relaxations, metrics_long_table
+
+    r = config.load_relax_config(params_path)
+    aggregate = evaluate_relaxations(
+        checkpoint, is2rs, r.splits, out_dir=out, fmax=r.fmax, steps=r.steps,
+        optimizer=r.optimizer, batch_size=r.batch_size,
+    )  # fmt: skip
+    run_id = tracking.read_run_id(checkpoint.parent)
+    long = metrics_long_table(aggregate, run_id) if len(aggregate) else None
+    if long is not None:
+        if table is not None:
+            write_table(long, table)
+        if metrics_json is not None:
+            write_metrics_json(long, metrics_json)
+        if track:
+            name = str(aggregate["model"].iloc[0])
+            run = tracking.attach_run(model=name, run_id=run_id, stage="relax")
+            tracking.log_split_metrics(run, long)
+            tracking.log_artifacts(run, [p for p in out.glob("*.png")], artifact_path="relax")
+            tracking.finish_run(run)
+    return aggregate

@@ -79,7 +79,13 @@ ADSORBATES: dict[str, tuple[str, tuple[tuple[float, float, float], ...]]] = {
     "*OCH3": ("OCH3", ((0, 0, 0), (0, 0, 1.43), *_umbrella((0, 0, 1.43), 1.09, 3))),
     "*CH2OH": (
         "COHHH",
-        ((0, 0, 0), _O_CH2OH, _tilted(_O_CH2OH, 0.97, 0.0), (-0.63, 0.89, 0.3), (-0.63, -0.89, 0.3)),
+        (
+            (0, 0, 0),
+            _O_CH2OH,
+            _tilted(_O_CH2OH, 0.97, 0.0),
+            (-0.63, 0.89, 0.3),
+            (-0.63, -0.89, 0.3),
+        ),
     ),
     "*CHOH": ("COHH", ((0, 0, 0), _O_CHOH, _tilted(_O_CHOH, 0.97, 0.0), (-1.0, 0, 0.45))),
     "*COOH": (

@@ -18,15 +18,18 @@ so ``energy = total - reference`` is an adsorption energy of order eV.
 Rejected frames are dropped and counted by reason:
 
 * ``max_force``: some atom's |F| exceeds ``max_force`` eV/Å (the frame alone is dropped);
-* ``desorbed``: the lowest adsorbate atom is more than :data:`~forcenet.data.adsorbates.DESORB_HEIGHT` Å above the
+* ``desorbed``: the lowest adsorbate atom is more than ``DESORB_HEIGHT`` (3 Å) above the
   initial top slab layer, or any adsorbate atom leaves the adsorbate zone
   (:data:`forcenet.data.slabs.ADSORBATE_ZONE` Å), which would eat into the vacuum;
 * ``dissociated``: a bond of the placed adsorbate stretched beyond
-  :data:`~forcenet.data.adsorbates.DISSOCIATION_FACTOR` times its covalent length;
-* ``slab_displaced``: a slab atom moved more than :data:`~forcenet.data.adsorbates.SLAB_DISPLACEMENT` Å.
+  ``DISSOCIATION_FACTOR`` (1.6) times its covalent length;
+* ``slab_displaced``: a slab atom moved more than ``SLAB_DISPLACEMENT`` (1 Å).
 
-The last three end the trajectory they occur in (what follows is the same broken
-structure); the breaking frame is the one counted.
+(thresholds in :mod:`forcenet.data.adsorbates`, :class:`StructureCheck`). The last three
+end the trajectory they occur in (what follows is the same broken structure); the
+breaking frame is the one counted. EMT is a metal potential: adsorbates with two or
+more H atoms (``*OH2``, ``*NH3``, ``*CH2OH``...) often lose an H to the metal, so
+roughly a third of the systems end in ``dissociated``; their earlier frames are kept.
 
 Splits mirror OC20 S2EF: ``train`` and ``val_id`` draw from the in-domain adsorbates and
 catalysts, ``val_ood_ads`` from the held-out adsorbates on in-domain catalysts,
@@ -38,15 +41,17 @@ not on the number of workers.
 
 Outputs: ``out_dir/<split>/<k>.extxyz.xz`` + ``<k>.txt.xz`` (the raw OC20 layout, see
 :mod:`forcenet.data.raw`), ``out_dir/systems.csv`` (one row per system), and
-``out_dir/report.json`` (the returned report). With ``is2rs_dir``, the first
-``3 * is2rs_systems`` systems of each validation split are candidates for relaxation
+``out_dir/report.json`` (the returned report without its timing fields, so that the
+output is byte-identical for a given seed). With ``is2rs_dir``, the first
+``4 * is2rs_systems`` systems of each validation split are candidates for relaxation
 benchmarking: their relaxation is continued to ``is2rs_fmax`` and the first
 ``is2rs_systems`` that converge without a structural problem are kept.
-``is2rs_dir/<split>_initial.extxyz`` holds their starting placements (the first S2EF
-frame), ``<split>_relaxed.extxyz`` the EMT-relaxed structures with energy and forces, in
-the same order, with ``sid`` (and ``reference_energy``, ``adsorbate``, ``catalyst``,
-``facet``, ``site``) in ``atoms.info``. Everything is written under temporary
-names and renamed when complete.
+``is2rs_dir/<split>_initial.extxyz`` holds their starting placements (the rattled
+structure of S2EF frame ``fid`` 0), ``<split>_relaxed.extxyz`` the EMT-relaxed structures
+with energy and forces, in the same order, with ``sid`` (and ``reference_energy``,
+``adsorbate``, ``catalyst``, ``facet``, ``site``) in ``atoms.info``. Everything is
+written under temporary names and renamed when complete. Call from a script guarded by
+``if __name__ == "__main__"``: worker processes are spawned.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ IS2RS_MAX_STEPS = 500
 MD_STRIDE = 5  # MD steps (1 fs each) between sampled frames
 MD_FRICTION = 0.01 / units.fs
 SID_STRIDE = 1_000_000
-IS2RS_CANDIDATES = 3  # candidate systems per requested IS2RS system
+IS2RS_CANDIDATES = 4  # candidate systems per requested IS2RS system (EMT often dissociates)
 
 #: split -> (adsorbate pool, catalyst pool)
 SPLIT_POOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -235,8 +240,13 @@ def _md(
 
 
 def _frames(
-    atoms: Atoms, labels: list[tuple], fids: Iterable[int], ref: float, sid: int,
-    max_force: float, rejected: Counter,
+    atoms: Atoms,
+    labels: list[tuple],
+    fids: Iterable[int],
+    ref: float,
+    sid: int,
+    max_force: float,
+    rejected: Counter,
 ) -> list[Frame]:
     """Frames of ``labels`` (with frame ids ``fids``) except those over the force cap."""
     fixed = np.zeros(len(atoms), dtype=bool)
@@ -276,8 +286,11 @@ def run_system(
     check = StructureCheck(atoms, ADSORBATE_ZONE)
     free = np.flatnonzero(atoms.get_tags() != K.TAG_SUBSURFACE)
     atoms.positions[free] += rng.normal(0.0, RATTLE_STD, size=(len(free), 3))
-    ads_symbols = [s for s, t in zip(atoms.get_chemical_symbols(), atoms.get_tags(), strict=True)
-                   if t == K.TAG_ADSORBATE]
+    ads_symbols = [
+        s
+        for s, t in zip(atoms.get_chemical_symbols(), atoms.get_tags(), strict=True)
+        if t == K.TAG_ADSORBATE
+    ]
     ref = slab_energy + adsorbate_reference(ads_symbols)
     result = SystemResult(spec=spec, reference_energy=ref, frames=[])
     initial = atoms.copy()
@@ -293,8 +306,9 @@ def run_system(
     # Evenly along the trajectory, first (rattled, high-force) and last frame included.
     picks = np.unique(np.linspace(0, len(labels) - 1, settings.frames_per_system).round())
     picks = picks.astype(int)
-    result.frames = _frames(atoms, [labels[p] for p in picks], picks, ref, spec.sid,
-                            settings.max_force, result.rejected)
+    result.frames = _frames(
+        atoms, [labels[p] for p in picks], picks, ref, spec.sid, settings.max_force, result.rejected
+    )
     if problem:
         return result
     end = atoms.copy()
@@ -304,20 +318,32 @@ def run_system(
         result.rejected[md_problem] += 1
     # MD frame k (0-based) is MD step (k + 1) * MD_STRIDE after the last relaxation frame.
     fids = [len(labels) - 1 + MD_STRIDE * (k + 1) for k in range(len(md_labels))]
-    result.frames += _frames(atoms, md_labels, fids, ref, spec.sid, settings.max_force,
-                             result.rejected)
+    result.frames += _frames(
+        atoms, md_labels, fids, ref, spec.sid, settings.max_force, result.rejected
+    )
     if spec.is2rs:
         _is2rs(result, initial, atoms, opt, check, settings.is2rs_fmax)
     return result
 
 
-def _is2rs(result: SystemResult, initial: Atoms, atoms: Atoms, opt: BFGS, check: StructureCheck,
-           fmax: float) -> None:
+def _is2rs(
+    result: SystemResult,
+    initial: Atoms,
+    atoms: Atoms,
+    opt: BFGS,
+    check: StructureCheck,
+    fmax: float,
+) -> None:
     """Continue the relaxation to ``fmax``; store initial and relaxed structures if it works."""
     labels, problem, converged = _optimize(atoms, opt, check, fmax, IS2RS_MAX_STEPS)
-    info = {"sid": result.spec.sid, "reference_energy": result.reference_energy,
-            "adsorbate": result.spec.adsorbate, "catalyst": result.spec.catalyst,
-            "facet": result.spec.facet, "site": result.spec.site}
+    info = {
+        "sid": result.spec.sid,
+        "reference_energy": result.reference_energy,
+        "adsorbate": result.spec.adsorbate,
+        "catalyst": result.spec.catalyst,
+        "facet": result.spec.facet,
+        "site": result.spec.site,
+    }
     if problem or not converged:
         result.is2rs_problem = problem or "not_converged"
         return
@@ -415,16 +441,36 @@ def _check_args(n_systems: Mapping[str, int], counts: dict[str, int]) -> None:
 
 
 #: Columns of ``systems.csv``.
-SYSTEM_FIELDS = ("sid", "split", "index", "adsorbate", "catalyst", "facet", "site",
-                 "reference_energy", "relax_steps", "frames", "natoms")
+SYSTEM_FIELDS = (
+    "sid",
+    "split",
+    "index",
+    "adsorbate",
+    "catalyst",
+    "facet",
+    "site",
+    "reference_energy",
+    "relax_steps",
+    "frames",
+    "natoms",
+)
 
 
 def _summary_row(r: SystemResult) -> dict:
     s = r.spec
-    return {"sid": s.sid, "split": s.split, "index": s.index, "adsorbate": s.adsorbate,
-            "catalyst": s.catalyst, "facet": s.facet, "site": s.site,
-            "reference_energy": repr(r.reference_energy), "relax_steps": r.relax_length,
-            "frames": len(r.frames), "natoms": r.frames[0].natoms if r.frames else ""}
+    return {
+        "sid": s.sid,
+        "split": s.split,
+        "index": s.index,
+        "adsorbate": s.adsorbate,
+        "catalyst": s.catalyst,
+        "facet": s.facet,
+        "site": s.site,
+        "reference_energy": repr(r.reference_energy),
+        "relax_steps": r.relax_length,
+        "frames": len(r.frames),
+        "natoms": r.frames[0].natoms if r.frames else "",
+    }
 
 
 def generate_emt(
@@ -453,14 +499,25 @@ def generate_emt(
     report holds per-split system/frame counts, rejected frames by reason, IS2RS counts,
     wall time and frames per second.
     """
-    counts = {"seed": seed, "frames_per_system": frames_per_system,
-              "md_frames_per_system": md_frames_per_system, "relax_steps": relax_steps,
-              "workers": workers, "shard_size": shard_size, "is2rs_systems": is2rs_systems}
+    counts = {
+        "seed": seed,
+        "frames_per_system": frames_per_system,
+        "md_frames_per_system": md_frames_per_system,
+        "relax_steps": relax_steps,
+        "workers": workers,
+        "shard_size": shard_size,
+        "is2rs_systems": is2rs_systems,
+    }
     _check_args(n_systems, counts)
-    settings = _Settings(seed=int(seed), frames_per_system=frames_per_system,
-                         md_frames_per_system=md_frames_per_system, relax_steps=relax_steps,
-                         md_temperature_K=float(md_temperature_K), max_force=float(max_force),
-                         is2rs_fmax=float(is2rs_fmax))
+    settings = _Settings(
+        seed=int(seed),
+        frames_per_system=frames_per_system,
+        md_frames_per_system=md_frames_per_system,
+        relax_steps=relax_steps,
+        md_temperature_K=float(md_temperature_K),
+        max_force=float(max_force),
+        is2rs_fmax=float(is2rs_fmax),
+    )
     start = time.perf_counter()
     specs = plan_systems(settings.seed, n_systems, is2rs_systems if is2rs_dir else 0)
     out_dir = Path(out_dir)
@@ -483,8 +540,11 @@ def generate_emt(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
-    report.update(workers=workers, seconds=round(seconds, 2),
-                  frames_per_second=round(report["frames"] / max(seconds, 1e-9), 2))
+    report.update(
+        workers=workers,
+        seconds=round(seconds, 2),
+        frames_per_second=round(report["frames"] / max(seconds, 1e-9), 2),
+    )
     return report
 
 
@@ -506,9 +566,14 @@ def _collect(results: Iterable[SystemResult], tmp: Path, shard_size: int, is2rs_
         split = r.spec.split
         if split not in writers:
             writers[split] = _SplitWriter(tmp / split, shard_size)
-            report["splits"][split] = {"systems": 0, "frames": 0, "atoms": 0,
-                                       "rejected": Counter(), "is2rs": 0,
-                                       "is2rs_rejected": Counter()}
+            report["splits"][split] = {
+                "systems": 0,
+                "frames": 0,
+                "atoms": 0,
+                "rejected": Counter(),
+                "is2rs": 0,
+                "is2rs_rejected": Counter(),
+            }
         entry = report["splits"][split]
         writers[split].add(r.frames)
         entry["systems"] += 1

@@ -13,28 +13,17 @@ from typing import Any
 
 from torch import nn
 
+from forcenet.models.dimenetpp import DimeNetPlusPlus
+from forcenet.models.forcenet import ForceNet
 from forcenet.models.gns import GNS
+from forcenet.models.schnet import SchNet
 
-# TEMPORARY guard while the other model files are being written; replaced by plain imports.
-MODELS: dict[str, type[nn.Module]] = {"gns": GNS}
-try:
-    from forcenet.models.forcenet import ForceNet
-
-    MODELS["forcenet"] = ForceNet
-except ImportError:
-    pass
-try:
-    from forcenet.models.schnet import SchNet
-
-    MODELS["schnet"] = SchNet
-except ImportError:
-    pass
-try:
-    from forcenet.models.dimenetpp import DimeNetPlusPlus
-
-    MODELS["dimenetpp"] = DimeNetPlusPlus
-except ImportError:
-    pass
+MODELS: dict[str, type[nn.Module]] = {
+    "forcenet": ForceNet,
+    "schnet": SchNet,
+    "dimenetpp": DimeNetPlusPlus,
+    "gns": GNS,
+}
 
 
 class ModelConfigError(ValueError):
@@ -66,4 +55,13 @@ def _model_class(name: str) -> type[nn.Module]:
     return MODELS[name]
 
 
-__all__ = ["MODELS", "ModelConfigError", "build_model", "model_kwargs"]
+__all__ = [
+    "GNS",
+    "MODELS",
+    "DimeNetPlusPlus",
+    "ForceNet",
+    "ModelConfigError",
+    "SchNet",
+    "build_model",
+    "model_kwargs",
+]

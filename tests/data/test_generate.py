@@ -133,8 +133,9 @@ def test_oc20_conventions(dataset):
             assert f.fixed.any() and (f.tags == K.TAG_SURFACE).any()
             n_ads = len(adsorbate_atoms(system["adsorbate"]))
             assert np.sum(f.tags == K.TAG_ADSORBATE) == n_ads
-            assert np.array_equal(np.flatnonzero(f.tags == K.TAG_ADSORBATE),
-                                  np.arange(f.natoms - n_ads, f.natoms))
+            assert np.array_equal(
+                np.flatnonzero(f.tags == K.TAG_ADSORBATE), np.arange(f.natoms - n_ads, f.natoms)
+            )
             assert f.pbc.all()
             assert np.allclose(f.cell[2, :2], 0) and np.allclose(f.cell[:2, 2], 0)
             assert f.cell[2, 2] - np.ptp(f.pos[:, 2]) >= VACUUM
@@ -191,8 +192,15 @@ def test_reference_energy_is_clean_slab_plus_gas_references(first_system):
     refs = gas_references()
     # OC20 scheme: the C and O references add up to the CO molecule, H2O = 2 H + O.
     assert refs["C"] + refs["O"] == pytest.approx(adsorbate_reference(["C", "O"]))
-    settings = _Settings(seed=3, frames_per_system=2, md_frames_per_system=1, relax_steps=3,
-                         md_temperature_K=300.0, max_force=100.0, is2rs_fmax=0.05)
+    settings = _Settings(
+        seed=3,
+        frames_per_system=2,
+        md_frames_per_system=1,
+        relax_steps=3,
+        md_temperature_K=300.0,
+        max_force=100.0,
+        is2rs_fmax=0.05,
+    )
     spec, pos, e_slab = first_system
     result = run_system(spec, pos, e_slab, settings)
     symbols = adsorbate_atoms(spec.adsorbate).get_chemical_symbols()
@@ -206,8 +214,15 @@ def test_reference_energy_is_clean_slab_plus_gas_references(first_system):
 
 def test_rejected_frames_are_counted(first_system):
     spec, pos, e_slab = first_system
-    strict = _Settings(seed=3, frames_per_system=4, md_frames_per_system=2, relax_steps=6,
-                       md_temperature_K=300.0, max_force=1e-3, is2rs_fmax=0.05)
+    strict = _Settings(
+        seed=3,
+        frames_per_system=4,
+        md_frames_per_system=2,
+        relax_steps=6,
+        md_temperature_K=300.0,
+        max_force=1e-3,
+        is2rs_fmax=0.05,
+    )
     result = run_system(spec, pos, e_slab, strict)
     assert result.frames == []
     sampled = min(4, result.relax_length) + 2
@@ -267,12 +282,14 @@ def test_slabs_tags_lattice_and_alloy_composition():
 
     assert e(a) < e(a - 0.01) and e(a) < e(a + 0.01)
     assert lattice_constant("CuAu") == pytest.approx(
-        0.5 * (emt_lattice_constant("Cu") + emt_lattice_constant("Au")))
+        0.5 * (emt_lattice_constant("Cu") + emt_lattice_constant("Au"))
+    )
 
 
 def test_is2rs_files(dataset):
     out, is2rs, report = dataset
     first = {f.sid: f for fs in _frames(out).values() for f in fs if f.fid == 0}
+    assert sum(report["splits"][s]["is2rs"] for s in K.VAL_SPLITS) > 0
     for split in K.VAL_SPLITS:
         kept = report["splits"][split]["is2rs"]
         assert kept <= TINY["is2rs_systems"]

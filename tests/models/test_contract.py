@@ -252,7 +252,12 @@ def test_forces_are_finite_difference_gradient(name, slabs, float64) -> None:
 
 
 #: (learning rate, Adam steps) of the overfit test per model.
-OVERFIT = {"forcenet": (3e-3, 150), "schnet": (5e-3, 150), "dimenetpp": (5e-3, 100), "gns": (3e-3, 200)}
+OVERFIT = {
+    "forcenet": (3e-3, 150),
+    "schnet": (5e-3, 150),
+    "dimenetpp": (5e-3, 100),
+    "gns": (3e-3, 200),
+}
 
 
 def _fit_loss(model, batch: dict) -> torch.Tensor:

@@ -32,7 +32,7 @@ SMALL_BASIS = (3, 2)
 def _model(dtype: torch.dtype = torch.float64, **overrides) -> DimeNetPlusPlus:
     """Tiny model with non-zero output layers, seed 0, in eval mode."""
     torch.manual_seed(0)
-    model = DimeNetPlusPlus(**dict(KW, output_initializer="glorot_orthogonal", **overrides))
+    model = DimeNetPlusPlus(**{**KW, "output_initializer": "glorot_orthogonal", **overrides})
     return model.to(dtype).eval()
 
 
