@@ -78,9 +78,9 @@ def data_acquire(
 @data_app.command("generate")
 def data_generate(
     out: Annotated[Path, typer.Argument(help="Raw output root.")],
-    is2rs_out: Annotated[Path, typer.Option(help="Folder for validation relaxation systems.")] = Path(
-        "data/is2rs"
-    ),
+    is2rs_out: Annotated[
+        Path, typer.Option(help="Folder for validation relaxation systems.")
+    ] = Path("data/is2rs"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Generate the embedded OC20-like dataset (adsorbates on metal slabs, EMT labels)
@@ -252,7 +252,9 @@ def evaluate(
         Path | None, typer.Option(help="Also write {split: {metric: value}} JSON for DVC.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Structures per batch.")] = 16,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")
+    ] = None,
     track: Annotated[bool, typer.Option(help="Log to the checkpoint's MLflow run.")] = True,
 ) -> None:
     """OC20 metrics on free atoms (force MAE with the zero-force baseline, cosine,
@@ -272,7 +274,9 @@ def evaluate(
         track=track,
     )
     wide = table.pivot_table(index="metric", columns="split", values="value")
-    keep = [m for m in ("forces_mae", "zero_forces_mae", "forces_cos", "energy_mae") if m in wide.index]
+    keep = [
+        m for m in ("forces_mae", "zero_forces_mae", "forces_cos", "energy_mae") if m in wide.index
+    ]
     typer.echo(wide.loc[keep].to_string(float_format=lambda v: f"{v:.4f}"))
 
 
@@ -306,7 +310,9 @@ def relax(
     inputs: Annotated[list[Path], typer.Argument(help="ASE-readable files of structures.")],
     out: Annotated[Path, typer.Option(help="Folder for trajectories and summary.parquet.")],
     optimizer: Annotated[str, typer.Option(help="lbfgs or fire.")] = "lbfgs",
-    fmax: Annotated[float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")] = 0.05,
+    fmax: Annotated[
+        float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")
+    ] = 0.05,
     steps: Annotated[int, typer.Option(help="Maximum optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Structures relaxed together per forward.")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,

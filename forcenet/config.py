@@ -35,7 +35,10 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     for name, field in fields.items():
         key = f"{where}.{name}" if where else name
         if name not in data:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if (
+                field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING
+            ):
                 raise ConfigError(f"{key}: missing")
             continue
         values[name] = _convert(hints[name], data[name], key)

@@ -49,8 +49,10 @@ def _snapshot(params: dict[str, Any], name: str) -> dict[str, Any]:
     train = config.section(params, "train")
     return {
         "model": {name: config.model_kwargs(params, name)},
-        "train": {**{k: train[k] for k in config.SHARED_TRAIN_KEYS if k in train},
-                  name: dict(train[name])},  # fmt: skip
+        "train": {
+            **{k: train[k] for k in config.SHARED_TRAIN_KEYS if k in train},
+            name: dict(train[name]),
+        },  # fmt: skip
         "graph": config.graph_settings(params),
         "data": {"source": config.section(params, "data.source")},
     }

@@ -55,9 +55,9 @@ class TrainConfig:
     CUDA and direct-force models only. ``dev_fraction``: share of training systems held out.
     """
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     warmup_start: float = 0.1
     lr_decay: LrDecay = "cosine"
     milestones: tuple[float, ...] = (0.6, 0.85)
