@@ -46,6 +46,16 @@ SUMMARY_METRICS = {
     "inference_graphs_per_s": "graphs/s",
     "inference_atoms_per_s": "atoms/s",
 }
+#: Relaxation metrics (from ``forcenet relax-oracle``), shown in their own table.
+RELAX_METRICS = {
+    "relax_systems": "systems",
+    "adwt": "ADwT",
+    "fbt_oracle": "FbT-oracle",
+    "oracle_delta_e_median": "oracle ΔE median [eV]",
+    "relax_mean_distance": "mean distance to oracle minimum [Å]",
+    "relax_converged_fraction": "converged (model fmax)",
+    "relax_mean_steps": "mean steps",
+}
 #: Per-epoch metrics drawn as learning curves (names logged by the training loop).
 CURVE_METRICS = {"train_loss": "training loss", "force_mae": "dev force MAE [eV/Å]"}
 _LONG_COLUMNS = ("model", "split", "metric", "value")
@@ -147,6 +157,20 @@ def results_markdown(table: pd.DataFrame, plots: Sequence[str]) -> str:
         ),
         "",
     ]
+    relax = [m for m in RELAX_METRICS if m in table.columns]
+    if relax:
+        rows = table.dropna(subset=["adwt"]) if "adwt" in relax else table
+        parts += [
+            "## Relaxations checked by the oracle (EMT)",
+            "",
+            "Validation systems relaxed with each model (LBFGS), then scored against the "
+            "oracle: ADwT (OC20 definition, free atoms, minimum image), FbT-oracle (fraction "
+            "whose oracle max force on free atoms is below 0.05 eV/Å) and the oracle energy of "
+            "the ML result above the oracle's own minimum.",
+            "",
+            markdown_table(rows[["model", "split", *relax]], RELAX_METRICS),
+            "",
+        ]
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(parts)
