@@ -276,3 +276,47 @@ def test_evaluate_relaxations_against_the_oracle(tmp_path):
     write(is2rs / "val_id_relaxed.extxyz", [other, minimum])  # records out of order
     with pytest.raises(ValueError, match="val_id_initial.extxyz.*record 0.*sid"):
         relax.evaluate_relaxations(ckpt, is2rs, ["val_id"], out_dir=out, steps=0)
+
+
+def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path, one_thread):  # noqa: F811
+    """The whole path a user takes: train a tiny model with ``fit`` on EMT-labelled slabs,
+    rebuild it from its checkpoint as an ASE calculator, relax a new slab with it."""
+    from test_calculator import TINY
+
+    from forcenet.data.dataset import sample_from_atoms
+    from forcenet.data.frame import Frame
+    from forcenet.train import TrainConfig, fit_datasets
+
+    def labelled(seed: int) -> dict:
+        atoms = slab()
+        atoms.rattle(0.08, seed=seed)
+        atoms.calc = EMT()
+        frame = Frame(
+            atomic_numbers=atoms.numbers.astype(np.int64), pos=atoms.positions,
+            cell=atoms.cell.array, pbc=atoms.pbc, tags=atoms.get_tags().astype(np.int64),
+            fixed=np.isin(np.arange(len(atoms)), atoms.constraints[0].index),
+            forces=atoms.get_forces(apply_constraint=False),
+            total_energy=atoms.get_potential_energy(), reference_energy=0.0, sid=seed, fid=0,
+        )  # fmt: skip
+        return sample_from_atoms(frame, cutoff=TINY["schnet"]["cutoff"], max_neighbors=24)
+
+    data = [labelled(seed) for seed in range(12)]
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, batch_size=4, max_epochs=3, dev_fraction=0.0,
+                      loss_atoms="free", energy_coef=1.0, rotation_augment=False, amp=False)  # fmt: skip
+    ckpt = fit_datasets(
+        cfg, "schnet", TINY["schnet"], train_set=data, dev_set=[], out_dir=tmp_path / "model",
+        graph={"cutoff": TINY["schnet"]["cutoff"], "max_neighbors": 24},
+    )  # fmt: skip
+    calc = ForceNetCalculator.from_checkpoint(ckpt, device="cpu")
+    atoms = slab()
+    atoms.rattle(0.1, seed=99)
+    start = atoms.positions.copy()
+    fixed = atoms.constraints[0].index
+    table = relax.relax_structures(
+        calc, [atoms], optimizer="lbfgs", fmax=0.05, steps=15, traj_dir=tmp_path / "traj"
+    )
+    assert table["steps"].iloc[0] > 0
+    final = read(tmp_path / "traj" / f"{table['name'].iloc[0]}.traj", index=-1)
+    assert np.array_equal(final.positions[fixed], start[fixed])  # not a single bit moved
+    free = np.setdiff1d(np.arange(len(atoms)), fixed)
+    assert np.abs(final.positions[free] - start[free]).max() > 1e-4
