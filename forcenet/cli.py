@@ -20,6 +20,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
 )
 data_app = typer.Typer(help="Raw data: generate, download, ingest, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -61,7 +62,7 @@ def _echo_json(obj) -> None:
 
 @data_app.command("acquire")
 def data_acquire(
-    out: Annotated[Path, typer.Option(help="Raw output root: <out>/<split>/<k>.extxyz.xz.")],
+    out: Annotated[Path, typer.Option(help="Raw output root: OUT/SPLIT/K.extxyz.xz.")],
     is2rs_out: Annotated[
         Path, typer.Option(help="Folder for initial/relaxed validation systems (emt only).")
     ] = Path("data/is2rs"),
@@ -99,11 +100,11 @@ def data_download(
     ] = "https://dl.fbaipublicfiles.com/opencatalystproject/data/",
     train: Annotated[str, typer.Option(help="Training split: 200k, 2M, 20M or all.")] = "200k",
     workdir: Annotated[
-        Path | None, typer.Option(help="Where archives are kept (default: <out>/../downloads).")
+        Path | None, typer.Option(help="Where archives are kept (default: OUT/../downloads).")
     ] = None,
 ) -> None:
     """Download the official OC20 S2EF archives (MD5-verified, resumable, safely
-    extracted) and lay them out as <out>/<split>/<k>.extxyz.xz + <k>.txt.xz."""
+    extracted) and lay them out as OUT/SPLIT/K.extxyz.xz + K.txt.xz."""
     from forcenet.data.download import download_splits
 
     _echo_json(download_splits(out, base_url=base_url, train=train, workdir=workdir))
@@ -150,8 +151,8 @@ def data_inspect(
 
 @app.command()
 def preprocess(
-    raw: Annotated[Path, typer.Argument(help="Raw root holding <split>/<k>.extxyz.xz.")],
-    out: Annotated[Path, typer.Argument(help="LMDB root: <out>/<split>/<k>.lmdb.")],
+    raw: Annotated[Path, typer.Argument(help="Raw root holding SPLIT/K.extxyz.xz.")],
+    out: Annotated[Path, typer.Argument(help="LMDB root: OUT/SPLIT/K.lmdb.")],
     workers: WorkersOpt = 2,
     shard: ShardOpt = None,
     splits: Annotated[list[str] | None, typer.Option(help="Only these splits.")] = None,
@@ -165,7 +166,7 @@ def preprocess(
 @app.command()
 def neighbors(
     frames: Annotated[Path, typer.Argument(help="LMDB frame root (output of preprocess).")],
-    out: Annotated[Path, typer.Argument(help="Graph root: <out>/<split>/<k>.lmdb.")],
+    out: Annotated[Path, typer.Argument(help="Graph root: OUT/SPLIT/K.lmdb.")],
     cutoff: Annotated[float, typer.Option(help="Neighbor cutoff radius (Å).")] = 6.0,
     max_neighbors: Annotated[
         int, typer.Option(help="Keep the nearest N neighbors per atom (ties: lower index).")
@@ -215,10 +216,10 @@ def train(
     graphs: Annotated[Path, typer.Option(help="Graph root holding train/.")] = Path("data/graphs"),
     params: ParamsOpt = Path("params.yaml"),
     resume: Annotated[
-        bool, typer.Option(help="Continue from <out>/last.pt (same weights as no interruption).")
+        bool, typer.Option(help="Continue from OUT/last.pt (same weights as no interruption).")
     ] = False,
 ) -> None:
-    """Train one model with `model.<name>` and `train.<name>` from params.yaml.
+    """Train one model with `model.NAME` and `train.NAME` from params.yaml.
 
     Runs on the GPU when there is one. For several GPUs or nodes launch it with
     torchrun (e.g. `torchrun --standalone --nproc_per_node=8 -m forcenet.cli train ...`).
@@ -237,7 +238,7 @@ def evaluate(
     inputs: Annotated[
         list[Path],
         typer.Argument(
-            help="LMDB split folders (data/lmdb/<split>) and/or ASE-readable files with "
+            help="LMDB split folders (data/lmdb/SPLIT) and/or ASE-readable files with "
             "energies and forces (split = file name)."
         ),
     ],
@@ -331,7 +332,7 @@ def relax(
 @app.command("relax-oracle")
 def relax_oracle(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
-    is2rs: Annotated[Path, typer.Argument(help="Folder of <split>_initial/_relaxed.extxyz.")],
+    is2rs: Annotated[Path, typer.Argument(help="Folder of SPLIT_initial/_relaxed.extxyz.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     params: ParamsOpt = Path("params.yaml"),
     table: Annotated[
