@@ -1,5 +1,6 @@
 """Shared neural-network layers: activations, scalar basis expansions, real spherical
-harmonics (in torch, differentiable, on the input's device) and MLP builders.
+harmonics (in torch, differentiable, on the input's device), MLP builders, and the
+energy-and-gradient-forces forward shared by the energy-centric models.
 
 Every basis module exposes ``out_features`` so that models can size the layer that
 follows without running it.
@@ -8,11 +9,15 @@ follows without running it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from forcenet.data import keys as K
+from forcenet.geometry import gradient_forces
 
 ActivationName = Literal[
     "swish",
@@ -327,3 +332,44 @@ def xavier_linears_(module: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------- energy-centric models
+
+
+def input_positions(batch: dict[str, Tensor]) -> Tensor:
+    """Positions [N, 3] to differentiate: the batch's own tensor when it already
+    requires grad, otherwise a detached copy that does (the batch is never mutated)."""
+    pos = batch[K.POS]
+    return pos if pos.requires_grad else pos.detach().clone().requires_grad_(True)
+
+
+def check_atomic_numbers(z: Tensor, max_z: int, model: str) -> None:
+    """Raise a clear error instead of an index error deep inside an embedding."""
+    if z.numel() and (int(z.min()) < 1 or int(z.max()) > max_z):
+        raise ValueError(
+            f"{model}: atomic numbers must be in 1..{max_z}, got {int(z.min())}..{int(z.max())}"
+        )
+
+
+def energy_and_forces(
+    energy_fn: Callable[[dict[str, Tensor], Tensor], Tensor],
+    batch: dict[str, Tensor],
+    *,
+    training: bool,
+) -> dict[str, Tensor]:
+    """The forward of an energy-centric model: ``energy_fn(batch, pos)`` [G] (eV) and
+    forces = -dE/dpos [N, 3] (eV/Å), also under ``torch.no_grad()``.
+
+    The force graph is kept (``create_graph``) to train on forces, or when the caller
+    differentiates through the model (its own ``pos`` requires grad).
+    """
+    grad_enabled = torch.is_grad_enabled()
+    with torch.enable_grad():
+        pos = input_positions(batch)
+        energy = energy_fn(batch, pos)
+        keep = grad_enabled and (training or batch[K.POS].requires_grad)
+        forces = gradient_forces(energy, pos, create_graph=keep)
+    if not grad_enabled:
+        energy = energy.detach()
+    return {K.ENERGY: energy, K.FORCES: forces}

@@ -28,8 +28,8 @@ from torch_geometric.nn.models.dimenet_utils import bessel_basis, real_sph_harm
 from torch_geometric.nn.resolver import activation_resolver
 
 from forcenet.data import keys as K
-from forcenet.geometry import edge_vectors, gradient_forces, triplets
-from forcenet.models.schnet import check_atomic_numbers, input_positions
+from forcenet.geometry import edge_vectors, triplets
+from forcenet.nn import check_atomic_numbers, energy_and_forces
 
 OutputInit = Literal["zeros", "glorot_orthogonal"]
 
@@ -224,17 +224,7 @@ class DimeNetPlusPlus(nn.Module):
         return atomic.new_zeros(n_graphs).index_add(0, batch[K.BATCH], atomic.squeeze(-1))
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        grad_enabled = torch.is_grad_enabled()
-        with torch.enable_grad():
-            pos = input_positions(batch)
-            energy = self.energy(batch, pos)
-            # Keep the force graph to train on forces, or when the caller differentiates
-            # through the model (its own pos requires grad).
-            keep = grad_enabled and (self.training or batch[K.POS].requires_grad)
-            forces = gradient_forces(energy, pos, create_graph=keep)
-        if not grad_enabled:
-            energy = energy.detach()
-        return {K.OUT_ENERGY: energy, K.OUT_FORCES: forces}
+        return energy_and_forces(self.energy, batch, training=self.training)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hparams.items())

@@ -14,25 +14,11 @@ from torch import Tensor, nn
 from torch_geometric.nn.models.schnet import GaussianSmearing, InteractionBlock, ShiftedSoftplus
 
 from forcenet.data import keys as K
-from forcenet.geometry import edge_vectors, gradient_forces, smooth_cosine_cutoff
+from forcenet.geometry import edge_vectors, smooth_cosine_cutoff
+from forcenet.nn import check_atomic_numbers, energy_and_forces
 
 #: Embedding table size (atomic numbers 1..99; OC20 stops at 83).
 MAX_ATOMIC_NUMBER = 99
-
-
-def input_positions(batch: dict[str, Tensor]) -> Tensor:
-    """Positions [N, 3] to differentiate: the batch's own tensor when it already
-    requires grad, otherwise a detached copy that does (the batch is never mutated)."""
-    pos = batch[K.POS]
-    return pos if pos.requires_grad else pos.detach().clone().requires_grad_(True)
-
-
-def check_atomic_numbers(z: Tensor, max_z: int, model: str) -> None:
-    """Raise a clear error instead of an index error deep inside an embedding."""
-    if z.numel() and (int(z.min()) < 1 or int(z.max()) > max_z):
-        raise ValueError(
-            f"{model}: atomic numbers must be in 1..{max_z}, got {int(z.min())}..{int(z.max())}"
-        )
 
 
 def undirected_pairs(
@@ -144,17 +130,7 @@ class SchNet(nn.Module):
         return atomic.new_zeros(n_graphs).index_add(0, batch[K.BATCH], atomic)  # [G]
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        grad_enabled = torch.is_grad_enabled()
-        with torch.enable_grad():
-            pos = input_positions(batch)
-            energy = self.energy(batch, pos)
-            # Keep the force graph to train on forces, or when the caller differentiates
-            # through the model (its own pos requires grad).
-            keep = grad_enabled and (self.training or batch[K.POS].requires_grad)
-            forces = gradient_forces(energy, pos, create_graph=keep)
-        if not grad_enabled:
-            energy = energy.detach()
-        return {K.OUT_ENERGY: energy, K.OUT_FORCES: forces}
+        return energy_and_forces(self.energy, batch, training=self.training)
 
     def extra_repr(self) -> str:
         return (
