@@ -205,6 +205,21 @@ def make_batch(samples: Sequence[dict], dtype: torch.dtype = torch.float32) -> B
     return to_dtype(collate(samples), dtype)
 
 
+def exact_batch(structures: Sequence, dtype: torch.dtype = torch.float64) -> Batch:
+    """Batch ASE structures through the real record path, with exact float64 positions and
+    cells (records store float32, which would blur symmetry comparisons at 1e-7)."""
+    records = [
+        record_from_atoms(a, tags=np.ones(len(a), dtype=np.int64), sid=n)
+        for n, a in enumerate(structures)
+    ]
+    batch = make_batch(records, dtype)
+    pos = np.concatenate([a.positions for a in structures])
+    cell = np.stack([a.cell[:] for a in structures])
+    return dict(
+        batch, pos=torch.as_tensor(pos, dtype=dtype), cell=torch.as_tensor(cell, dtype=dtype)
+    )
+
+
 def predict(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     """Model outputs, detached (forces of energy models still use autograd inside)."""
     return {k: v.detach() for k, v in model(batch).items()}

@@ -16,7 +16,7 @@ import torch
 import torch_geometric.nn.models.dimenet as pyg_dimenet
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
-from conftest import TINY_KWARGS, make_batch, predict, record_from_atoms
+from conftest import TINY_KWARGS, exact_batch, predict
 from torch_geometric.nn.models.dimenet import SphericalBasisLayer
 
 from forcenet.data import keys as K
@@ -55,20 +55,6 @@ def _bulk_pair(seed: int, repeat=(1, 1, 1), rattle: float = 0.1) -> Atoms:
     atoms = bulk("NiO", "rocksalt", a=4.2)
     atoms.rattle(stdev=rattle, seed=seed)
     return atoms.repeat(repeat)
-
-
-def _batch(structures: list[Atoms], dtype: torch.dtype = torch.float64) -> dict:
-    """Batch through the real record path, with exact float64 positions and cells."""
-    records = [
-        record_from_atoms(a, tags=np.ones(len(a), dtype=np.int64), sid=n)
-        for n, a in enumerate(structures)
-    ]
-    batch = make_batch(records, dtype)
-    pos = np.concatenate([a.positions for a in structures])
-    cell = np.stack([a.cell[:] for a in structures])
-    return dict(
-        batch, pos=torch.as_tensor(pos, dtype=dtype), cell=torch.as_tensor(cell, dtype=dtype)
-    )
 
 
 def test_defaults_are_ocp_s2ef():
@@ -114,7 +100,7 @@ def test_energy_matches_pyg_dimenetpp_forward(float64, monkeypatch):
     model = _model(**kw)
     mol = molecule("CH3CH2OH")
     mol.cell = np.zeros((3, 3))
-    batch = _batch([mol])
+    batch = exact_batch([mol])
     edge_index = batch[K.EDGE_INDEX]
     monkeypatch.setattr(pyg_dimenet, "radius_graph", lambda *a, **k: edge_index)
 
@@ -136,8 +122,8 @@ def test_supercell_doubles_energy_and_repeats_forces(model64):
         (_bulk_pair(3), _bulk_pair(3, repeat=(2, 1, 1))),
         (_slab(4), _slab(4, repeat=(2, 1, 1))),
     ]:
-        out_small = predict(model64, _batch([small]))
-        out_big = predict(model64, _batch([big]))
+        out_small = predict(model64, exact_batch([small]))
+        out_big = predict(model64, exact_batch([big]))
         torch.testing.assert_close(out_big[K.OUT_ENERGY], 2 * out_small[K.OUT_ENERGY], **F64)
         expected = torch.cat([out_small[K.OUT_FORCES]] * 2)  # ASE repeat: copies in order
         torch.testing.assert_close(out_big[K.OUT_FORCES], expected, rtol=1e-7, atol=1e-9)
@@ -146,7 +132,7 @@ def test_supercell_doubles_energy_and_repeats_forces(model64):
 
 def test_rotation_translation_and_batching(model64, float64):
     samples = [_slab(5), _bulk_pair(6)]
-    batch = _batch(samples)
+    batch = exact_batch(samples)
     ref = predict(model64, batch)
     rot = random_rotation(torch.Generator().manual_seed(0), dtype=float64)
     turned = predict(model64, dict(batch, pos=batch[K.POS] @ rot, cell=batch[K.CELL] @ rot))
@@ -155,7 +141,7 @@ def test_rotation_translation_and_batching(model64, float64):
     moved = predict(model64, dict(batch, pos=batch[K.POS] + torch.tensor([1.5, -2.0, 0.7])))
     torch.testing.assert_close(moved[K.OUT_FORCES], ref[K.OUT_FORCES], **F64)
     torch.testing.assert_close(moved[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
-    alone = [predict(model64, _batch([s])) for s in samples]
+    alone = [predict(model64, exact_batch([s])) for s in samples]
     for key in (K.OUT_ENERGY, K.OUT_FORCES):
         torch.testing.assert_close(ref[key], torch.cat([a[key] for a in alone]), **F64)
 
@@ -163,7 +149,7 @@ def test_rotation_translation_and_batching(model64, float64):
 def test_forces_are_minus_energy_gradient_under_pbc(model64, float64):
     """Directional central differences in a 2-atom periodic cell (triplets k -> j -> i
     with k an image of i): dE/dh along u equals -F . u."""
-    batch = _batch([_bulk_pair(7)])
+    batch = exact_batch([_bulk_pair(7)])
     forces = predict(model64, batch)[K.OUT_FORCES]
     gen = torch.Generator().manual_seed(1)
     h = 1e-5
@@ -180,7 +166,7 @@ def test_force_training_is_finite_with_collinear_triplets():
     """A perfect crystal has exactly collinear triplets; the double backward of a force
     loss must stay finite (angles enter through their cosine)."""
     model = _model(torch.float32).train()
-    batch = _batch([_bulk_pair(0, rattle=0.0)], torch.float32)
+    batch = exact_batch([_bulk_pair(0, rattle=0.0)], torch.float32)
     out = model(batch)
     assert out[K.OUT_FORCES].requires_grad
     (out[K.OUT_FORCES].pow(2).mean() + out[K.OUT_ENERGY].pow(2).mean()).backward()
@@ -193,7 +179,7 @@ def test_force_training_is_finite_with_collinear_triplets():
 def test_eval_under_no_grad_and_isolated_atom():
     model = _model(torch.float32)
     far = Atoms("O", positions=[[0.0, 0.0, 0.0]], cell=np.eye(3) * 20.0, pbc=True)
-    batch = _batch([far, _bulk_pair(8)], torch.float32)
+    batch = exact_batch([far, _bulk_pair(8)], torch.float32)
     with torch.no_grad():
         out = model(batch)
     assert not out[K.OUT_ENERGY].requires_grad and not out[K.OUT_FORCES].requires_grad
@@ -204,7 +190,7 @@ def test_eval_under_no_grad_and_isolated_atom():
 
 def test_rejects_atomic_numbers_outside_the_table():
     model = _model(torch.float32)
-    batch = _batch([_bulk_pair(9)], torch.float32)
+    batch = exact_batch([_bulk_pair(9)], torch.float32)
     bad = dict(batch, atomic_numbers=batch[K.ATOMIC_NUMBERS].clone().fill_(95))
     with pytest.raises(ValueError, match=r"DimeNet\+\+: atomic numbers must be in 1..94"):
         model(bad)

@@ -6,12 +6,11 @@ is particular to SchNet under periodic boundaries (small float64 fixtures, a few
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, fcc111
-from conftest import TINY_KWARGS, make_batch, predict, record_from_atoms
+from conftest import TINY_KWARGS, exact_batch, predict
 from torch_geometric.nn.models import SchNet as PygSchNet
 
 from forcenet.data import keys as K
@@ -40,21 +39,6 @@ def _bulk_pair(seed: int, repeat=(1, 1, 1)) -> Atoms:
     return atoms.repeat(repeat)
 
 
-def _batch(structures: list[Atoms], dtype: torch.dtype = torch.float64) -> dict:
-    """Batch through the real record path, with exact float64 positions and cells (records
-    store float32, which would blur symmetry comparisons at 1e-7)."""
-    records = [
-        record_from_atoms(a, tags=np.ones(len(a), dtype=np.int64), sid=n)
-        for n, a in enumerate(structures)
-    ]
-    batch = make_batch(records, dtype)
-    pos = np.concatenate([a.positions for a in structures])
-    cell = np.stack([a.cell[:] for a in structures])
-    return dict(
-        batch, pos=torch.as_tensor(pos, dtype=dtype), cell=torch.as_tensor(cell, dtype=dtype)
-    )
-
-
 def test_defaults_are_ocp_s2ef_and_match_pyg_parameter_count():
     model = SchNet()
     assert (model.hidden_channels, model.num_filters, model.num_interactions) == (1024, 256, 3)
@@ -68,7 +52,7 @@ def test_defaults_are_ocp_s2ef_and_match_pyg_parameter_count():
 def test_energy_matches_pyg_schnet_on_our_periodic_graph(float64):
     """Same weights, same edges: PyG's forward (fed our PBC distances) gives our energy."""
     model = _tiny()
-    batch = _batch([_slab(1), _bulk_pair(2)])
+    batch = exact_batch([_slab(1), _bulk_pair(2)])
     vec = edge_vectors(
         batch[K.POS], batch[K.CELL], batch[K.BATCH], batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS]
     )
@@ -87,8 +71,8 @@ def test_supercell_doubles_energy_and_repeats_forces(float64):
         (_bulk_pair(3), _bulk_pair(3, repeat=(2, 1, 1))),
         (_slab(4, size=(2, 2, 2)), _slab(4, size=(2, 2, 2), repeat=(2, 1, 1))),
     ]:
-        out_small = predict(model, _batch([small]))
-        out_big = predict(model, _batch([big]))
+        out_small = predict(model, exact_batch([small]))
+        out_big = predict(model, exact_batch([big]))
         torch.testing.assert_close(out_big[K.OUT_ENERGY], 2 * out_small[K.OUT_ENERGY], **F64)
         expected = torch.cat([out_small[K.OUT_FORCES]] * 2)  # ASE repeat: copies in order
         torch.testing.assert_close(out_big[K.OUT_FORCES], expected, rtol=1e-7, atol=1e-9)
@@ -98,7 +82,7 @@ def test_supercell_doubles_energy_and_repeats_forces(float64):
 def test_rotation_translation_and_batching(float64):
     model = _tiny()
     samples = [_slab(5), _bulk_pair(6)]
-    batch = _batch(samples)
+    batch = exact_batch(samples)
     ref = predict(model, batch)
     rot = random_rotation(torch.Generator().manual_seed(0), dtype=float64)
     turned = predict(model, dict(batch, pos=batch[K.POS] @ rot, cell=batch[K.CELL] @ rot))
@@ -107,7 +91,7 @@ def test_rotation_translation_and_batching(float64):
     moved = predict(model, dict(batch, pos=batch[K.POS] + torch.tensor([1.5, -2.0, 0.7])))
     torch.testing.assert_close(moved[K.OUT_FORCES], ref[K.OUT_FORCES], **F64)
     torch.testing.assert_close(moved[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
-    alone = [predict(model, _batch([s])) for s in samples]
+    alone = [predict(model, exact_batch([s])) for s in samples]
     for key in (K.OUT_ENERGY, K.OUT_FORCES):
         torch.testing.assert_close(ref[key], torch.cat([a[key] for a in alone]), **F64)
 
@@ -116,7 +100,7 @@ def test_forces_are_minus_energy_gradient_under_pbc(float64):
     """Directional central differences in a small periodic cell where atoms see their own
     images: dE/dh along u equals -F . u."""
     model = _tiny()
-    batch = _batch([_bulk_pair(7)])
+    batch = exact_batch([_bulk_pair(7)])
     forces = predict(model, batch)[K.OUT_FORCES]
     gen = torch.Generator().manual_seed(1)
     h = 1e-5
@@ -130,7 +114,7 @@ def test_forces_are_minus_energy_gradient_under_pbc(float64):
 
 def test_training_mode_keeps_force_graph_and_eval_does_not():
     model = _tiny(torch.float32).train()
-    batch = _batch([_slab(8)], torch.float32)
+    batch = exact_batch([_slab(8)], torch.float32)
     out = model(batch)
     assert out[K.OUT_FORCES].requires_grad  # create_graph=True: the force loss trains
     out[K.OUT_FORCES].pow(2).mean().backward()
@@ -146,7 +130,7 @@ def test_training_mode_keeps_force_graph_and_eval_does_not():
 def test_positions_that_require_grad_are_used_directly(float64):
     """A caller differentiating through the model (e.g. a Hessian) gets its own pos back."""
     model = _tiny()
-    batch = _batch([_bulk_pair(9)])
+    batch = exact_batch([_bulk_pair(9)])
     pos = batch[K.POS].clone().requires_grad_(True)
     out = model(dict(batch, pos=pos))
     (grad,) = torch.autograd.grad(out[K.OUT_ENERGY].sum(), pos)
@@ -155,7 +139,7 @@ def test_positions_that_require_grad_are_used_directly(float64):
 
 def test_rejects_atomic_numbers_outside_the_table():
     model = _tiny(torch.float32)
-    batch = _batch([_bulk_pair(10)], torch.float32)
+    batch = exact_batch([_bulk_pair(10)], torch.float32)
     bad = dict(batch, atomic_numbers=batch[K.ATOMIC_NUMBERS].clone().fill_(118))
     with pytest.raises(ValueError, match="SchNet: atomic numbers must be in 1..99"):
         model(bad)
@@ -163,7 +147,7 @@ def test_rejects_atomic_numbers_outside_the_table():
 
 def test_undirected_pairs_join_each_edge_with_its_reverse():
     """Pairs hold an edge and its reverse (atoms swapped, offset negated), self images too."""
-    batch = _batch([_bulk_pair(11), _slab(12)], torch.float32)
+    batch = exact_batch([_bulk_pair(11), _slab(12)], torch.float32)
     edge_index, offsets = batch[K.EDGE_INDEX], batch[K.CELL_OFFSETS]
     order = torch.randperm(edge_index.shape[1], generator=torch.Generator().manual_seed(0))
     edge_index, offsets = edge_index[:, order], offsets[order]  # any edge order works
