@@ -15,6 +15,7 @@ from typing import Literal, get_args
 
 import sympy as sym
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn.models.dimenet import (
     BesselBasisLayer,
@@ -25,11 +26,10 @@ from torch_geometric.nn.models.dimenet import (
     SphericalBasisLayer,
 )
 from torch_geometric.nn.models.dimenet_utils import bessel_basis, real_sph_harm
-from torch_geometric.nn.resolver import activation_resolver
 
 from forcenet.data import keys as K
 from forcenet.geometry import edge_vectors, triplets
-from forcenet.nn import check_atomic_numbers, energy_and_forces
+from forcenet.nn import check_atomic_numbers, energy_and_forces, gather_mul_scatter
 
 OutputInit = Literal["zeros", "glorot_orthogonal"]
 
@@ -69,7 +69,8 @@ class CosineSphericalBasis(SphericalBasisLayer):
     them on the cosine gives the same values while keeping second derivatives finite
     for collinear triplets (common in crystals), where d(angle)/d(pos) has a kink.
     ``forward(dist [E], cos_angle [T], idx_kj [T]) -> [T, num_spherical * num_radial]``
-    is PyG's; only construction differs (cached sympy functions, no parameters).
+    computes PyG's values; construction (cached sympy functions, no parameters) and the
+    per-triplet gather (index_select) differ.
     """
 
     def __init__(
@@ -85,6 +86,43 @@ class CosineSphericalBasis(SphericalBasisLayer):
         sph_funcs, bessel_funcs = _basis_functions(num_spherical, num_radial)
         self.sph_funcs = list(sph_funcs)
         self.bessel_funcs = list(bessel_funcs)
+
+    def forward(self, dist: Tensor, angle: Tensor, idx_kj: Tensor) -> Tensor:
+        # PyG's forward with index_select for the per-triplet gather: its backward is an
+        # index_add, where rbf[idx_kj] would back-propagate through a slow index_put.
+        dist = dist / self.cutoff
+        rbf = torch.stack([f(dist) for f in self.bessel_funcs], dim=1)
+        rbf = self.envelope(dist).unsqueeze(-1) * rbf  # [E, n * k]
+        cbf = torch.stack([f(angle) for f in self.sph_funcs], dim=1)  # [T, n]
+        n, k = self.num_spherical, self.num_radial
+        out = rbf.index_select(0, idx_kj).view(-1, n, k) * cbf.view(-1, n, 1)
+        return out.view(-1, n * k)
+
+
+class TripletInteraction(InteractionPPBlock):
+    """PyG's DimeNet++ interaction block (same submodules and parameters), fed the
+    spherical basis already through its first projection ``lin_sbf1`` ([T, basis_emb]).
+
+    The model applies ``lin_sbf1`` of all blocks to the shared [T, S * R] basis in one
+    GEMM (the per-block Linears side by side, so the basis gradient comes out summed),
+    and the triplet messages x_kj[idx_kj] * sbf are gathered, multiplied and summed per
+    edge j -> i by :func:`gather_mul_scatter` (no [T, int_emb] copy of x_kj kept).
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, rbf: Tensor, sbf_emb: Tensor, idx_kj: Tensor, idx_ji: Tensor
+    ) -> Tensor:
+        x_ji = self.act(self.lin_ji(x))
+        x_kj = self.act(self.lin_kj(x)) * self.lin_rbf2(self.lin_rbf1(rbf))
+        x_kj = self.act(self.lin_down(x_kj))  # [E, int_emb]
+        x_kj = gather_mul_scatter(x_kj, self.lin_sbf2(sbf_emb), idx_kj, idx_ji, x.shape[0])
+        h = x_ji + self.act(self.lin_up(x_kj))
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = self.act(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
 
 
 class DimeNetPlusPlus(nn.Module):
@@ -159,7 +197,7 @@ class DimeNetPlusPlus(nn.Module):
                 f"got {output_initializer!r}"
             )
         self.cutoff = cutoff
-        act = activation_resolver("swish")
+        act = F.silu  # swish, x * sigmoid(x), in one kernel (PyG's is two ops)
         self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
         self.sbf = CosineSphericalBasis(num_spherical, num_radial, cutoff, envelope_exponent)
         self.emb = EmbeddingBlock(num_radial, hidden_channels, act)
@@ -176,7 +214,7 @@ class DimeNetPlusPlus(nn.Module):
             for _ in range(num_blocks + 1)
         )
         self.interaction_blocks = nn.ModuleList(
-            InteractionPPBlock(
+            TripletInteraction(
                 hidden_channels,
                 int_emb_size,
                 basis_emb_size,
@@ -208,17 +246,21 @@ class DimeNetPlusPlus(nn.Module):
         vec = edge_vectors(pos, batch[K.CELL], batch[K.BATCH], edge_index, offsets)  # [E, 3]
         dist = vec.norm(dim=-1)  # [E]
         # Angle between x_j - x_i (edge ji) and x_k - x_j (edge kj), both with images.
-        vec_ji, vec_kj = vec[trip.idx_ji], vec[trip.idx_kj]  # [T, 3]
-        cos_angle = (vec_ji * vec_kj).sum(-1) / (dist[trip.idx_ji] * dist[trip.idx_kj])  # [T]
+        # index_select, not vec[idx]: its backward is an index_add, not a slow index_put
+        vec_ji, vec_kj = vec.index_select(0, trip.idx_ji), vec.index_select(0, trip.idx_kj)
+        norms = dist.index_select(0, trip.idx_ji) * dist.index_select(0, trip.idx_kj)  # [T]
+        cos_angle = (vec_ji * vec_kj).sum(-1) / norms  # [T]
         rbf = self.rbf(dist)  # [E, num_radial]
         sbf = self.sbf(dist, cos_angle, trip.idx_kj)  # [T, num_spherical * num_radial]
         i, j = edge_index[1], edge_index[0]
         x = self.emb(z, rbf, i, j)  # [E, hidden]
         atomic = self.output_blocks[0](x, rbf, i, num_nodes=n_atoms)  # [N, 1]
-        for interaction, output in zip(
-            self.interaction_blocks, self.output_blocks[1:], strict=True
+        sbf_lins = [block.lin_sbf1.weight for block in self.interaction_blocks]
+        sbf_emb = (sbf @ torch.cat(sbf_lins).t()).split(sbf_lins[0].shape[0], dim=-1)
+        for interaction, output, sbf_block in zip(
+            self.interaction_blocks, self.output_blocks[1:], sbf_emb, strict=True
         ):
-            x = interaction(x, rbf, sbf, trip.idx_kj, trip.idx_ji)
+            x = interaction(x, rbf, sbf_block, trip.idx_kj, trip.idx_ji)
             atomic = atomic + output(x, rbf, i, num_nodes=n_atoms)
         n_graphs = batch[K.NATOMS].shape[0]
         return atomic.new_zeros(n_graphs).index_add(0, batch[K.BATCH], atomic.squeeze(-1))

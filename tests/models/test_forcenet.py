@@ -214,6 +214,7 @@ def test_element_without_radius_is_fine_when_radii_are_unused(slabs) -> None:
         ({"depth_mlp_edge": -1}, "depth_mlp_edge"),
         ({"hidden_channels": 0}, "hidden_channels"),
         ({"cutoff": 0.0}, "cutoff"),
+        ({"basis_init_gain": 0.0}, "basis_init_gain"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match) -> None:
@@ -234,3 +235,25 @@ def test_reset_parameters_follows_reference_init() -> None:
     assert torch.all(model.decoder[0].bias == 0)
     assert not torch.any(model.energy_head.weight == 0.123)
     assert not torch.any(model.atom_embedding.lin.weight == 0.123)
+
+
+def test_zero_init_decoder_starts_at_zero_forces_and_still_learns(slabs) -> None:
+    batch = make_batch(slabs)
+    model = _tiny(zero_init_decoder=True)
+    forces = model(batch)[K.OUT_FORCES]
+    assert torch.equal(forces, torch.zeros_like(forces))
+    # the last layer gets a gradient at once, so training leaves F = 0 after one step
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    target = torch.randn_like(forces)
+    (model(batch)[K.OUT_FORCES] - target).abs().mean().backward()
+    opt.step()
+    assert model(batch)[K.OUT_FORCES].abs().max() > 0
+    assert not torch.equal(_tiny().decoder[-1].weight, torch.zeros_like(model.decoder[-1].weight))
+
+
+def test_basis_init_gain_scales_only_the_basis_projections() -> None:
+    plain, scaled = _tiny(), _tiny(basis_init_gain=30.0)
+    for name, p in plain.named_parameters():
+        q = dict(scaled.named_parameters())[name]
+        factor = 30.0 if name.endswith("filter.lin_basis.weight") else 1.0
+        torch.testing.assert_close(q, p * factor)
