@@ -37,6 +37,10 @@ def test_defaults_are_the_paper_hyperparameters() -> None:
         "mlp_layers": 2,
         "cutoff": 6.0,
         "activation": "relu",
+        "edge_features": "displacement",
+        "num_radial": 32,
+        "batch_norm": False,
+        "zero_init_decoder": False,
     }
     assert GNS.energy_from_gradient is False
 
@@ -155,6 +159,8 @@ def test_reset_parameters_redraws_weights() -> None:
         ({"activation": "softsign"}, "activation"),
         ({"cutoff": 0.0}, "cutoff"),
         ({"hidden_channels": 0}, "hidden_channels"),
+        ({"edge_features": "spherical"}, "edge_features"),
+        ({"edge_features": "radial", "num_radial": 1}, "num_freqs >= 2"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, match) -> None:
@@ -176,3 +182,106 @@ def test_mlp_layout(activation) -> None:
     linears = [m for m in net if isinstance(m, nn.Linear)]
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(4, 8), (8, 8), (8, 3)]
     assert not isinstance(net[-1], nn.ReLU | nn.SiLU | nn.GELU | nn.Tanh)  # linear output
+
+
+def test_edge_features_layout() -> None:
+    """displacement: [v/c, |v|/c]; radial adds g_k(|v|) * envelope; directional adds v/|v| g_k."""
+    c, k = 5.0, 6
+    vec = torch.tensor([[1.0, -2.0, 2.0], [0.0, 0.0, 4.999], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    d = vec.norm(dim=-1, keepdim=True)
+    plain = GNS(hidden_channels=8, num_interactions=0, cutoff=c).double().encode_edges(vec)
+    torch.testing.assert_close(plain, torch.cat([vec / c, d / c], 1))
+    radial = GNS(
+        hidden_channels=8, num_interactions=0, cutoff=c, edge_features="radial", num_radial=k
+    )
+    directional = GNS(
+        hidden_channels=8, num_interactions=0, cutoff=c, edge_features="directional", num_radial=k
+    )
+    r = radial.double().encode_edges(vec)
+    x = directional.double().encode_edges(vec)
+    assert r.shape == (3, 4 + k) and x.shape == (3, 4 + 4 * k)
+    centres = torch.linspace(0, c, k, dtype=torch.float64)
+    width = c / (k - 1)
+    envelope = 0.5 * (torch.cos(torch.pi * d / c) + 1)
+    g = torch.exp(-0.5 * ((d - centres) / width) ** 2) * envelope  # [3, k]
+    torch.testing.assert_close(r[:, 4:], g)
+    torch.testing.assert_close(x[:, : 4 + k], r)
+    torch.testing.assert_close(x[:, 4 + k :].reshape(3, 3, k), (vec / d)[:, :, None] * g[:, None])
+    assert x[1, 4:].abs().max() < 1e-6  # an edge at the cutoff has (almost) no radial features
+
+
+def test_zero_init_decoder_predicts_zero_and_learns(slabs) -> None:
+    torch.manual_seed(0)
+    model = GNS(hidden_channels=16, num_interactions=1, cutoff=4.5, zero_init_decoder=True)
+    batch = make_batch(slabs[:2])
+    assert torch.count_nonzero(model(batch)[K.OUT_FORCES]) == 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(batch)[K.OUT_FORCES] - batch[K.FORCES]).abs().mean().backward()
+        opt.step()
+    assert torch.count_nonzero(model(batch)[K.OUT_FORCES]) > 0
+    model.reset_parameters()
+    assert torch.count_nonzero(model(batch)[K.OUT_FORCES]) == 0
+
+
+def test_batch_norm_normalises_the_summed_messages() -> None:
+    """In training mode every channel of the normalised sum has mean 0 and variance 1."""
+    torch.manual_seed(0)
+    block = InteractionNetwork(hidden_channels=6, mlp_layers=1, activation="relu", batch_norm=True)
+    seen = {}
+    block.node_mlp[0].register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0]))
+    nodes, edges = torch.randn(40, 6), torch.randn(120, 6)
+    edge_index = torch.stack([torch.randint(0, 40, (120,)), torch.arange(120) % 40])
+    block(nodes, edges, edge_index)
+    agg = seen["x"][:, 6:]
+    torch.testing.assert_close(agg.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(agg.var(0, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
+
+
+def test_batch_norm_replaces_the_edge_encoder_layer_norm() -> None:
+    plain, batch = (
+        GNS(hidden_channels=8, num_interactions=1),
+        GNS(hidden_channels=8, num_interactions=1, batch_norm=True),
+    )
+    assert isinstance(plain.edge_norm, nn.LayerNorm) and isinstance(
+        plain.processor[0].agg_norm, nn.Identity
+    )
+    assert isinstance(batch.edge_norm, nn.BatchNorm1d)
+    assert isinstance(batch.processor[0].agg_norm, nn.BatchNorm1d)
+    assert isinstance(batch.node_norm, nn.LayerNorm)  # the node encoder keeps its LayerNorm
+
+
+@pytest.mark.parametrize("edge_features", ["radial", "directional"])
+def test_recipe_variants_keep_the_symmetries(edge_features, slabs, float64) -> None:
+    """Batched == one by one, permutation equivariance, translation invariance (eval mode)."""
+    torch.manual_seed(0)
+    model = GNS(
+        hidden_channels=16,
+        num_interactions=2,
+        cutoff=4.5,
+        edge_features=edge_features,
+        num_radial=8,
+        batch_norm=True,
+    ).double()
+    model.train()
+    model(
+        make_batch(slabs[:3], torch.float64)
+    )  # fill the BatchNorm running statistics with real values
+    model.eval()
+    batch = make_batch(slabs[:3], torch.float64)
+    out = model(batch)[K.OUT_FORCES]
+    one_by_one = torch.cat([model(make_batch([s], torch.float64))[K.OUT_FORCES] for s in slabs[:3]])
+    torch.testing.assert_close(out, one_by_one)
+    shifted = dict(batch, pos=batch[K.POS] + torch.tensor([0.3, -1.1, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(model(shifted)[K.OUT_FORCES], out)
+    single = make_batch(slabs[:1], torch.float64)
+    n = len(single[K.ATOMIC_NUMBERS])
+    perm = torch.randperm(n)
+    inv = torch.argsort(perm)
+    permuted = dict(single)
+    for key in (K.POS, K.ATOMIC_NUMBERS, K.TAGS, K.FIXED, K.FORCES):
+        if key in single:
+            permuted[key] = single[key][perm]
+    permuted[K.EDGE_INDEX] = inv[single[K.EDGE_INDEX]]
+    torch.testing.assert_close(model(permuted)[K.OUT_FORCES], model(single)[K.OUT_FORCES][perm])
