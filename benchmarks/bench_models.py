@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.data.batch import Batch, batch_to, collate  # noqa: E402
 from forcenet.models import MODELS, build_model  # noqa: E402
+from forcenet.runtime import tune_malloc  # noqa: E402
 
 CUTOFF, MAX_NEIGHBORS, BATCH_SIZE = 6.0, 50, 16
 
@@ -136,6 +137,7 @@ def _rss_bytes() -> int:
 
 def run_one(args: argparse.Namespace, name: str, config: str) -> dict:
     """Benchmark one (model, config) in this process; returns the result row."""
+    malloc = tune_malloc() if args.device == "cpu" and args.tune_malloc else {}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.frames:
@@ -172,6 +174,7 @@ def run_one(args: argparse.Namespace, name: str, config: str) -> dict:
         "config": config,
         "kwargs": kwargs,
         "params": sum(p.numel() for p in model.parameters()),
+        "malloc_tuning": malloc,
         "step_s_median": step_s,
         "step_s_all": times,
         # CPU seconds of this process per step (all threads): less sensitive than wall time
@@ -220,6 +223,12 @@ def main() -> None:
     parser.add_argument("--amp", choices=["none", "bf16"], default="none")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--no-tune-malloc",
+        dest="tune_malloc",
+        action="store_false",
+        help="leave glibc malloc at its defaults (default: forcenet.runtime.tune_malloc, as fit)",
+    )
     parser.add_argument("--repeat-factor", type=int, default=1, help="multiply the repeats")
     parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
     parser.add_argument("--configs", nargs="+", default=["cpu", "paper"], choices=list(CONFIGS))

@@ -34,6 +34,7 @@ from forcenet import distributed as D
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
+from forcenet.runtime import tune_malloc
 from forcenet.schedule import LrDecay, budget_progress, lr_factor
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -333,6 +334,8 @@ def fit_datasets(
     after the checkpoint is written. Under DDP every rank calls this with the same data.
     """
     info = D.init_distributed()
+    if info.device.type == "cpu":
+        tune_malloc()  # keep large activations mapped across steps (forcenet.runtime)
     out_dir = Path(out_dir)
     last = out_dir / "last.pt"
     ckpt = C.load_checkpoint(last) if resume and last.is_file() else None

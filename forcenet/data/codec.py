@@ -55,7 +55,10 @@ def decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
         dtype = np.dtype(dtype_str)
         if dtype.kind not in _ALLOWED_KINDS:
             raise RecordDecodeError(f"field {name!r}: dtype {dtype} not allowed")
-        if offset + nbytes > len(body) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes:
+        if (
+            offset + nbytes > len(body)
+            or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes
+        ):
             raise RecordDecodeError(f"field {name!r}: size does not match its header")
         arr = np.frombuffer(body[offset : offset + nbytes], dtype=dtype).reshape(shape)
         out[name] = arr.astype(dtype.newbyteorder("="), copy=True)
