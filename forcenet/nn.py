@@ -325,6 +325,14 @@ def norm_act_linear_stack(channels: int, depth: int, act: ActivationName) -> lis
     return layers
 
 
+@torch.no_grad()
+def zero_linear_(linear: nn.Linear) -> None:
+    """Zero weight and bias: a decoder that ends here starts by predicting zero."""
+    linear.weight.zero_()
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
 def xavier_linears_(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every nn.Linear inside ``module``."""
     for m in module.modules():

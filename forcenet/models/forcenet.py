@@ -38,6 +38,7 @@ from forcenet.nn import (
     norm_act_linear_stack,
     scalar_basis,
     xavier_linears_,
+    zero_linear_,
 )
 from forcenet.nn import activation as make_activation
 
@@ -599,10 +600,8 @@ class ForceNet(nn.Module):
         with torch.no_grad():
             for block in self.interactions:
                 block.filter.lin_basis.weight.mul_(self.basis_init_gain)
-            if self.zero_init_decoder:
-                last = self.decoder[-1]
-                last.weight.zero_()
-                last.bias.zero_()
+        if self.zero_init_decoder:
+            zero_linear_(self.decoder[-1])
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         z = batch[K.ATOMIC_NUMBERS]  # [N]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from forcenet.data import keys as K
 from forcenet.geometry import edge_vectors, smooth_cosine_cutoff
-from forcenet.nn import GaussianBasis, check_choice
+from forcenet.nn import GaussianBasis, check_choice, zero_linear_
 
 Activation = Literal["relu", "swish", "gelu", "tanh"]
 #: Edge encoder inputs: ``displacement`` = [v/c, |v|/c] (the paper's); ``radial`` adds
@@ -218,9 +218,7 @@ class GNS(nn.Module):
 
     def _init_decoder(self) -> None:
         if self.zero_init_decoder:
-            last: nn.Linear = self.decoder[-1]  # type: ignore[assignment]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            zero_linear_(self.decoder[-1])  # type: ignore[arg-type]
 
     def reset_parameters(self) -> None:
         for mod in self.modules():
