@@ -40,6 +40,8 @@ from forcenet.geometry import random_rotation
 from forcenet.metrics import OC20Metrics
 
 TABLE_COLUMNS = ["model", "split", "metric", "value", "run_id"]
+#: The ``split`` of the rows that describe the training run (steps, seconds, graphs seen).
+TRAINING_ROWS = "training"
 #: ASE formats accepted as evaluation inputs (all plain data; no pickle-based format).
 ASE_FORMATS = ("extxyz", "xyz", "traj", "db", "json")
 
@@ -453,7 +455,7 @@ def evaluate_checkpoint(
     model, ckpt = load_model(Path(checkpoint), device="cpu")
     if run_id is None:
         run_id = read_run_id(Path(checkpoint).parent)
-    return evaluate_model(
+    table = evaluate_model(
         model,
         inputs,
         model_name=model_name or str(ckpt["model_name"]),
@@ -466,6 +468,40 @@ def evaluate_checkpoint(
         rotation_samples=rotation_samples,
         rotation_structures=rotation_structures,
         predictions_out=predictions_out,
-        metrics_json=metrics_json,
+        metrics_json=None,
         run_id=run_id,
     )
+    summary = training_summary(Path(checkpoint), ckpt)
+    if summary:
+        name = model_name or str(ckpt["model_name"])
+        table = pd.concat([table, long_table(name, TRAINING_ROWS, summary, run_id)],
+                          ignore_index=True)  # fmt: skip
+        write_table(table, out)
+    if metrics_json is not None:
+        write_metrics_json(table, metrics_json)
+    return table
+
+
+def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:
+    """What the training run behind ``checkpoint`` spent: ``train_steps``,
+    ``train_seconds``, ``train_graphs_seen`` (from ``last.pt`` beside it, the end of the
+    run, when there is one) and ``selected_step`` (the step of ``checkpoint`` itself, e.g.
+    the best dev MAE). Empty for a checkpoint without training progress."""
+    from forcenet.checkpoint import CheckpointError, load_checkpoint
+
+    progress = dict(ckpt.get("train_info", {}).get("progress", {}))
+    if not progress:
+        return {}
+    end = progress
+    last = Path(checkpoint).with_name("last.pt")
+    if last.is_file() and last.resolve() != Path(checkpoint).resolve():
+        try:
+            end = dict(load_checkpoint(last).get("train_info", {}).get("progress", {})) or end
+        except CheckpointError:
+            end = progress
+    return {
+        "train_steps": float(end.get("step", 0)),
+        "train_seconds": float(end.get("elapsed_s", 0.0)),
+        "train_graphs_seen": float(end.get("graphs_seen", 0)),
+        "selected_step": float(progress.get("step", 0)),
+    }

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from forcenet.data import keys as K
 
-ForceLossKind = Literal["l1", "l2", "smooth_l1", "l2norm"]
+ForceLossKind = Literal["l1", "l2", "smooth_l1", "l2norm", "berhu"]
 LossAtoms = Literal["tag_weighted", "free"]
 
 #: OC20 ForceNet weights for tags 0 (sub-surface), 1 (surface), 2 (adsorbate).
@@ -56,13 +56,21 @@ def atom_weights(
     raise ValueError(f"atoms must be 'tag_weighted' or 'free', got {atoms!r}")
 
 
-def per_atom_force_error(pred: Tensor, target: Tensor, kind: ForceLossKind) -> Tensor:
+def per_atom_force_error(
+    pred: Tensor, target: Tensor, kind: ForceLossKind, beta: float = 1.0
+) -> Tensor:
     """Per-atom error [N] between normalised forces [N, 3].
 
-    ``l1``: mean |dF| over xyz; ``l2``: mean dF^2 over xyz; ``smooth_l1``: Huber with
-    beta = 1 (in normalised units), mean over xyz; ``l2norm``: the Euclidean norm |dF|
-    (OCP's "l2mae").
+    ``l1``: mean |dF| over xyz; ``l2``: mean dF^2 over xyz; ``smooth_l1``: Huber (quadratic
+    below ``beta``, linear above; in normalised units), mean over xyz; ``l2norm``: the
+    Euclidean norm |dF| (OCP's "l2mae"); ``berhu``: the reverse Huber loss, |dF| below
+    ``beta`` and (dF^2 + beta^2) / (2 beta) above, mean over xyz. berHu keeps L1's
+    median-seeking gradient on small errors but weights large errors by their size, so
+    the few large, predictable forces of a heavy-tailed set (adsorbate bonds) are not
+    drowned by the many small ones.
     """
+    if beta <= 0:
+        raise ValueError(f"loss beta must be > 0, got {beta}")
     diff = pred - target  # [N, 3]
     if kind == "l1":
         return diff.abs().mean(dim=-1)
@@ -70,7 +78,10 @@ def per_atom_force_error(pred: Tensor, target: Tensor, kind: ForceLossKind) -> T
         return diff.square().mean(dim=-1)
     if kind == "smooth_l1":
         a = diff.abs()
-        return torch.where(a < 1.0, 0.5 * a.square(), a - 0.5).mean(dim=-1)
+        return torch.where(a < beta, 0.5 * a.square() / beta, a - 0.5 * beta).mean(dim=-1)
+    if kind == "berhu":
+        a = diff.abs()
+        return torch.where(a <= beta, a, (a.square() + beta * beta) / (2 * beta)).mean(dim=-1)
     if kind == "l2norm":
         # sqrt with a floor so the gradient at an exact zero error stays finite
         return (diff.square().sum(dim=-1) + 1e-12).sqrt()
@@ -84,9 +95,12 @@ def force_loss(
     *,
     kind: ForceLossKind,
     force_scale: float,
+    beta: float = 1.0,
 ) -> LossTerm:
     """Weighted force loss on forces divided by ``force_scale`` (eV/Å); pred/target [N, 3]."""
-    err = per_atom_force_error(pred.float() / force_scale, target.float() / force_scale, kind)
+    err = per_atom_force_error(
+        pred.float() / force_scale, target.float() / force_scale, kind, beta
+    )
     return LossTerm(total=(weights * err).sum(), weight=weights.sum().detach())
 
 
@@ -115,6 +129,7 @@ class TrainLoss:
     force_scale: float
     energy_shift: float
     energy_scale: float
+    beta: float = 1.0  # smooth_l1 / berhu transition, normalised units
 
     def terms(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, LossTerm]:
         """The loss terms of one batch (model output ``out``, labels in ``batch``)."""
@@ -123,8 +138,9 @@ class TrainLoss:
         ).to(out[K.OUT_FORCES].device)
         terms = {
             "force": force_loss(
-                out[K.OUT_FORCES], batch[K.FORCES], w, kind=self.kind, force_scale=self.force_scale
-            )
+                out[K.OUT_FORCES], batch[K.FORCES], w, kind=self.kind,
+                force_scale=self.force_scale, beta=self.beta,
+            )  # fmt: skip
         }
         if K.OUT_ENERGY in out:
             terms["energy"] = energy_loss(

@@ -17,6 +17,14 @@ Metrics (units):
   (EFwT, fraction of structures with |ΔE| < 0.02 eV *and* max |ΔF| over free atoms and
   components < 0.03 eV/Å, both strict) — only when the model predicts an energy.
 * ``num_structures``, ``num_free_atoms``: the counts behind the means.
+
+Per OC20 tag, when the data have both free surface (tag 1) and adsorbate (tag 2) atoms:
+``forces_mae``, ``zero_forces_mae``, ``forces_cos``, ``forces_magnitude`` and
+``num_free_atoms`` again with the suffix ``_surface`` or ``_adsorbate``, over those free
+atoms only; and for every element among the free adsorbate atoms
+``forces_mae_adsorbate_<symbol>`` and ``zero_forces_mae_adsorbate_<symbol>`` (e.g.
+``forces_mae_adsorbate_C``). Data without tags (molecules: every atom tag 1) report the
+overall figures only.
 """
 
 from __future__ import annotations
@@ -48,6 +56,23 @@ STATE_FIELDS = (
 )
 _IDX = {name: i for i, name in enumerate(STATE_FIELDS)}
 
+#: OC20 tags with their own metrics: 1 surface, 2 adsorbate (tag 0 atoms are all fixed).
+TAG_GROUPS = {"surface": 1, "adsorbate": 2}
+#: Running sums per tag group, in order (same meaning as the overall fields).
+GROUP_FIELDS = ("abs_err", "abs_true", "cos", "magnitude", "n_free_atoms")
+#: Atomic numbers with a per-element slot (adsorbate atoms): 0..MAX_Z.
+MAX_Z = 100
+_GROUP0 = len(STATE_FIELDS)
+_ELEM0 = _GROUP0 + len(TAG_GROUPS) * len(GROUP_FIELDS)
+#: Per element: Σ|ΔF|, Σ|F| (components), number of atoms.
+STATE_SIZE = _ELEM0 + 3 * (MAX_Z + 1)
+
+
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z]
+
 
 def _free_atom_max_abs_error(abs_err: Tensor, batch: Tensor, free: Tensor, n_graphs: int) -> Tensor:
     """Per-structure max |ΔF| component over free atoms [G]; 0 for a structure without any."""
@@ -65,13 +90,14 @@ class OC20Metrics:
     """
 
     def __init__(self) -> None:
-        self._state = torch.zeros(len(STATE_FIELDS), dtype=torch.float64)
+        self._state = torch.zeros(STATE_SIZE, dtype=torch.float64)
 
     def reset(self) -> None:
         self._state.zero_()
 
     def state(self) -> Tensor:
-        """A copy of the running sums and counts [len(STATE_FIELDS)] float64."""
+        """A copy of the running sums and counts [STATE_SIZE] float64: the overall fields
+        (:data:`STATE_FIELDS`), then per tag group, then per adsorbate element."""
         return self._state.clone()
 
     def load_state(self, state: Tensor) -> None:
@@ -129,6 +155,25 @@ class OC20Metrics:
             s[_IDX["energy_abs_err"]] = e_err.sum().item()
             s[_IDX["efwt_hits"]] = float(hits.sum().item())
             s[_IDX["n_energy_structures"]] = float(n_graphs)
+        if K.TAGS in batch:
+            tags = batch[K.TAGS].to(f_hat.device)
+            abs_true = f_true.abs()
+            cos_all = torch.nn.functional.cosine_similarity(f_hat, f_true, dim=1)  # [N]
+            mag_all = (f_hat.norm(dim=1) - f_true.norm(dim=1)).abs()  # [N]
+            for g, tag in enumerate(TAG_GROUPS.values()):
+                m = free & (tags == tag)
+                base = _GROUP0 + g * len(GROUP_FIELDS)
+                s[base : base + len(GROUP_FIELDS)] = torch.stack([
+                    abs_err[m].sum(), abs_true[m].sum(), cos_all[m].sum(), mag_all[m].sum(),
+                    m.sum().to(torch.float64),
+                ]).cpu()  # fmt: skip
+            m = free & (tags == TAG_GROUPS["adsorbate"])
+            z = batch[K.ATOMIC_NUMBERS].to(f_hat.device)[m].long().clamp(0, MAX_Z)
+            per = torch.zeros(3, MAX_Z + 1, dtype=torch.float64, device=f_hat.device)
+            per[0].index_add_(0, z, abs_err[m].sum(dim=1))
+            per[1].index_add_(0, z, abs_true[m].sum(dim=1))
+            per[2].index_add_(0, z, torch.ones_like(z, dtype=torch.float64))
+            s[_ELEM0:] = per.reshape(-1).cpu()
         self._state += s
 
     def compute(self) -> dict[str, float]:
@@ -153,4 +198,32 @@ class OC20Metrics:
             out["energy_force_within_threshold"] = div(s["efwt_hits"], n_e)
         out["num_structures"] = s["n_structures"]
         out["num_free_atoms"] = n_atoms
+        out.update(self._per_tag())
+        return out
+
+    def _per_tag(self) -> dict[str, float]:
+        """The per-tag and per-adsorbate-element metrics (empty without both tags)."""
+        groups = {}
+        for g, name in enumerate(TAG_GROUPS):
+            base = _GROUP0 + g * len(GROUP_FIELDS)
+            groups[name] = dict(
+                zip(
+                    GROUP_FIELDS, self._state[base : base + len(GROUP_FIELDS)].tolist(), strict=True
+                )
+            )
+        if not all(v["n_free_atoms"] > 0 for v in groups.values()):
+            return {}
+        out = {}
+        for name, v in groups.items():
+            n = v["n_free_atoms"]
+            out[f"forces_mae_{name}"] = v["abs_err"] / (3 * n)
+            out[f"zero_forces_mae_{name}"] = v["abs_true"] / (3 * n)
+            out[f"forces_cos_{name}"] = v["cos"] / n
+            out[f"forces_magnitude_{name}"] = v["magnitude"] / n
+            out[f"num_free_atoms_{name}"] = n
+        per = self._state[_ELEM0:].reshape(3, MAX_Z + 1)
+        for z in torch.nonzero(per[2] > 0).flatten().tolist():
+            n = float(per[2, z])
+            out[f"forces_mae_adsorbate_{_symbol(z)}"] = float(per[0, z]) / (3 * n)
+            out[f"zero_forces_mae_adsorbate_{_symbol(z)}"] = float(per[1, z]) / (3 * n)
         return out

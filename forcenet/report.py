@@ -6,11 +6,13 @@ parity plots) and the learning curves: per-epoch metrics of each model's MLflow 
 ``run_id`` column) and/or training history CSVs. Writes into ``out_dir``:
 
 * ``results.parquet`` / ``results.csv``: one row per (model, split), one column per metric;
-* ``results.md``: force MAE per model × split next to the zero-force baseline, then the
-  full comparison (cos, magnitude, energy MAE/EFwT where present, rotation-covariance
-  error, throughput);
-* ``learning_curves.csv`` (``model, epoch, metric, value``; for ``dvc plots``);
-* ``plots/force_mae_by_split.png``, ``plots/learning_curves.png``,
+* ``results.md``: the training budget of each model (steps, seconds, graphs seen), force
+  MAE per model × split next to the zero-force baseline, the same for surface (tag 1) and
+  adsorbate (tag 2) atoms with the adsorbate MAE per element, then the full comparison
+  (cos, magnitude, energy MAE/EFwT where present, rotation-covariance error, throughput);
+* ``learning_curves.csv`` (``model, step, metric, value``; for ``dvc plots``);
+* ``plots/force_mae_by_split.png``, ``plots/force_mae_by_tag.png``,
+  ``plots/learning_curves.png`` (against optimizer steps and against seconds),
   ``plots/parity_<model>.png``.
 
 Every file is written under a temporary name and renamed when complete.
@@ -30,7 +32,6 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from forcenet.data import keys as K  # noqa: E402
 
@@ -56,8 +57,30 @@ RELAX_METRICS = {
     "relax_converged_fraction": "converged (model fmax)",
     "relax_mean_steps": "mean steps",
 }
-#: Per-epoch metrics drawn as learning curves (names logged by the training loop).
-CURVE_METRICS = {"train_loss": "training loss", "force_mae": "dev force MAE [eV/Å]"}
+#: Metrics drawn as learning curves (names logged by the training loop at each dev
+#: evaluation, against the optimizer step).
+CURVE_METRICS = {
+    "train_loss": "training loss (model's own definition)",
+    "force_mae": "dev force MAE [eV/Å]",
+    "force_mae_adsorbate": "dev force MAE, adsorbate atoms [eV/Å]",
+}
+#: Per-tag groups of the evaluation metrics (suffixes written by forcenet.metrics).
+TAG_GROUPS = {"": "all free atoms", "_surface": "surface (tag 1)", "_adsorbate": "adsorbate (tag 2)"}
+#: Rows of the training run (forcenet.evaluate.TRAINING_ROWS) and their headers.
+TRAINING_SPLIT = "training"
+TRAINING_METRICS = {
+    "train_steps": "optimizer steps",
+    "train_seconds": "seconds",
+    "train_graphs_seen": "graphs seen",
+    "selected_step": "step of the evaluated checkpoint",
+}
+#: One colour per model, the same in every plot.
+MODEL_COLOURS = {"forcenet": "C0", "schnet": "C1", "dimenetpp": "C2", "gns": "C3"}
+
+
+def model_colour(model: str) -> str:
+    extra = ["C4", "C5", "C6", "C7", "C8", "C9"]
+    return MODEL_COLOURS.get(str(model), extra[sum(map(ord, str(model))) % len(extra)])
 _LONG_COLUMNS = ("model", "split", "metric", "value")
 
 
@@ -87,7 +110,9 @@ def _split_order(splits) -> list[str]:
 
 def comparison_table(long: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, split) in split order, the summary metrics as columns (the
-    rest after them); a metric evaluated twice keeps its last value."""
+    rest after them); a metric evaluated twice keeps its last value. The rows of the
+    training run (split ``training``) are not a split and are left out."""
+    long = long[long.split != TRAINING_SPLIT]
     wide = long.pivot_table(index=["model", "split"], columns="metric", values="value",
                             aggfunc="last")  # fmt: skip
     wide.columns.name = None
@@ -135,8 +160,82 @@ def force_mae_matrix(table: pd.DataFrame) -> pd.DataFrame:
     return mat.reset_index()
 
 
-def results_markdown(table: pd.DataFrame, plots: Sequence[str]) -> str:
+def per_tag_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Force MAE (ratio to the zero-force baseline) and force cos per model and split, for
+    all free atoms, surface atoms and adsorbate atoms; empty without tags."""
+    if "forces_mae_adsorbate" not in table.columns:
+        return pd.DataFrame()
+    out = table[["model", "split"]].copy()
+    for g, label in TAG_GROUPS.items():
+        mae, zero = table[f"forces_mae{g}"], table[f"zero_forces_mae{g}"]
+        out[f"{label}: MAE (× zero)"] = [
+            f"{m:.4f} ({m / z:.2f}×)" if math.isfinite(m) and z > 0 else "–"
+            for m, z in zip(mae, zero, strict=True)
+        ]
+        out[f"{label}: cos"] = table[f"forces_cos{g}"]
+    return out
+
+
+def per_element_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Adsorbate force MAE per element (ratio to its zero-force baseline), model × split."""
+    prefix = "forces_mae_adsorbate_"
+    elements = sorted(c.removeprefix(prefix) for c in table.columns if c.startswith(prefix))
+    if not elements:
+        return pd.DataFrame()
+    out = table[["model", "split"]].copy()
+    for el in elements:
+        mae, zero = table[prefix + el], table["zero_" + prefix + el]
+        out[el] = [
+            f"{m:.3f} ({m / z:.2f}×)" if math.isfinite(m) and z > 0 else "–"
+            for m, z in zip(mae, zero, strict=True)
+        ]
+    return out
+
+
+def training_table(training: pd.DataFrame) -> pd.DataFrame:
+    """Steps, seconds and graphs seen per model (from the ``training`` rows)."""
+    if training.empty:
+        return pd.DataFrame()
+    wide = training.pivot_table(index="model", columns="metric", values="value", aggfunc="last")
+    cols = [m for m in TRAINING_METRICS if m in wide.columns]
+    return wide[cols].reset_index()
+
+
+def results_markdown(
+    table: pd.DataFrame, plots: Sequence[str], training: pd.DataFrame | None = None
+) -> str:
     """The text of ``results.md``."""
+    train = training_table(training if training is not None else pd.DataFrame())
+    budget = []
+    if not train.empty:
+        budget = [
+            "## Training budget",
+            "",
+            "Every model trains for a fixed number of optimizer steps (params.yaml "
+            "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
+            "machine is doing. The seconds are this run's wall clock.",
+            "",
+            markdown_table(train.map(lambda v: f"{v:,.0f}" if isinstance(v, float) else v),
+                           TRAINING_METRICS),  # fmt: skip
+            "",
+        ]
+    tags = per_tag_table(table)
+    by_tag = []
+    if not tags.empty:
+        elements = per_element_table(table)
+        by_tag = [
+            "## Force MAE by tag [eV/Å]",
+            "",
+            "Free atoms split by OC20 tag: surface slab atoms (tag 1) and adsorbate atoms "
+            "(tag 2). In brackets: the ratio to predicting F = 0 on the same atoms.",
+            "",
+            markdown_table(tags),
+            "",
+            "### Adsorbate atoms by element",
+            "",
+            markdown_table(elements),
+            "",
+        ]
     parts = [
         "# Results",
         "",
@@ -149,6 +248,8 @@ def results_markdown(table: pd.DataFrame, plots: Sequence[str]) -> str:
         "",
         markdown_table(force_mae_matrix(table)) if "forces_mae" in table.columns else "(none)",
         "",
+        *by_tag,
+        *budget,
         "## All metrics",
         "",
         markdown_table(
@@ -216,7 +317,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def curves_from_mlflow(long: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
-    """Per-epoch metrics (``model, epoch, metric, value``) of the runs named in ``long``.
+    """Training metrics (``model, step, metric, value``) of the runs named in ``long``.
 
     Without ``tracking_uri`` the default store is read only if its SQLite file exists
     (a report must not create an empty store). Unknown runs are skipped with a warning.
@@ -244,19 +345,19 @@ def curves_from_mlflow(long: pd.DataFrame, tracking_uri: str | None) -> pd.DataF
 
 
 def curves_from_csv(paths: Sequence[Path]) -> pd.DataFrame:
-    """Training history CSVs with an ``epoch`` column and one column per metric; the model
-    is the ``model`` column if present, else the name of the file's folder
-    (``checkpoints/<model>/history.csv``)."""
+    """Training history CSVs with a ``step`` column (optimizer steps) and one column per
+    metric; the model is the ``model`` column if present, else the name of the file's
+    folder (``checkpoints/<model>/history.csv``)."""
     frames = []
     for path in paths:
         wide = pd.read_csv(path)
-        if "epoch" not in wide.columns:
-            raise ValueError(f"{path}: a history CSV needs an 'epoch' column")
+        if "step" not in wide.columns:
+            raise ValueError(f"{path}: a history CSV needs a 'step' column")
         if "model" not in wide.columns:
             wide["model"] = Path(path).parent.name
-        frames.append(wide.melt(id_vars=["model", "epoch"], var_name="metric", value_name="value"))
+        frames.append(wide.melt(id_vars=["model", "step"], var_name="metric", value_name="value"))
     if not frames:
-        return pd.DataFrame(columns=["model", "epoch", "metric", "value"])
+        return pd.DataFrame(columns=["model", "step", "metric", "value"])
     out = pd.concat(frames, ignore_index=True)
     out["value"] = pd.to_numeric(out["value"], errors="coerce")
     return out.dropna(subset=["value"])
@@ -275,7 +376,8 @@ def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(splits), 4))
     for k, model in enumerate(models):
         rows = table[table.model == model].set_index("split").reindex(splits)
-        ax.bar(x - 0.4 + width * (k + 0.5), rows["forces_mae"], width, label=model)
+        ax.bar(x - 0.4 + width * (k + 0.5), rows["forces_mae"], width, label=model,
+               color=model_colour(model))  # fmt: skip
     if "zero_forces_mae" in table.columns:
         zero = table.groupby("split")["zero_forces_mae"].first().reindex(splits)
         ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
@@ -289,32 +391,75 @@ def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
 
 
 def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
-    """Training loss and dev force MAE against epoch, one line per model; False (and no
-    file) when no model has a curve of at least two epochs."""
-    baseline = curves[curves.metric == "zero_force_mae"]
-    curves = curves[curves.metric.isin(list(CURVE_METRICS))]
-    counts = curves.groupby(["model", "metric"]).epoch.nunique()
-    curves = curves.set_index(["model", "metric"]).loc[counts[counts >= 2].index].reset_index()
-    if curves.empty:
+    """Dev force MAE (all free atoms and adsorbate atoms) against optimizer steps and
+    against training seconds, and the training loss against steps, one colour per model,
+    with the zero-force baselines; False (and no file) when no model has a curve of at
+    least two points."""
+    curves = curves[curves.step > 0] if "step" in curves.columns else curves
+    wide = curves.pivot_table(index=["model", "step"], columns="metric", values="value",
+                              aggfunc="last").reset_index()  # fmt: skip
+    have = [m for m in CURVE_METRICS if m in wide.columns]
+    if not have or wide.groupby("model").step.nunique().max() < 2:
         return False
-    metrics = [m for m in CURVE_METRICS if m in set(curves.metric)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for model, rows in curves[curves.metric == metric].groupby("model"):
-            rows = rows.sort_values("epoch")
-            ax.plot(rows.epoch, rows.value, marker="o", markersize=3, label=model)
-        if metric == "force_mae" and len(baseline):
-            ax.axhline(baseline.value.median(), color="black", ls="--", lw=1,
+    panels = [(m, "step") for m in have if m != "train_loss"]
+    if "elapsed_s" in wide.columns:
+        panels += [(m, "elapsed_s") for m in have if m != "train_loss"]
+    if "train_loss" in have:
+        panels.append(("train_loss", "step"))
+    cols = 2 if len(panels) > 1 else 1
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
+    for ax, (metric, x) in zip(axes.flat, panels, strict=False):
+        for model, rows in wide.groupby("model"):
+            rows = rows.dropna(subset=[metric, x]).sort_values("step")
+            if len(rows) < 1:
+                continue
+            ax.plot(rows[x], rows[metric], marker="o", markersize=2.5, label=model,
+                    color=model_colour(model))  # fmt: skip
+        zero = "zero_" + metric
+        if metric.startswith("force_mae") and zero in wide.columns:
+            ax.axhline(wide[zero].median(), color="black", ls="--", lw=1,
                        label="zero-force baseline")  # fmt: skip
-        values = curves[curves.metric == metric].value
-        if values.min() > 0 and values.max() / values.min() > 20:
+        values = wide[metric].dropna()
+        if len(values) and values.min() > 0 and values.max() / values.min() > 20:
             ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer steps" if x == "step" else "training seconds")
         ax.set_ylabel(CURVE_METRICS[metric])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle("Learning curves")
+        ax.legend(fontsize="x-small")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle("Learning curves (dev slice of the training systems)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return True
+
+
+def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
+    """Force MAE per split and model for surface and adsorbate atoms (one panel each),
+    the zero-force baseline as a dashed tick; False when the data have no tags."""
+    groups = [g for g in ("_surface", "_adsorbate") if f"forces_mae{g}" in table.columns]
+    if not groups:
+        return False
+    splits = _split_order(table.split)
+    models = sorted(table.model.unique())
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(splits))
+    fig, axes = plt.subplots(1, len(groups), figsize=(2 + 3 * len(splits), 3.8), squeeze=False)
+    for ax, g in zip(axes[0], groups, strict=True):
+        for k, model in enumerate(models):
+            rows = table[table.model == model].set_index("split").reindex(splits)
+            ax.bar(x - 0.4 + width * (k + 0.5), rows[f"forces_mae{g}"], width, label=model,
+                   color=model_colour(model))  # fmt: skip
+        zero = table.groupby("split")[f"zero_forces_mae{g}"].first().reindex(splits)
+        ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
+                  label="zero-force baseline")  # fmt: skip
+        ax.set_xticks(x, splits, fontsize="small")
+        ax.set_title(TAG_GROUPS[g])
+        ax.set_ylabel("force MAE on free atoms [eV/Å]")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Force MAE by tag and split")
     _save_figure(fig, path)
     return True
 
@@ -349,7 +494,7 @@ def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
     mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")
     split = pred.split.iloc[0] if len(pred) else "?"
     ax.set_title(f"{model} on {split} (free atoms)\nforce MAE {mae:.4f} eV/Å", fontsize="medium")
-    ax.set_xlabel("DFT force component [eV/Å]")
+    ax.set_xlabel("reference force component [eV/Å]")
     ax.set_ylabel("predicted force component [eV/Å]")
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize="small")
@@ -374,6 +519,8 @@ def build_report(
     tables (store ``tracking_uri``, default the project store) and from ``histories``."""
     out_dir = Path(out_dir)
     long = load_metrics(metrics_parquets)
+    training = long[long.split == TRAINING_SPLIT]
+    long = long[long.split != TRAINING_SPLIT]
     table = comparison_table(long)
     _write_frame(out_dir / "results.parquet", table)
     _write_frame(out_dir / "results.csv", table)
@@ -381,6 +528,8 @@ def build_report(
     if "forces_mae" in table.columns:
         plot_force_mae_bars(table, out_dir / "plots" / "force_mae_by_split.png")
         plots.append("plots/force_mae_by_split.png")
+    if plot_force_mae_by_tag(table, out_dir / "plots" / "force_mae_by_tag.png"):
+        plots.append("plots/force_mae_by_tag.png")
     curves = pd.concat([curves_from_mlflow(long, tracking_uri), curves_from_csv(histories)],
                        ignore_index=True)  # fmt: skip
     _write_frame(out_dir / "learning_curves.csv", curves)
@@ -391,7 +540,7 @@ def build_report(
         name = f"plots/parity_{_safe_name(str(model))}.png"
         plot_parity(rows, str(model), out_dir / name)
         plots.append(name)
-    _write_text(out_dir / "results.md", results_markdown(table, plots))
+    _write_text(out_dir / "results.md", results_markdown(table, plots, training))
 
 
 def _safe_name(name: str) -> str:

@@ -1,8 +1,8 @@
 """The learning-rate schedule as one written-out function (no scheduler object).
 
 The multiplier of the base learning rate depends on the optimizer step and on the
-training progress in [0, 1], the larger of (steps done / steps in the epoch budget) and
-(seconds trained / wall-clock budget). Decay is therefore defined against whichever budget
+training progress in [0, 1], the larger of (steps done / steps in the step budget) and
+(seconds trained / wall-clock budget, when one is set). Decay is therefore defined against whichever budget
 ends the run, so a time-limited run still anneals to its floor when its time is up.
 Because the schedule is a pure function of (step, progress), resuming restores it exactly
 from the step counter and the elapsed training time stored in the checkpoint.
@@ -49,9 +49,25 @@ def lr_factor(
 
 
 def budget_progress(
-    step: int, steps_per_epoch: int, max_epochs: int, elapsed_s: float, time_budget_s: float
+    step: int,
+    steps_per_epoch: int,
+    max_epochs: int,
+    elapsed_s: float,
+    time_budget_s: float,
+    max_steps: int = 0,
 ) -> float:
-    """Fraction of the training budget used: the larger of the step and time fractions."""
-    p_steps = step / max(1, steps_per_epoch * max_epochs)
+    """Fraction of the training budget used: the larger of the step and time fractions.
+
+    The step budget is ``max_steps`` when set (> 0) and shorter than the epoch cap,
+    otherwise ``steps_per_epoch * max_epochs``.
+    """
+    p_steps = step / max(1, total_steps(steps_per_epoch, max_epochs, max_steps))
     p_time = elapsed_s / time_budget_s if time_budget_s > 0 else 0.0
     return min(1.0, max(p_steps, p_time))
+
+
+def total_steps(steps_per_epoch: int, max_epochs: int, max_steps: int = 0) -> int:
+    """Optimizer steps of a run: the step budget ``max_steps`` (0 = none), capped by
+    ``max_epochs`` epochs of ``steps_per_epoch``."""
+    cap = steps_per_epoch * max_epochs
+    return min(cap, max_steps) if max_steps > 0 else cap

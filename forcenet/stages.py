@@ -35,7 +35,7 @@ def train_model(
             graph=config.graph_settings(params),
             resume=resume,
             params_snapshot=snapshot,
-            on_epoch_end=lambda epoch, metrics: tracking.log_epoch(run, epoch, metrics),
+            on_epoch_end=lambda step, metrics: tracking.log_epoch(run, step, metrics),
         )
     except BaseException:
         tracking.finish_run(run, status="FAILED")

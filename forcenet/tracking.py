@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 RUN_ID_FILE = "run_id.txt"
-HISTORY_COLUMNS = ["metric", "epoch", "value"]
+HISTORY_COLUMNS = ["metric", "step", "value"]
 DEFAULT_EXPERIMENT = "forcenet"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -247,10 +247,10 @@ def log_metrics(run: TrackedRun | None, metrics: Mapping[str, float], *, step: i
         run.client.log_batch(run.run_id, metrics=items[start : start + 1000])
 
 
-def log_epoch(run: TrackedRun | None, epoch: int, metrics: Mapping[str, float]) -> None:
-    """Training-loop callback: per-epoch metrics (e.g. ``train/loss``,
-    ``val/forces_mae``, ``lr``) with ``step = epoch``."""
-    log_metrics(run, metrics, step=epoch)
+def log_epoch(run: TrackedRun | None, step: int, metrics: Mapping[str, float]) -> None:
+    """Training-loop callback: the metrics of one dev evaluation (``train_loss``,
+    ``force_mae``, ``elapsed_s``, ``lr``, ...) at MLflow step = the optimizer step."""
+    log_metrics(run, metrics, step=step)
 
 
 def log_split_metrics(run: TrackedRun | None, table: pd.DataFrame) -> None:
@@ -284,14 +284,14 @@ def finish_run(run: TrackedRun | None, status: str = "FINISHED") -> None:
 
 
 def epoch_history(run_id: str, *, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Every metric history of a run as a long table ``metric, epoch, value``.
+    """Every metric history of a run as a long table ``metric, step, value``.
 
-    Final ``<split>/<metric>`` values appear as single points at epoch 0; curves are the
-    metrics with more than one epoch.
+    Final ``<split>/<metric>`` values appear as single points at step 0; curves are the
+    training metrics logged at each dev evaluation against the optimizer step.
     """
     client = _client(tracking_uri)
     rows = []
     for key in client.get_run(run_id).data.metrics:
         for m in client.get_metric_history(run_id, key):
-            rows.append({"metric": key, "epoch": int(m.step), "value": float(m.value)})
+            rows.append({"metric": key, "step": int(m.step), "value": float(m.value)})
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)

@@ -4,8 +4,10 @@
 fraction of the training systems, by ``sid``) that drives model selection (``best.pt``)
 and diagnostics; the validation splits are never touched here. It checkpoints every epoch
 and at the end of the budget (``out_dir/last.pt``; ``best.pt`` by dev force MAE), resumes
-exactly (step counter, epoch, position inside the epoch, RNG states), runs under torchrun
-(DDP) and stops at the epoch budget or the wall-clock budget, whichever comes first.
+exactly (step counter, epoch, position inside the epoch, RNG states) and runs under torchrun
+(DDP). The budget is a number of optimizer steps (``max_steps``), so that the same params,
+seed and thread count give the same weights whatever else the machine is doing; an epoch
+cap and an opt-in wall-clock cap end a run earlier if they bind first.
 
 Labels are normalised by constants from the training set (force scale = RMS of the
 free-atom force components; energy mean/std per structure), stored as buffers of the
@@ -35,7 +37,7 @@ from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
 from forcenet.runtime import tune_malloc
-from forcenet.schedule import LrDecay, budget_progress, lr_factor
+from forcenet.schedule import LrDecay, budget_progress, lr_factor, total_steps
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -47,9 +49,12 @@ class TrainConfig:
     Optimiser AdamW(``lr``, ``weight_decay``). Schedule: linear warm-up over
     ``warmup_steps`` from ``warmup_start * lr``, then ``lr_decay`` (cosine to
     ``min_lr_factor * lr``, or x ``gamma`` at each of ``milestones``, fractions of the
-    budget). Budget: ``max_epochs`` and ``time_budget_s`` [s] (0 = none), whichever ends
-    first. Loss: ``force_loss`` on forces divided by the force scale, per-atom weights
-    from ``loss_atoms`` (``tag_weights`` for tags 0/1/2, or free atoms only), plus
+    budget). Budget: ``max_steps`` optimizer steps (0 = none), capped by ``max_epochs``
+    and by the opt-in wall-clock cap ``time_budget_s`` [s] (0 = none), whichever ends
+    first; only a step or epoch budget is reproducible. ``eval_every``: dev evaluation
+    (and ``last.pt``) every that many steps, besides each epoch end (0 = epoch ends only). Loss: ``force_loss`` on forces divided by the force scale, per-atom weights
+    from ``loss_atoms`` (``tag_weights`` for tags 0/1/2, or free atoms only; ``loss_beta``
+    is the smooth_l1/berhu transition in normalised units), plus
     ``energy_coef`` x L1 on normalised energies for models with an energy.
     ``clip_grad`` [normalised units] 0 = off. ``rotation_augment``: a random SO(3) rotation
     of every training structure (pos, cell, forces) at each draw. ``amp``: bf16 autocast,
@@ -67,8 +72,11 @@ class TrainConfig:
     batch_size: int = 16
     eval_batch_size: int = 32
     max_epochs: int = 100
+    max_steps: int = 0
+    eval_every: int = 0
     time_budget_s: float = 0.0
     force_loss: ForceLossKind = "l1"
+    loss_beta: float = 1.0
     loss_atoms: LossAtoms = "tag_weighted"
     tag_weights: tuple[float, ...] = (0.05, 1.0, 1.0)
     force_coef: float = 1.0
@@ -85,9 +93,12 @@ class TrainConfig:
             "lr > 0": self.lr > 0,
             "batch_size >= 1": self.batch_size >= 1,
             "max_epochs >= 1": self.max_epochs >= 1,
+            "max_steps >= 0": self.max_steps >= 0,
+            "eval_every >= 0": self.eval_every >= 0,
             "time_budget_s >= 0": self.time_budget_s >= 0,
             "0 <= dev_fraction < 1": 0 <= self.dev_fraction < 1,
             "warmup_steps >= 0": self.warmup_steps >= 0,
+            "loss_beta > 0": self.loss_beta > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -170,37 +181,50 @@ def evaluate(
     """Exact dataset-level metrics over free atoms, summed over ranks (non-padded shards).
 
     ``force_mae`` (eV/Å): mean |F_pred - F| over free atoms x 3 components;
-    ``zero_force_mae``: the same for predicting zero (mean |F|); ``energy_mae`` (eV) per
-    structure when the model has an energy; ``n_free_atoms``, ``n_structures``.
+    ``zero_force_mae``: the same for predicting zero (mean |F|); the same two restricted to
+    free surface (tag 1) and adsorbate (tag 2) atoms as ``force_mae_surface``,
+    ``force_mae_adsorbate``, ``zero_force_mae_surface``, ``zero_force_mae_adsorbate`` (when
+    there are such atoms); ``energy_mae`` (eV) per structure when the model has an energy;
+    ``n_free_atoms``, ``n_structures``.
     """
     model.eval()
     needs_grad = bool(getattr(model, "energy_from_gradient", False))
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # |dF|, |F|, n_comp, |dE|, G
+    groups = ("", "_surface", "_adsorbate")
+    # per group: |dF|, |F|, n_comp; then |dE|, G
+    sums = torch.zeros(3 * len(groups) + 2, dtype=torch.float64, device=device)
     has_energy = False
     for batch in loader:
         batch = batch_to(batch, device)
         with torch.set_grad_enabled(needs_grad):
             out = model(batch)
         free = ~batch[K.FIXED]
-        df = (out[K.OUT_FORCES].detach().double() - batch[K.FORCES].double())[free]
-        sums[0] += df.abs().sum()
-        sums[1] += batch[K.FORCES][free].double().abs().sum()
-        sums[2] += df.numel()
+        tags = batch[K.TAGS]
+        dfa = (out[K.OUT_FORCES].detach().double() - batch[K.FORCES].double()).abs()
+        fa = batch[K.FORCES].double().abs()
+        for g, mask in enumerate((free, free & (tags == 1), free & (tags == 2))):
+            sums[3 * g] += dfa[mask].sum()
+            sums[3 * g + 1] += fa[mask].sum()
+            sums[3 * g + 2] += 3 * mask.sum()
         if K.OUT_ENERGY in out:
             has_energy = True
             de = out[K.OUT_ENERGY].detach().double() - batch[K.ENERGY].double()
-            sums[3] += de.abs().sum()
-        sums[4] += batch[K.NATOMS].numel()
+            sums[-2] += de.abs().sum()
+        sums[-1] += batch[K.NATOMS].numel()
     sums = D.all_reduce_sum(sums)
-    n_comp, n_graphs = float(sums[2]), float(sums[4])
+    n_graphs = float(sums[-1])
     metrics = {
-        "force_mae": float(sums[0]) / max(n_comp, 1.0),
-        "zero_force_mae": float(sums[1]) / max(n_comp, 1.0),
-        "n_free_atoms": n_comp / 3.0,
+        "force_mae": float(sums[0]) / max(float(sums[2]), 1.0),
+        "zero_force_mae": float(sums[1]) / max(float(sums[2]), 1.0),
+        "n_free_atoms": float(sums[2]) / 3.0,
         "n_structures": n_graphs,
     }
+    for g, suffix in enumerate(groups[1:], start=1):
+        n = float(sums[3 * g + 2])
+        if n > 0:
+            metrics[f"force_mae{suffix}"] = float(sums[3 * g]) / n
+            metrics[f"zero_force_mae{suffix}"] = float(sums[3 * g + 1]) / n
     if has_energy:
-        metrics["energy_mae"] = float(sums[3]) / max(n_graphs, 1.0)
+        metrics["energy_mae"] = float(sums[-2]) / max(n_graphs, 1.0)
     return metrics
 
 
@@ -271,6 +295,7 @@ class _Progress:
     epoch: int = 0  # index of the current epoch (= completed epochs)
     batches_in_epoch: int = 0  # batches of the current epoch already trained on
     elapsed_s: float = 0.0  # wall-clock seconds trained so far, over all restarts
+    graphs_seen: int = 0  # training structures consumed, over all ranks
     best_metric: float | None = None  # best dev force MAE (eV/Å)
 
 
@@ -376,31 +401,38 @@ def fit_datasets(
         if progress.best_metric is not None and metrics.get("force_mae") == progress.best_metric:
             C.save_checkpoint(out_dir / "best.pt", state)
 
+    budget = total_steps(steps_per_epoch, cfg.max_epochs, cfg.max_steps)
     bar = tqdm(
-        total=steps_per_epoch * cfg.max_epochs, initial=progress.step, disable=not info.is_main,
+        total=budget, initial=progress.step, disable=not info.is_main,
         desc=f"train {model_name}", mininterval=1.0, dynamic_ncols=True,
     )  # fmt: skip
     clock0 = _now() - progress.elapsed_s
-    while progress.epoch < cfg.max_epochs:
-        if cfg.time_budget_s > 0 and D.sync_max(_now() - clock0) >= cfg.time_budget_s:
-            break  # budget used up exactly at an epoch end (already checkpointed)
+
+    def out_of_time() -> bool:
+        return cfg.time_budget_s > 0 and D.sync_max(_now() - clock0) >= cfg.time_budget_s
+
+    while progress.step < budget and not out_of_time():
         done = _train_epoch(cfg, net, optimizer, loss_fn, train_set, progress, info,
-                            steps_per_epoch, clock0, bar)  # fmt: skip
+                            steps_per_epoch, budget, clock0, bar)  # fmt: skip
         metrics = evaluate(model, dev_loader, device=info.device) if len(dev_set) else {}
         metrics.update(done)
-        number = progress.epoch + 1 if progress.batches_in_epoch == steps_per_epoch else None
-        if number is not None:
+        if progress.batches_in_epoch == steps_per_epoch:
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+        metrics["epoch"] = progress.epoch + progress.batches_in_epoch / steps_per_epoch
         mae = metrics.get("force_mae")
+        if mae is not None and not math.isfinite(mae):
+            raise FloatingPointError(
+                f"train {model_name}: dev force MAE is {mae} at step {progress.step}"
+            )
         if mae is not None and (progress.best_metric is None or mae < progress.best_metric):
             progress.best_metric = mae
         if info.is_main:
             save(metrics)
         D.barrier()
         if info.is_main and on_epoch_end is not None:
-            on_epoch_end(number or progress.epoch + 1, metrics)
-        if number is None:  # the wall-clock budget ended inside the epoch
-            break
+            on_epoch_end(progress.step, metrics)
+        if info.is_main and not bar.disable:
+            bar.write(_progress_line(model_name, progress, budget, metrics))
     bar.close()
     best = out_dir / "best.pt"
     return best if best.is_file() else last
@@ -415,10 +447,12 @@ def _train_epoch(
     progress: _Progress,
     info: D.DistInfo,
     steps_per_epoch: int,
+    budget: int,
     clock0: float,
     bar: tqdm,
 ) -> dict[str, float]:
-    """Train the rest of the current epoch or until the wall-clock budget ends."""
+    """Train the rest of the current epoch, or up to the next dev evaluation
+    (``cfg.eval_every``), the step budget ``budget`` or the wall-clock cap."""
     indices = D.epoch_indices(
         len(train_set), epoch=progress.epoch, seed=cfg.seed, rank=info.rank,
         world_size=info.world_size,
@@ -435,7 +469,8 @@ def _train_epoch(
         if cfg.time_budget_s > 0 and progress.elapsed_s >= cfg.time_budget_s:
             break
         frac = budget_progress(progress.step, steps_per_epoch, cfg.max_epochs,
-                               progress.elapsed_s, cfg.time_budget_s)  # fmt: skip
+                               progress.elapsed_s, cfg.time_budget_s,
+                               cfg.max_steps)  # fmt: skip
         lr = cfg.lr * lr_factor(
             progress.step, frac, warmup_steps=cfg.warmup_steps, warmup_start=cfg.warmup_start,
             decay=cfg.lr_decay, milestones=cfg.milestones, gamma=cfg.gamma,
@@ -455,16 +490,30 @@ def _train_epoch(
         progress.batches_in_epoch += 1
         loss_sum, n_steps = loss_sum + diag["loss"], n_steps + 1
         n_graphs += len(batch[K.NATOMS]) * info.world_size
+        progress.graphs_seen += len(batch[K.NATOMS]) * info.world_size
         rate = n_graphs / max(_now() - t_start, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{diag['loss']:.4f}", graphs_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+        if progress.step >= budget or (cfg.eval_every and progress.step % cfg.eval_every == 0):
+            break
     progress.elapsed_s = D.sync_max(_now() - clock0)
     return {
         "train_loss": loss_sum / max(n_steps, 1),
         "step": float(progress.step),
         "elapsed_s": progress.elapsed_s,
+        "graphs_seen": float(progress.graphs_seen),
         "graphs_per_s": n_graphs / max(_now() - t_start, 1e-9),
+        "lr": lr if n_steps else 0.0,
     }
+
+
+def _progress_line(name: str, progress: _Progress, budget: int, metrics: dict) -> str:
+    """One plain line per dev evaluation (readable in a log file)."""
+    parts = [f"train {name}: step {progress.step}/{budget}", f"{progress.elapsed_s:.0f} s"]
+    for key, label in (("train_loss", "loss"), ("force_mae", "dev force MAE"), ("lr", "lr")):
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.4g}")
+    return ", ".join(parts)
 
 
 def _unwrap(net: nn.Module) -> nn.Module:
@@ -489,7 +538,7 @@ def _make_loss(cfg: TrainConfig, model: C.ScaledModel) -> TrainLoss:
         kind=cfg.force_loss, atoms=cfg.loss_atoms, tag_weights=cfg.tag_weights,
         force_coef=cfg.force_coef, energy_coef=cfg.energy_coef,
         force_scale=float(model.force_scale), energy_shift=float(model.energy_shift),
-        energy_scale=float(model.energy_scale),
+        energy_scale=float(model.energy_scale), beta=cfg.loss_beta,
     )  # fmt: skip
 
 

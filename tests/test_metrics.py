@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forcenet.data import keys as K
-from forcenet.metrics import STATE_FIELDS, OC20Metrics
+from forcenet.metrics import STATE_SIZE, OC20Metrics
 
 
 def _make(natoms: list[int], seed: int, with_energy: bool = True):
@@ -135,7 +135,7 @@ def test_state_merge_equals_single_pass_and_load_state():
     for key, value in whole.compute().items():
         assert a.compute()[key] == pytest.approx(value, rel=1e-12)
         assert c.compute()[key] == pytest.approx(value, rel=1e-12)
-    assert whole.state().shape == (len(STATE_FIELDS),)
+    assert whole.state().shape == (STATE_SIZE,)
     with pytest.raises(ValueError, match="shape"):
         c.load_state(torch.zeros(3))
 

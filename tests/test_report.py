@@ -28,7 +28,18 @@ def _long(model: str, run_id: str) -> pd.DataFrame:
         }
         if model == "schnet":
             metrics |= {"energy_mae": 0.4, "energy_force_within_threshold": 0.0}
+        for tag, factor in (("surface", 0.5), ("adsorbate", 2.0)):
+            metrics |= {
+                f"forces_mae_{tag}": factor * metrics["forces_mae"],
+                f"zero_forces_mae_{tag}": factor * ZERO[split],
+                f"forces_cos_{tag}": 0.4,
+                f"forces_magnitude_{tag}": 0.1,
+            }
+        metrics |= {"forces_mae_adsorbate_C": 0.3, "zero_forces_mae_adsorbate_C": 0.6}
         rows += [(model, split, m, v, run_id) for m, v in metrics.items()]
+    training = {"train_steps": 1000.0 + len(model), "train_seconds": 150.0,
+                "train_graphs_seen": 16000.0, "selected_step": 900.0}  # fmt: skip
+    rows += [(model, "training", m, v, run_id) for m, v in training.items()]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -75,14 +86,15 @@ def inputs(tmp_path, monkeypatch):
     history = tmp_path / "checkpoints" / "gns" / "history.csv"
     history.parent.mkdir(parents=True)
     pd.DataFrame(
-        {"epoch": [0, 1, 2], "train_loss": [2.0, 1.0, 0.7], "force_mae": [0.4, 0.3, 0.25]}
+        {"step": [100, 200, 300], "train_loss": [2.0, 1.0, 0.7], "force_mae": [0.4, 0.3, 0.25]}
     ).to_csv(history, index=False)
     fn_history = tmp_path / "checkpoints" / "forcenet" / "history.csv"
     fn_history.parent.mkdir(parents=True)
     pd.DataFrame(
         {
             "model": "forcenet",
-            "epoch": range(4),
+            "step": [50, 100, 150, 200],
+            "elapsed_s": [5.0, 10.0, 15.0, 20.0],
             "train_loss": [1.0 / (e + 1) for e in range(4)],
             "force_mae": [0.3 - 0.05 * e for e in range(4)],
         }
@@ -114,11 +126,21 @@ def test_build_report_tables_and_plots(inputs, tmp_path):
 
     curves = pd.read_csv(out / "learning_curves.csv")
     assert set(curves.model) == {"forcenet", "gns"}
-    fn = curves[(curves.model == "forcenet") & (curves.metric == "train_loss")].sort_values("epoch")
+    fn = curves[(curves.model == "forcenet") & (curves.metric == "train_loss")].sort_values("step")
     assert fn.value.tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+
+    # per-tag table: MAE with its ratio to the tag's own zero baseline; per element
+    assert "adsorbate (tag 2): MAE (× zero)" in md
+    ads = 2.0 * (MAE["gns"] + 0.01)  # gns on val_id (SPLITS[1])
+    assert f"{ads:.4f} ({ads / (2.0 * ZERO['val_id']):.2f}×)" in md
+    assert "### Adsorbate atoms by element" in md and "0.300 (0.50×)" in md
+    # training budget: steps, seconds and graphs per model; not a split of the tables
+    assert "## Training budget" in md and "| gns | 1,003 | 150 | 16,000 | 900 |" in md
+    assert "training" not in set(table.split)
 
     for name in [
         "force_mae_by_split",
+        "force_mae_by_tag",
         "learning_curves",
         "parity_forcenet",
         "parity_schnet",

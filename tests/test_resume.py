@@ -49,8 +49,8 @@ def test_kill_after_epoch_then_resume_matches_uninterrupted(samples, tmp_path):
     cfg = tiny_config(max_epochs=3, rotation_augment=True, lr_decay="cosine", warmup_steps=3)
     _fit(cfg, samples, tmp_path / "full")
 
-    def crash(epoch, metrics):
-        if epoch == 1:
+    def crash(step, metrics):
+        if step == 4:  # right after the first epoch's checkpoint
             raise Killed
 
     with pytest.raises(Killed):
@@ -58,7 +58,7 @@ def test_kill_after_epoch_then_resume_matches_uninterrupted(samples, tmp_path):
     assert C.load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 4
     seen = []
     _fit(cfg, samples, tmp_path / "cut", resume=True, on_epoch_end=lambda e, m: seen.append(e))
-    assert seen == [2, 3]  # epochs continue, the first is not repeated
+    assert seen == [8, 12]  # epochs continue (4 steps each), the first is not repeated
     full = C.load_checkpoint(tmp_path / "full" / "last.pt")
     cut = C.load_checkpoint(tmp_path / "cut" / "last.pt")
     assert cut["step"] == full["step"] == 12 and cut["epoch"] == 3

@@ -100,13 +100,13 @@ def test_train_then_evaluate_share_one_run(store, in_repo, monkeypatch):
     assert row["tags.model"] == "schnet"
     assert row["tags.mlflow.source.git.commit"] == "a" * 40
     hist = tracking.epoch_history(run.run_id, tracking_uri=store)
-    loss = hist[hist.metric == "train/loss"].sort_values("epoch")
-    assert loss.epoch.tolist() == [0, 1, 2] and loss.value.tolist() == [1.0, 0.5, 0.25]
+    loss = hist[hist.metric == "train/loss"].sort_values("step")
+    assert loss.step.tolist() == [0, 1, 2] and loss.value.tolist() == [1.0, 0.5, 0.25]
     # the report reads the same curves through the run id of the metrics table
     from forcenet.report import curves_from_mlflow
 
     curves = curves_from_mlflow(table.assign(model="schnet", run_id=run.run_id), store)
-    got = curves[(curves.metric == "train/loss")].sort_values("epoch")
+    got = curves[(curves.metric == "train/loss")].sort_values("step")
     assert set(curves.model) == {"schnet"} and got.value.tolist() == [1.0, 0.5, 0.25]
     # artifacts land under <repo root>/mlartifacts
     assert list((in_repo / "mlartifacts").rglob("last.pt"))

@@ -205,11 +205,12 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
     path = T.fit_datasets(
         cfg, "gns", TINY_GNS, train_set=samples[:20], dev_set=samples[20:], out_dir=tmp_path,
         graph=GRAPH, params_snapshot={"train": {"lr": 5e-3}},
-        on_epoch_end=lambda epoch, m: seen.append((epoch, m)),
+        on_epoch_end=lambda step, m: seen.append((step, m)),
     )  # fmt: skip
     assert path == tmp_path / "best.pt" and (tmp_path / "last.pt").is_file()
-    assert [e for e, _ in seen] == [1, 2, 3]
-    assert [m["step"] for _, m in seen] == [5.0, 10.0, 15.0]  # 20 frames / batch 4
+    assert [s for s, _ in seen] == [5, 10, 15]  # 20 frames / batch 4
+    assert [m["epoch"] for _, m in seen] == [1.0, 2.0, 3.0]
+    assert [m["graphs_seen"] for _, m in seen] == [20.0, 40.0, 60.0]
     assert all(math.isfinite(m["force_mae"]) for _, m in seen)
     assert seen[-1][1]["force_mae"] < seen[0][1]["zero_force_mae"]  # learned something
     assert not list(tmp_path.glob("*.tmp"))

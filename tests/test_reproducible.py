@@ -1,0 +1,151 @@
+"""A step budget makes training reproducible: the same params, seed and thread count give
+bit-identical weights, whatever the machine's load (the wall clock plays no part)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.build import add_adsorbate, fcc111
+from ase.calculators.emt import EMT
+
+from forcenet import checkpoint as C
+from forcenet import train as T
+from forcenet.data.frame import Frame
+from forcenet.schedule import lr_factor
+from test_train import GRAPH, make_samples, tiny_config
+
+TINY_FORCENET = {"hidden_channels": 16, "num_interactions": 2, "decoder_hidden_channels": 16,
+                 "num_freqs": 8, "cutoff": GRAPH["cutoff"], "zero_init_decoder": True,
+                 "basis_init_gain": 30.0}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[dict]:
+    return make_samples()
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_budget_runs_are_bit_identical(samples, tmp_path, monkeypatch):
+    cfg = tiny_config(max_epochs=50, max_steps=7, eval_every=3, rotation_augment=True)
+    runs = []
+    for k, name in enumerate(("a", "b")):
+        # a slow and a fast "machine": the clock must not change anything
+        ticks = iter(range(0, 10**7, 1 + 50 * k))
+        monkeypatch.setattr(T, "_now", lambda ticks=ticks: float(next(ticks)))
+        seen = []
+        T.fit_datasets(cfg, "forcenet", TINY_FORCENET, train_set=samples[:20],
+                       dev_set=samples[20:], out_dir=tmp_path / name, graph=GRAPH,
+                       on_epoch_end=lambda s, m, seen=seen: seen.append((s, m)))  # fmt: skip
+        runs.append((seen, C.load_checkpoint(tmp_path / name / "last.pt")))
+    (seen_a, a), (seen_b, b) = runs
+    # 5 steps per epoch: dev evaluations every 3 steps, at the epoch end and at the budget
+    assert [s for s, _ in seen_a] == [3, 5, 6, 7]
+    assert a["step"] == b["step"] == 7
+    assert _state_equal(a["model_state"], b["model_state"])
+    assert [m["force_mae"] for _, m in seen_a] == [m["force_mae"] for _, m in seen_b]
+    assert a["best_metric"] == b["best_metric"]
+    # the time differed, and it was recorded, but it did not enter the result
+    assert a["train_info"]["progress"]["elapsed_s"] != b["train_info"]["progress"]["elapsed_s"]
+    # the learning rate anneals over the step budget, not the epoch cap
+    last = lr_factor(6, 6 / 7, warmup_steps=cfg.warmup_steps, warmup_start=cfg.warmup_start,
+                     decay=cfg.lr_decay, milestones=cfg.milestones, gamma=cfg.gamma,
+                     min_factor=cfg.min_lr_factor)  # fmt: skip
+    assert seen_a[-1][1]["lr"] == pytest.approx(cfg.lr * last, rel=1e-9)
+
+
+def test_wall_clock_cap_is_opt_in(samples, tmp_path, monkeypatch):
+    """With no time budget a slow clock changes nothing; with one, training stops early."""
+    ticks = iter(range(0, 10**8, 1000))  # 1000 "seconds" per clock read
+    monkeypatch.setattr(T, "_now", lambda: float(next(ticks)))
+    T.fit_datasets(tiny_config(max_steps=6), "gns", {"hidden_channels": 8, "num_interactions": 1,
+                   "mlp_layers": 1, "cutoff": GRAPH["cutoff"]}, train_set=samples[:20],
+                   dev_set=samples[20:], out_dir=tmp_path / "steps", graph=GRAPH)  # fmt: skip
+    assert C.load_checkpoint(tmp_path / "steps" / "last.pt")["step"] == 6
+    capped = tiny_config(max_steps=6, time_budget_s=2500.0)
+    T.fit_datasets(capped, "gns", {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1,
+                   "cutoff": GRAPH["cutoff"]}, train_set=samples[:20], dev_set=samples[20:],
+                   out_dir=tmp_path / "capped", graph=GRAPH)  # fmt: skip
+    assert C.load_checkpoint(tmp_path / "capped" / "last.pt")["step"] < 6
+
+
+def test_invalid_step_budget_is_refused():
+    with pytest.raises(ValueError, match="max_steps >= 0"):
+        T.TrainConfig(max_steps=-1)
+    with pytest.raises(ValueError, match="eval_every >= 0"):
+        T.TrainConfig(eval_every=-5)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _frames(n_systems: int, frames_per_system: int) -> list[Frame]:
+    rng = np.random.default_rng(3)
+    out = []
+    for sid in range(n_systems):
+        slab = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)
+        add_adsorbate(slab, "O" if sid % 2 else "H", 1.5, "fcc")
+        z = slab.positions[:, 2]
+        fixed = z < z.min() + 0.5
+        tags = np.where(fixed, 0, 1)
+        tags[-1] = 2
+        for fid in range(frames_per_system):
+            atoms = slab.copy()
+            atoms.positions += rng.normal(0.0, 0.06, atoms.positions.shape)
+            atoms.calc = EMT()
+            out.append(Frame(
+                atomic_numbers=atoms.numbers.astype(np.int64), pos=atoms.positions.copy(),
+                cell=np.array(atoms.cell), pbc=np.array([True, True, True]),
+                tags=tags.astype(np.int64), fixed=fixed.copy(), forces=atoms.get_forces(),
+                total_energy=float(atoms.get_potential_energy()), reference_energy=0.0,
+                sid=sid, fid=fid,
+            ))  # fmt: skip
+    return out
+
+
+def test_cli_train_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
+    """`forcenet train forcenet` twice from the same params.yaml: bit-identical weights
+    in best.pt and last.pt, the step count from params, and the same dev metrics."""
+    from typer.testing import CliRunner
+
+    from forcenet.cli import app
+    from forcenet.data import raw, store
+    from forcenet.data.graphs import build_graphs
+
+    root = tmp_path / "data"
+    raw.write_shard(root / "raw" / "train", 0, _frames(6, 4))
+    store.preprocess(root / "raw", root / "lmdb")
+    build_graphs(root / "lmdb", root / "graphs", cutoff=GRAPH["cutoff"],
+                 max_neighbors=GRAPH["max_neighbors"])  # fmt: skip
+    params = yaml.safe_load(open("params.yaml"))
+    params = copy.deepcopy(params)
+    params["graph"] = dict(GRAPH)
+    params["model"]["forcenet"].update(hidden_channels=16, num_interactions=2,
+                                       decoder_hidden_channels=16, num_freqs=8)  # fmt: skip
+    params["train"]["forcenet"].update(max_steps=9, eval_every=4, batch_size=4)
+    params["train"]["time_budget_s"] = 0
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runner = CliRunner()
+    ckpts = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = runner.invoke(app, ["train", "forcenet", "--out", str(out), "--frames",
+                                     str(root / "lmdb"), "--graphs", str(root / "graphs"),
+                                     "--params", str(path)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        ckpts.append({f: C.load_checkpoint(out / f) for f in ("best.pt", "last.pt")})
+    a, b = ckpts
+    assert a["last.pt"]["step"] == 9
+    for f in ("best.pt", "last.pt"):
+        assert _state_equal(a[f]["model_state"], b[f]["model_state"]), f
+        assert (
+            a[f]["train_info"]["metrics"]["force_mae"] == b[f]["train_info"]["metrics"]["force_mae"]
+        )
