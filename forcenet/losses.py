@@ -130,18 +130,30 @@ class TrainLoss:
     energy_shift: float
     energy_scale: float
     beta: float = 1.0  # smooth_l1 / berhu transition, normalised units
+    adsorbate_kind: ForceLossKind | None = None  # loss of tag-2 atoms (None: ``kind``)
+    adsorbate_beta: float | None = None  # its transition (None: ``beta``)
 
     def terms(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, LossTerm]:
         """The loss terms of one batch (model output ``out``, labels in ``batch``)."""
         w = atom_weights(
             batch[K.TAGS], batch[K.FIXED], atoms=self.atoms, tag_weights=self.tag_weights
         ).to(out[K.OUT_FORCES].device)
-        terms = {
-            "force": force_loss(
-                out[K.OUT_FORCES], batch[K.FORCES], w, kind=self.kind,
-                force_scale=self.force_scale, beta=self.beta,
-            )  # fmt: skip
-        }
+        ads_kind = self.adsorbate_kind or self.kind
+        ads_beta = self.beta if self.adsorbate_beta is None else self.adsorbate_beta
+        if ads_kind == self.kind and ads_beta == self.beta:
+            force = force_loss(out[K.OUT_FORCES], batch[K.FORCES], w, kind=self.kind,
+                               force_scale=self.force_scale, beta=self.beta)  # fmt: skip
+        else:
+            pred = out[K.OUT_FORCES].float() / self.force_scale
+            target = batch[K.FORCES].float() / self.force_scale
+            ads = batch[K.TAGS].to(pred.device) == 2
+            err = torch.where(
+                ads,
+                per_atom_force_error(pred, target, ads_kind, ads_beta),
+                per_atom_force_error(pred, target, self.kind, self.beta),
+            )
+            force = LossTerm(total=(w * err).sum(), weight=w.sum().detach())
+        terms = {"force": force}
         if K.OUT_ENERGY in out:
             terms["energy"] = energy_loss(
                 out[K.OUT_ENERGY],

@@ -54,7 +54,9 @@ class TrainConfig:
     first; only a step or epoch budget is reproducible. ``eval_every``: dev evaluation
     (and ``last.pt``) every that many steps, besides each epoch end (0 = epoch ends only). Loss: ``force_loss`` on forces divided by the force scale, per-atom weights
     from ``loss_atoms`` (``tag_weights`` for tags 0/1/2, or free atoms only; ``loss_beta``
-    is the smooth_l1/berhu transition in normalised units), plus
+    is the smooth_l1/berhu transition in normalised units; ``adsorbate_loss``, when set, is
+    the loss of adsorbate atoms, tag 2, instead of ``force_loss``, and ``adsorbate_beta``
+    its transition), plus
     ``energy_coef`` x L1 on normalised energies for models with an energy.
     ``clip_grad`` [normalised units] 0 = off. ``rotation_augment``: a random SO(3) rotation
     of every training structure (pos, cell, forces) at each draw. ``amp``: bf16 autocast,
@@ -76,7 +78,9 @@ class TrainConfig:
     eval_every: int = 0
     time_budget_s: float = 0.0
     force_loss: ForceLossKind = "l1"
+    adsorbate_loss: ForceLossKind | None = None
     loss_beta: float = 1.0
+    adsorbate_beta: float | None = None
     loss_atoms: LossAtoms = "tag_weighted"
     tag_weights: tuple[float, ...] = (0.05, 1.0, 1.0)
     force_coef: float = 1.0
@@ -539,6 +543,7 @@ def _make_loss(cfg: TrainConfig, model: C.ScaledModel) -> TrainLoss:
         force_coef=cfg.force_coef, energy_coef=cfg.energy_coef,
         force_scale=float(model.force_scale), energy_shift=float(model.energy_shift),
         energy_scale=float(model.energy_scale), beta=cfg.loss_beta,
+        adsorbate_kind=cfg.adsorbate_loss, adsorbate_beta=cfg.adsorbate_beta,
     )  # fmt: skip
 
 

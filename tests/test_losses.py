@@ -10,7 +10,7 @@ from torch import nn
 
 from forcenet import losses as L
 from forcenet.data import keys as K
-from forcenet.schedule import budget_progress, lr_factor
+from forcenet.schedule import budget_progress, lr_factor, total_steps
 
 TAGS = torch.tensor([0, 0, 1, 1, 2])
 FIXED = torch.tensor([True, True, False, False, False])
@@ -37,7 +37,7 @@ def test_weighted_l1_is_the_forcenet_formula():
     assert float(scaled.total) == pytest.approx(float(term.total) / 2.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["l1", "l2", "smooth_l1", "l2norm"])
+@pytest.mark.parametrize("kind", ["l1", "l2", "smooth_l1", "l2norm", "berhu"])
 def test_force_losses_vanish_at_the_target_with_finite_gradients(kind):
     target = torch.randn(4, 3)
     pred = target.clone().requires_grad_(True)
@@ -55,6 +55,48 @@ def test_smooth_l1_is_quadratic_then_linear():
     assert float(large) == pytest.approx(2.5)
     l2norm = L.per_atom_force_error(torch.tensor([[3.0, 4.0, 0.0]]), torch.zeros(1, 3), "l2norm")
     assert float(l2norm) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0, 3.0])
+def test_huber_and_berhu_transitions_at_beta(beta):
+    """Huber: a^2 / (2 beta) below beta, a - beta / 2 above; berHu: a below, (a^2 + beta^2)
+    / (2 beta) above. Both are continuous with a continuous slope at beta."""
+    zero = torch.zeros(1, 3)
+
+    def err(kind, a):
+        return float(L.per_atom_force_error(torch.full((1, 3), a), zero, kind, beta))
+
+    for a in (0.5 * beta, 2.0 * beta):
+        huber = a * a / (2 * beta) if a < beta else a - beta / 2
+        berhu = a if a <= beta else (a * a + beta * beta) / (2 * beta)
+        assert err("smooth_l1", a) == pytest.approx(huber, rel=1e-6)
+        assert err("berhu", a) == pytest.approx(berhu, rel=1e-6)
+    eps = 1e-3 * beta
+    for kind in ("smooth_l1", "berhu"):
+        assert err(kind, beta - eps) == pytest.approx(err(kind, beta + eps), abs=3 * eps)
+        slope_below = (err(kind, beta - eps) - err(kind, beta - 2 * eps)) / eps
+        slope_above = (err(kind, beta + 2 * eps) - err(kind, beta + eps)) / eps
+        assert slope_below == pytest.approx(slope_above, abs=0.01)
+    with pytest.raises(ValueError, match="beta"):
+        L.per_atom_force_error(zero, zero, "berhu", 0.0)
+
+
+def test_adsorbate_atoms_can_have_their_own_loss():
+    """adsorbate_kind / adsorbate_beta apply to tag-2 atoms only; the rest keep kind/beta."""
+    torch.manual_seed(1)
+    pred, target = 3 * torch.randn(5, 3), torch.randn(5, 3)
+    batch = {K.FORCES: target, K.TAGS: TAGS, K.FIXED: FIXED}
+    loss = _loss(kind="smooth_l1", adsorbate_kind="l2", adsorbate_beta=2.0)
+    term = loss.terms({K.OUT_FORCES: pred}, batch)["force"]
+    w = L.atom_weights(TAGS, FIXED, atoms="tag_weighted", tag_weights=L.FORCENET_TAG_WEIGHTS)
+    per = L.per_atom_force_error(pred, target, "smooth_l1", 1.0)
+    per[4] = L.per_atom_force_error(pred[4:], target[4:], "l2", 2.0)[0]
+    assert float(term.total) == pytest.approx(float((w * per).sum()), rel=1e-6)
+    same = _loss(kind="smooth_l1").terms({K.OUT_FORCES: pred}, batch)["force"]
+    assert float(same.total) != pytest.approx(float(term.total))
+    only_beta = _loss(kind="smooth_l1", adsorbate_beta=3.0).terms({K.OUT_FORCES: pred}, batch)
+    per[4] = L.per_atom_force_error(pred[4:], target[4:], "smooth_l1", 3.0)[0]
+    assert float(only_beta["force"].total) == pytest.approx(float((w * per).sum()), rel=1e-6)
 
 
 def _loss(**kw) -> L.TrainLoss:
@@ -132,3 +174,7 @@ def test_budget_progress_takes_the_binding_budget():
     assert budget_progress(50, 10, 10, 90.0, 100.0) == pytest.approx(0.9)
     assert budget_progress(500, 10, 10, 1.0, 100.0) == 1.0
     assert math.isclose(budget_progress(0, 10, 10, 0.0, 100.0), 0.0)
+    # a step budget shorter than the epoch cap is the one that binds
+    assert budget_progress(50, 10, 10, 0.0, 0.0, max_steps=200) == pytest.approx(0.5)
+    assert budget_progress(50, 10, 10, 0.0, 0.0, max_steps=10**6) == pytest.approx(0.5)
+    assert total_steps(10, 10, 0) == 100 and total_steps(10, 10, 30) == 30

@@ -143,3 +143,58 @@ def test_state_merge_equals_single_pass_and_load_state():
 def test_empty_accumulator_gives_nan_not_zero():
     got = OC20Metrics().compute()
     assert math.isnan(got["forces_mae"]) and got["num_structures"] == 0
+
+
+def _with_tags(pred, batch, seed, z_ads=(1, 8)):
+    rng = np.random.default_rng(seed)
+    n = batch[K.FORCES].shape[0]
+    tags = rng.integers(0, 3, n)
+    batch = dict(batch, **{K.TAGS: torch.tensor(tags),
+                           K.ATOMIC_NUMBERS: torch.tensor(np.where(tags == 2, rng.choice(z_ads, n), 29))})  # fmt: skip
+    return pred, batch
+
+
+def test_per_tag_and_per_element_metrics_match_numpy():
+    data = [_with_tags(*_make([5, 7], s), s) for s in range(3)]
+    m = OC20Metrics()
+    for pred, batch in data:
+        m.update(pred, batch)
+    got = m.compute()
+    f_hat = np.concatenate([p[K.OUT_FORCES].double().numpy() for p, _ in data])
+    f = np.concatenate([b[K.FORCES].double().numpy() for _, b in data])
+    free = ~np.concatenate([b[K.FIXED].numpy() for _, b in data])
+    tags = np.concatenate([b[K.TAGS].numpy() for _, b in data])
+    z = np.concatenate([b[K.ATOMIC_NUMBERS].numpy() for _, b in data])
+    for name, tag in (("surface", 1), ("adsorbate", 2)):
+        sel = free & (tags == tag)
+        assert got[f"forces_mae_{name}"] == pytest.approx(np.abs(f_hat - f)[sel].mean())
+        assert got[f"zero_forces_mae_{name}"] == pytest.approx(np.abs(f[sel]).mean())
+        cos = (
+            (f_hat[sel] * f[sel]).sum(1)
+            / np.linalg.norm(f_hat[sel], axis=1)
+            / np.linalg.norm(f[sel], axis=1)
+        )
+        assert got[f"forces_cos_{name}"] == pytest.approx(cos.mean())
+        assert got[f"num_free_atoms_{name}"] == sel.sum()
+    for sym, zz in (("H", 1), ("O", 8)):
+        sel = free & (tags == 2) & (z == zz)
+        assert got[f"forces_mae_adsorbate_{sym}"] == pytest.approx(np.abs(f_hat - f)[sel].mean())
+        assert got[f"zero_forces_mae_adsorbate_{sym}"] == pytest.approx(np.abs(f[sel]).mean())
+    assert "forces_mae_adsorbate_Cu" not in got  # metal atoms are never adsorbate here
+    # the overall figures are unchanged by the tags
+    plain = OC20Metrics()
+    for pred, batch in data:
+        plain.update(pred, {k: v for k, v in batch.items() if k != K.TAGS})
+    assert plain.compute()["forces_mae"] == pytest.approx(got["forces_mae"], rel=1e-12)
+    assert "forces_mae_surface" not in plain.compute()
+
+
+def test_data_without_adsorbate_tags_report_overall_only():
+    pred, batch = _make([6, 4], 5)
+    batch = dict(batch, **{K.TAGS: torch.ones(10, dtype=torch.long),
+                           K.ATOMIC_NUMBERS: torch.full((10,), 6)})  # fmt: skip
+    m = OC20Metrics()
+    m.update(pred, batch)
+    got = m.compute()
+    assert math.isfinite(got["forces_mae"])
+    assert not [k for k in got if k.endswith(("_surface", "_adsorbate")) or "_adsorbate_" in k]

@@ -310,3 +310,19 @@ def test_scaled_model_outputs_physical_units(samples):
                                                "num_interactions": 1, "num_gaussians": 8,
                                                "cutoff": CUTOFF}),
                       force_scale=2.0, energy_scale=1.0)  # fmt: skip
+
+
+def test_dev_evaluate_reports_surface_and_adsorbate_atoms(samples):
+    """T.evaluate: the per-tag dev MAEs are the means over free atoms of that tag."""
+    torch.manual_seed(0)
+    model = C.ScaledModel(C.build_model("gns", TINY_GNS)).eval()
+    got = T.evaluate(model, DataLoader(samples[:6], batch_size=4, collate_fn=collate), device="cpu")
+    batch = collate(samples[:6])
+    with torch.no_grad():
+        pred = model(batch)[K.OUT_FORCES].double()
+    err, f = (pred - batch[K.FORCES].double()).abs(), batch[K.FORCES].double().abs()
+    for name, tag in (("surface", 1), ("adsorbate", 2)):
+        sel = ~batch[K.FIXED] & (batch[K.TAGS] == tag)
+        assert got[f"force_mae_{name}"] == pytest.approx(float(err[sel].mean()), rel=1e-9)
+        assert got[f"zero_force_mae_{name}"] == pytest.approx(float(f[sel].mean()), rel=1e-9)
+    assert got["force_mae"] == pytest.approx(float(err[~batch[K.FIXED]].mean()), rel=1e-9)
