@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from forcenet.data import keys as K
-from forcenet.data.batch import Batch, batch_to, collate
+from forcenet.data.batch import Batch, batch_to, collate, first_graphs
 from forcenet.geometry import random_rotation
 from forcenet.metrics import OC20Metrics
 
@@ -142,7 +142,9 @@ def evaluate_batches(
     """One pass over ``batches``: OC20 metrics plus ``inference_graphs_per_s`` and
     ``inference_atoms_per_s``. Returns the metrics and the first batches (on CPU) holding
     at least ``keep_graphs`` structures, for the rotation check. ``on_batch(batch,
-    forces)`` is called after each forward pass (used to stream predictions)."""
+    forces)`` is called after each forward pass (used to stream predictions). The kept
+    structures are exactly the first ``keep_graphs``, whatever the batch size, so the
+    rotation check costs the same for every model and batch size."""
     metrics = OC20Metrics()
     kept: list[Batch] = []
     n_kept = 0
@@ -163,9 +165,10 @@ def evaluate_batches(
         metrics.update(out, batch)
         if on_batch is not None:
             on_batch(batch, out[K.OUT_FORCES])
-        if n_kept < keep_graphs:
-            kept.append(cpu_batch)
-            n_kept += int(cpu_batch[K.NATOMS].shape[0])
+        if n_kept < keep_graphs:  # exactly keep_graphs structures, not whole batches
+            part = first_graphs(cpu_batch, keep_graphs - n_kept)
+            kept.append(part)
+            n_kept += int(part[K.NATOMS].shape[0])
     if n_batches == 0:
         raise ValueError("no structures to evaluate")
     if n_batches == 1:

@@ -326,3 +326,14 @@ def test_dev_evaluate_reports_surface_and_adsorbate_atoms(samples):
         assert got[f"force_mae_{name}"] == pytest.approx(float(err[sel].mean()), rel=1e-9)
         assert got[f"zero_force_mae_{name}"] == pytest.approx(float(f[sel].mean()), rel=1e-9)
     assert got["force_mae"] == pytest.approx(float(err[~batch[K.FIXED]].mean()), rel=1e-9)
+
+
+def test_first_graphs_equals_collating_fewer_samples(samples):
+    from forcenet.data.batch import first_graphs
+
+    whole, part = collate(samples[:5]), collate(samples[:3])
+    got = first_graphs(whole, 3)
+    assert got.keys() == part.keys()
+    for key in part:
+        assert torch.equal(got[key], part[key]), key
+    assert first_graphs(whole, 9) is whole

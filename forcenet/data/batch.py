@@ -57,6 +57,28 @@ def collate(samples: Sequence[Mapping[str, np.ndarray | Tensor]]) -> Batch:
     return out
 
 
+def first_graphs(batch: Batch, n: int) -> Batch:
+    """The first ``n`` structures of a collated batch (all of it when it holds fewer):
+    their atoms, their edges and their per-graph fields, indices unchanged."""
+    natoms = batch[K.NATOMS]
+    if n >= len(natoms):
+        return batch
+    n_atoms = int(natoms[:n].sum())
+    out: Batch = {}
+    for name, value in batch.items():
+        if name in K.ATOM_FIELDS or name == K.BATCH:
+            out[name] = value[:n_atoms]
+        elif name in K.GRAPH_LEVEL_FIELDS or name == K.NATOMS:
+            out[name] = value[:n]
+        elif name not in (K.EDGE_INDEX, K.CELL_OFFSETS):
+            out[name] = value
+    if K.EDGE_INDEX in batch:
+        keep = batch[K.EDGE_INDEX][1] < n_atoms  # edges whose centre is kept
+        out[K.EDGE_INDEX] = batch[K.EDGE_INDEX][:, keep]
+        out[K.CELL_OFFSETS] = batch[K.CELL_OFFSETS][keep]
+    return out
+
+
 def batch_to(batch: Batch, device: torch.device | str) -> Batch:
     """A new batch dict with every tensor moved to ``device``."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
