@@ -111,8 +111,12 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--frames", type=Path, default=ROOT / "data/lmdb/train")
     ap.add_argument("--graphs", type=Path, default=ROOT / "data/graphs/train")
-    ap.add_argument("--target-s", type=float, default=150.0,
-                    help="training seconds per model on this machine (default 150)")
+    ap.add_argument(
+        "--target-s",
+        type=float,
+        default=150.0,
+        help="training seconds per model on this machine (default 150)",
+    )
     ap.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-params", action="store_true", help="update params.yaml")
@@ -134,8 +138,11 @@ def main() -> None:
     out = {
         "target_s": args.target_s,
         "threads": args.threads,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+        },  # fmt: skip
         "date": time.strftime("%Y-%m-%d"),
         "models": results,
     }

@@ -43,8 +43,13 @@ def main() -> None:
     ap.add_argument("--graphs", type=Path, default=Path("data/graphs/train"))
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps of the probe")
     ap.add_argument("--eval-every", type=int, default=300, help="dev evaluation interval")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a params key, e.g. model.forcenet.hidden_channels=128")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key, e.g. model.forcenet.hidden_channels=128",
+    )
     ap.add_argument("--name", required=True, help="the probe's name in the output")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("reports/probes/recipe.jsonl"))

@@ -11,12 +11,12 @@ import torch
 import yaml
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
+from test_train import GRAPH, make_samples, tiny_config
 
 from forcenet import checkpoint as C
 from forcenet import train as T
 from forcenet.data.frame import Frame
 from forcenet.schedule import lr_factor
-from test_train import GRAPH, make_samples, tiny_config
 
 TINY_FORCENET = {"hidden_channels": 16, "num_interactions": 2, "decoder_hidden_channels": 16,
                  "num_freqs": 8, "cutoff": GRAPH["cutoff"], "zero_init_decoder": True,
