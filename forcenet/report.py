@@ -396,6 +396,7 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
     with the zero-force baselines; False (and no file) when no model has a curve of at
     least two points."""
     curves = curves[curves.step > 0] if "step" in curves.columns else curves
+    curves = curves[~curves.metric.isin(["step", "model"])]  # the index, also logged as metrics
     wide = curves.pivot_table(index=["model", "step"], columns="metric", values="value",
                               aggfunc="last").reset_index()  # fmt: skip
     have = [m for m in CURVE_METRICS if m in wide.columns]

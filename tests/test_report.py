@@ -178,3 +178,22 @@ def test_bad_metrics_table_names_the_file(tmp_path):
     pd.DataFrame({"model": ["x"], "value": [1.0]}).to_parquet(path)
     with pytest.raises(ValueError, match="bad.parquet"):
         report.build_report([path], tmp_path / "out")
+
+
+def test_learning_curves_take_training_metrics_logged_as_in_mlflow(tmp_path):
+    """The training loop logs ``step`` and ``epoch`` among its metrics (MLflow keeps them
+    as metrics too); the curves are drawn against the optimizer step and the seconds."""
+    rows = []
+    for model, rate in (("forcenet", 20.0), ("schnet", 4.0)):
+        for step in (100, 200, 300):
+            metrics = {"step": step, "epoch": step / 100, "elapsed_s": step / rate,
+                       "train_loss": 1.0 / step, "force_mae": 0.1 - step / 1e4,
+                       "zero_force_mae": 0.12, "force_mae_adsorbate": 0.2 - step / 1e4,
+                       "zero_force_mae_adsorbate": 0.25}  # fmt: skip
+            rows += [{"model": model, "step": step, "metric": k, "value": float(v)}
+                     for k, v in metrics.items()]  # fmt: skip
+    path = tmp_path / "curves.png"
+    assert report.plot_learning_curves(pd.DataFrame(rows), path)
+    assert path.stat().st_size > 5000
+    one_point = pd.DataFrame([r for r in rows if r["step"] == 100])
+    assert not report.plot_learning_curves(one_point, tmp_path / "none.png")
