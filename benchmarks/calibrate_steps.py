@@ -106,6 +106,17 @@ def write_params(path: Path, steps: dict[str, int]) -> None:
     os.replace(tmp, path)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -139,6 +150,7 @@ def main() -> None:
         "target_s": args.target_s,
         "threads": args.threads,
         "machine": {
+            "cpu": _cpu_model(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
