@@ -20,10 +20,16 @@ def edge_vectors(
 
     ``pos`` [N, 3], ``cell`` [G, 3, 3], ``batch`` [N], ``edge_index`` [2, E],
     ``cell_offsets`` [E, 3]. Differentiable in ``pos`` and ``cell``.
+
+    Gathers use ``index_select``: its backward is ``index_add``, which sums in a fixed
+    order, whereas the backward of advanced indexing (``pos[j]``) accumulates with atomic
+    adds on a multi-threaded CPU once a tensor is large enough, and the forces of an
+    energy model (and so its training) then differ in the last bits from run to run.
     """
     j, i = edge_index[0], edge_index[1]
-    shifts = torch.einsum("ek,ekl->el", cell_offsets.to(cell.dtype), cell[batch[i]])  # [E, 3]
-    return pos[j] + shifts - pos[i]
+    cell_i = cell.index_select(0, batch.index_select(0, i))  # [E, 3, 3]
+    shifts = torch.einsum("ek,ekl->el", cell_offsets.to(cell.dtype), cell_i)  # [E, 3]
+    return pos.index_select(0, j) + shifts - pos.index_select(0, i)
 
 
 def gradient_forces(energy: Tensor, pos: Tensor, *, create_graph: bool) -> Tensor:

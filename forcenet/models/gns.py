@@ -106,8 +106,13 @@ class InteractionNetwork(nn.Module):
 
     def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         src, dst = edge_index[0], edge_index[1]
-        # first edge layer as per-node projections gathered per edge: [E, H]
-        pre = self.lin_edge(e) + self.lin_src(h)[src] + self.lin_dst(h)[dst]
+        # first edge layer as per-node projections gathered per edge: [E, H]; index_select,
+        # whose backward (index_add) is deterministic, unlike that of h[src] on CPU
+        pre = (
+            self.lin_edge(e)
+            + self.lin_src(h).index_select(0, src)
+            + self.lin_dst(h).index_select(0, dst)
+        )
         e_new = e + self.edge_norm(self.edge_rest(pre))  # [E, H]
         agg = torch.zeros_like(h).index_add_(0, dst, e_new)  # sum over incoming edges: [N, H]
         agg = self.agg_norm(agg)
