@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from ase.build import add_adsorbate, fcc111
-from ase.calculators.emt import EMT
-from test_train import GRAPH, make_samples, tiny_config
+from test_train import GRAPH, make_frames, make_samples, tiny_config
 
 from forcenet import checkpoint as C
 from forcenet import train as T
-from forcenet.data.frame import Frame
 from forcenet.schedule import lr_factor
 
 TINY_FORCENET = {"hidden_channels": 16, "num_interactions": 2, "decoder_hidden_channels": 16,
@@ -85,30 +81,6 @@ def test_invalid_step_budget_is_refused():
 # ----------------------------------------------------------------------------- the CLI
 
 
-def _frames(n_systems: int, frames_per_system: int) -> list[Frame]:
-    rng = np.random.default_rng(3)
-    out = []
-    for sid in range(n_systems):
-        slab = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)
-        add_adsorbate(slab, "O" if sid % 2 else "H", 1.5, "fcc")
-        z = slab.positions[:, 2]
-        fixed = z < z.min() + 0.5
-        tags = np.where(fixed, 0, 1)
-        tags[-1] = 2
-        for fid in range(frames_per_system):
-            atoms = slab.copy()
-            atoms.positions += rng.normal(0.0, 0.06, atoms.positions.shape)
-            atoms.calc = EMT()
-            out.append(Frame(
-                atomic_numbers=atoms.numbers.astype(np.int64), pos=atoms.positions.copy(),
-                cell=np.array(atoms.cell), pbc=np.array([True, True, True]),
-                tags=tags.astype(np.int64), fixed=fixed.copy(), forces=atoms.get_forces(),
-                total_energy=float(atoms.get_potential_energy()), reference_energy=0.0,
-                sid=sid, fid=fid,
-            ))  # fmt: skip
-    return out
-
-
 def test_cli_train_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     """`forcenet train forcenet` twice from the same params.yaml: bit-identical weights
     in best.pt and last.pt, the step count from params, and the same dev metrics."""
@@ -119,7 +91,7 @@ def test_cli_train_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     from forcenet.data.graphs import build_graphs
 
     root = tmp_path / "data"
-    raw.write_shard(root / "raw" / "train", 0, _frames(6, 4))
+    raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
     store.preprocess(root / "raw", root / "lmdb")
     build_graphs(root / "lmdb", root / "graphs", cutoff=GRAPH["cutoff"],
                  max_neighbors=GRAPH["max_neighbors"])  # fmt: skip

@@ -33,10 +33,10 @@ GRAPH = {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS}
 TINY_GNS = {"hidden_channels": 16, "num_interactions": 2, "mlp_layers": 1, "cutoff": CUTOFF}
 
 
-def make_samples(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) -> list[dict]:
+def make_frames(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) -> list[Frame]:
     """EMT-labelled slabs: Cu(111) 2x2x3 + H or O, bottom layer fixed (tag 0)."""
     rng = np.random.default_rng(seed)
-    samples = []
+    frames = []
     for sid in range(n_systems):
         slab = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)
         slab.pbc = True
@@ -49,7 +49,7 @@ def make_samples(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) 
             atoms = slab.copy()
             atoms.positions += rng.normal(0.0, 0.08, atoms.positions.shape)
             atoms.calc = EMT()
-            frame = Frame(
+            frames.append(Frame(
                 atomic_numbers=atoms.numbers.astype(np.int64),
                 pos=atoms.positions.copy(),
                 cell=np.array(atoms.cell),
@@ -61,9 +61,14 @@ def make_samples(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) 
                 reference_energy=0.0,
                 sid=sid,
                 fid=fid,
-            )
-            samples.append(sample_from_atoms(frame, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS))
-    return samples
+            ))  # fmt: skip
+    return frames
+
+
+def make_samples(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) -> list[dict]:
+    """:func:`make_frames` with their graphs (cutoff 4 Å, 16 neighbours)."""
+    return [sample_from_atoms(f, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
+            for f in make_frames(n_systems, frames_per_system, seed)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
