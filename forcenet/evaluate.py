@@ -388,10 +388,12 @@ def evaluate_model(
     predictions_out: Path | None = None,
     metrics_json: Path | None = None,
     run_id: str | None = None,
+    training: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Evaluate an eval-mode ``model`` (physical units) on each input; see
     :func:`evaluate_checkpoint`. ``graph`` holds the ``cutoff``/``max_neighbors`` the model
-    was trained with."""
+    was trained with; ``training`` (e.g. :func:`training_summary`) becomes the rows of
+    split :data:`TRAINING_ROWS`."""
     dev = pick_device(device)
     model = model.to(dev).eval()
     writer = PredictionWriter(predictions_out) if predictions_out is not None else None
@@ -411,6 +413,8 @@ def evaluate_model(
                 model, kept, rotations=rotation_samples, device=dev
             )
             tables.append(long_table(model_name, split, metrics, run_id))
+        if training:
+            tables.append(long_table(model_name, TRAINING_ROWS, training, run_id))
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -458,7 +462,7 @@ def evaluate_checkpoint(
     model, ckpt = load_model(Path(checkpoint), device="cpu")
     if run_id is None:
         run_id = read_run_id(Path(checkpoint).parent)
-    table = evaluate_model(
+    return evaluate_model(
         model,
         inputs,
         model_name=model_name or str(ckpt["model_name"]),
@@ -471,18 +475,10 @@ def evaluate_checkpoint(
         rotation_samples=rotation_samples,
         rotation_structures=rotation_structures,
         predictions_out=predictions_out,
-        metrics_json=None,
+        metrics_json=metrics_json,
         run_id=run_id,
+        training=training_summary(Path(checkpoint), ckpt),
     )
-    summary = training_summary(Path(checkpoint), ckpt)
-    if summary:
-        name = model_name or str(ckpt["model_name"])
-        table = pd.concat([table, long_table(name, TRAINING_ROWS, summary, run_id)],
-                          ignore_index=True)  # fmt: skip
-        write_table(table, out)
-    if metrics_json is not None:
-        write_metrics_json(table, metrics_json)
-    return table
 
 
 def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:

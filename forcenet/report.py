@@ -160,6 +160,14 @@ def force_mae_matrix(table: pd.DataFrame) -> pd.DataFrame:
     return mat.reset_index()
 
 
+def _with_ratio(mae: pd.Series, zero: pd.Series, digits: int) -> list[str]:
+    """``"MAE (ratio×)"`` per row, the ratio to the zero-force MAE; – where undefined."""
+    return [
+        f"{m:.{digits}f} ({m / z:.2f}×)" if math.isfinite(m) and z > 0 else "–"
+        for m, z in zip(mae, zero, strict=True)
+    ]
+
+
 def per_tag_table(table: pd.DataFrame) -> pd.DataFrame:
     """Force MAE (ratio to the zero-force baseline) and force cos per model and split, for
     all free atoms, surface atoms and adsorbate atoms; empty without tags."""
@@ -167,11 +175,9 @@ def per_tag_table(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     out = table[["model", "split"]].copy()
     for g, label in TAG_GROUPS.items():
-        mae, zero = table[f"forces_mae{g}"], table[f"zero_forces_mae{g}"]
-        out[f"{label}: MAE (× zero)"] = [
-            f"{m:.4f} ({m / z:.2f}×)" if math.isfinite(m) and z > 0 else "–"
-            for m, z in zip(mae, zero, strict=True)
-        ]
+        out[f"{label}: MAE (× zero)"] = _with_ratio(
+            table[f"forces_mae{g}"], table[f"zero_forces_mae{g}"], 4
+        )
         out[f"{label}: cos"] = table[f"forces_cos{g}"]
     return out
 
@@ -184,11 +190,7 @@ def per_element_table(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     out = table[["model", "split"]].copy()
     for el in elements:
-        mae, zero = table[prefix + el], table["zero_" + prefix + el]
-        out[el] = [
-            f"{m:.3f} ({m / z:.2f}×)" if math.isfinite(m) and z > 0 else "–"
-            for m, z in zip(mae, zero, strict=True)
-        ]
+        out[el] = _with_ratio(table[prefix + el], table["zero_" + prefix + el], 3)
     return out
 
 
