@@ -30,7 +30,7 @@ class ModelConfigError(ValueError):
     """Unknown model name or constructor argument."""
 
 
-def model_kwargs(name: str) -> set[str]:
+def hyperparameters(name: str) -> set[str]:
     """The keyword arguments (hyperparameters) that model ``name`` accepts."""
     cls = _model_class(name)
     params = inspect.signature(cls.__init__).parameters
@@ -40,7 +40,7 @@ def model_kwargs(name: str) -> set[str]:
 def build_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     """Construct ``MODELS[name](**kwargs)``, naming any unknown model or argument."""
     cls = _model_class(name)
-    allowed = model_kwargs(name)
+    allowed = hyperparameters(name)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ModelConfigError(
@@ -63,5 +63,5 @@ __all__ = [
     "ModelConfigError",
     "SchNet",
     "build_model",
-    "model_kwargs",
+    "hyperparameters",
 ]
