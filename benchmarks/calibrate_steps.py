@@ -41,6 +41,7 @@ from forcenet import train as T  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.data.batch import collate  # noqa: E402
 from forcenet.data.dataset import FrameDataset  # noqa: E402
+from forcenet.geometry import random_rotations, rotate_batch  # noqa: E402
 from forcenet.runtime import tune_malloc  # noqa: E402
 
 #: Timed steps per model after warm-up (DimeNet++ is ~20x slower per step).
@@ -65,7 +66,7 @@ def time_model(name: str, params: dict, dataset: FrameDataset, *, timed: int) ->
         batch = collate([samples[i] for i in idx])
         start = time.perf_counter()
         if cfg.rotation_augment:
-            batch = T.rotate_batch(batch, T.random_rotations(cfg.batch_size, gen))
+            batch = rotate_batch(batch, random_rotations(cfg.batch_size, gen))
         T.train_step(model, batch, opt, loss_fn=loss_fn, clip_grad=cfg.clip_grad)
         if k >= WARMUP:
             times.append(time.perf_counter() - start)

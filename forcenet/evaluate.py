@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate, first_graphs
-from forcenet.geometry import random_rotation
+from forcenet.geometry import random_rotation, rotate_batch
 from forcenet.metrics import OC20Metrics
 
 TABLE_COLUMNS = ["model", "split", "metric", "value", "run_id"]
@@ -177,20 +177,6 @@ def evaluate_batches(
     result["inference_graphs_per_s"] = graphs / seconds if seconds > 0 else float("nan")
     result["inference_atoms_per_s"] = atoms / seconds if seconds > 0 else float("nan")
     return result, kept
-
-
-def rotate_batch(batch: Batch, rot: Tensor) -> Batch:
-    """A copy of ``batch`` with positions and cells rotated (row vectors: x -> x @ rot).
-
-    Integer ``cell_offsets`` and ``edge_index`` stay valid; label forces are rotated too.
-    """
-    out = dict(batch)
-    rot = rot.to(batch[K.POS].device, batch[K.POS].dtype)
-    out[K.POS] = batch[K.POS] @ rot  # [N, 3]
-    out[K.CELL] = batch[K.CELL] @ rot  # [G, 3, 3]: each row (lattice vector) rotated
-    if K.FORCES in batch:
-        out[K.FORCES] = batch[K.FORCES] @ rot
-    return out
 
 
 def rotation_covariance_error(

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from forcenet.data import keys as K
+
 
 def edge_vectors(
     pos: Tensor, cell: Tensor, batch: Tensor, edge_index: Tensor, cell_offsets: Tensor
@@ -50,24 +52,47 @@ def smooth_cosine_cutoff(d: Tensor, cutoff: float) -> Tensor:
     return 0.5 * (torch.cos(d * (math.pi / cutoff)) + 1.0) * (d < cutoff)
 
 
-def random_rotation(generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
-    """A rotation matrix [3, 3] drawn uniformly (Haar measure) from SO(3).
+def random_rotations(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` rotation matrices [n, 3, 3] (float64) drawn uniformly (Haar measure) from SO(3).
 
-    Uses a uniformly random unit quaternion (normalised 4-D Gaussian).
-    Apply to row vectors as ``x @ R``.
+    Each comes from a uniformly random unit quaternion (a normalised 4-D Gaussian, drawn
+    as one ``randn(n, 4)``). Apply to row vectors as ``x @ R``.
     """
-    q = torch.randn(4, generator=generator, dtype=torch.float64)
-    q = q / q.norm()
-    w, x, y, z = q.tolist()
-    rot = torch.tensor(
-        [
-            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-        ],
-        dtype=torch.float64,
-    )
-    return rot.to(dtype)
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
+    rows = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ]
+    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+
+def random_rotation(generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+    """One rotation [3, 3]: ``random_rotations(1, generator)[0]`` (the same random stream)."""
+    return random_rotations(1, generator)[0].to(dtype)
+
+
+def rotate_batch(batch: dict[str, Tensor], rot: Tensor) -> dict[str, Tensor]:
+    """A copy of ``batch`` with positions, cells and force labels rotated (x -> x @ R).
+
+    ``rot`` [3, 3] rotates the whole batch; ``rot`` [G, 3, 3] rotates structure g by
+    ``rot[g]``. Integer ``cell_offsets`` and ``edge_index`` stay valid because the cell
+    rotates with the positions, so every edge vector rotates and every distance is kept.
+    """
+    rot = rot.to(batch[K.POS].device, batch[K.POS].dtype)
+    out = dict(batch)
+    out[K.CELL] = batch[K.CELL] @ rot  # [G, 3, 3]: each row (lattice vector) rotated
+    if rot.dim() == 2:
+        out[K.POS] = batch[K.POS] @ rot  # [N, 3]
+        if K.FORCES in batch:
+            out[K.FORCES] = batch[K.FORCES] @ rot
+        return out
+    per_atom = rot[batch[K.BATCH]]  # [N, 3, 3]
+    out[K.POS] = torch.einsum("nk,nkl->nl", batch[K.POS], per_atom)
+    if K.FORCES in batch:
+        out[K.FORCES] = torch.einsum("nk,nkl->nl", batch[K.FORCES], per_atom)
+    return out
 
 
 class Triplets(NamedTuple):

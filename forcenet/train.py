@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -35,6 +35,7 @@ from forcenet import checkpoint as C
 from forcenet import distributed as D
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
+from forcenet.geometry import random_rotations, rotate_batch
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
 from forcenet.runtime import tune_malloc
 from forcenet.schedule import LrDecay, budget_progress, lr_factor, total_steps
@@ -109,34 +110,6 @@ class TrainConfig:
             raise ValueError(f"invalid TrainConfig: need {', '.join(bad)}")
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         object.__setattr__(self, "tag_weights", tuple(float(w) for w in self.tag_weights))
-
-
-def rotate_batch(batch: Batch, rot: Tensor) -> Batch:
-    """Rotate every structure g of ``batch`` by ``rot[g]`` [G, 3, 3] (row vectors: x @ R).
-
-    Positions, cells and force labels rotate together; integer ``cell_offsets`` stay
-    valid because the cell rotates with the positions. Returns a new dict.
-    """
-    rot = rot.to(batch[K.POS].dtype)
-    per_atom = rot[batch[K.BATCH]]  # [N, 3, 3]
-    out = dict(batch)
-    out[K.POS] = torch.einsum("nk,nkl->nl", batch[K.POS], per_atom)
-    out[K.CELL] = batch[K.CELL] @ rot  # [G, 3, 3]
-    if K.FORCES in batch:
-        out[K.FORCES] = torch.einsum("nk,nkl->nl", batch[K.FORCES], per_atom)
-    return out
-
-
-def random_rotations(n: int, generator: torch.Generator) -> Tensor:
-    """``n`` Haar-uniform rotation matrices [n, 3, 3] (float64) from unit quaternions."""
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
-    rows = [
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
 
 
 def train_step(

@@ -10,13 +10,19 @@ import torch
 from ase.build import bulk, fcc111
 from ase.geometry import get_distances
 from ase.neighborlist import neighbor_list as ase_neighbor_list
+from scipy import stats
+from test_train import make_samples
 
+from forcenet.data import keys as K
+from forcenet.data.batch import collate
 from forcenet.data.neighbors import neighbor_list
 from forcenet.geometry import (
     cosine_envelope,
     edge_vectors,
     gradient_forces,
     random_rotation,
+    random_rotations,
+    rotate_batch,
     smooth_cosine_cutoff,
     triplets,
 )
@@ -134,6 +140,61 @@ def test_random_rotation_is_proper_orthogonal(seed):
     again = random_rotation(torch.Generator().manual_seed(seed))
     torch.testing.assert_close(rot, again)
     assert not torch.allclose(rot, random_rotation(torch.Generator().manual_seed(seed + 10)))
+
+
+def test_random_rotation_is_the_first_of_random_rotations():
+    many = random_rotations(5, torch.Generator().manual_seed(4))
+    assert many.shape == (5, 3, 3) and many.dtype == torch.float64
+    gen = torch.Generator().manual_seed(4)
+    assert torch.equal(
+        random_rotations(1, gen)[0], random_rotation(torch.Generator().manual_seed(4))
+    )
+
+
+def _rotated_axes(rotations: np.ndarray) -> np.ndarray:
+    return rotations[:, 2, :]  # the z unit vector as a row vector: e_z @ R  -> [n, 3]
+
+
+def test_rotations_are_uniform_over_so3():
+    rotations = random_rotations(3000, torch.Generator().manual_seed(0)).numpy()  # [n, 3, 3]
+    for r in rotations[:20]:
+        np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(r) == pytest.approx(1.0)
+    # Haar measure: E[R] = 0 (each entry has std 1/sqrt(3): 5 sigma ~ 0.053 for n=3000)
+    assert np.abs(rotations.mean(axis=0)).max() < 0.053
+    # a fixed vector lands uniformly on the sphere: each coordinate ~ U(-1, 1) (Archimedes)
+    v = _rotated_axes(rotations)
+    for c in range(3):
+        assert stats.kstest(v[:, c], stats.uniform(loc=-1, scale=2).cdf).pvalue > 1e-4
+    azimuth = np.arctan2(v[:, 1], v[:, 0])
+    assert stats.kstest(azimuth, stats.uniform(loc=-np.pi, scale=2 * np.pi).cdf).pvalue > 1e-4
+    # the same test rejects rotations about z only (it has the power to fail)
+    gen = np.random.default_rng(1)
+    angles = gen.uniform(-np.pi, np.pi, 3000)
+    tilted = np.stack([np.sin(angles) * 0.3, np.cos(angles) * 0.3, np.full(3000, 0.95)], axis=1)
+    assert stats.kstest(tilted[:, 2], stats.uniform(loc=-1, scale=2).cdf).pvalue < 1e-4
+
+
+def test_rotate_batch_rotates_geometry_and_forces_together():
+    batch = collate(make_samples(n_systems=3, frames_per_system=1))
+    rot = random_rotations(3, torch.Generator().manual_seed(1))
+    eye = torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
+    assert torch.allclose(rot @ rot.transpose(1, 2), eye, atol=1e-12)
+    assert torch.allclose(torch.linalg.det(rot), torch.ones(3, dtype=torch.float64))
+    out = rotate_batch(batch, rot)
+    args = (K.BATCH, K.EDGE_INDEX, K.CELL_OFFSETS)
+    vec = edge_vectors(batch[K.POS], batch[K.CELL], *(batch[a] for a in args))
+    vec_rot = edge_vectors(out[K.POS], out[K.CELL], *(out[a] for a in args))
+    per_edge = rot.float()[batch[K.BATCH][batch[K.EDGE_INDEX][1]]]
+    assert torch.allclose(vec_rot, torch.einsum("ek,ekl->el", vec, per_edge), atol=1e-4)
+    assert torch.allclose(out[K.FORCES].norm(dim=1), batch[K.FORCES].norm(dim=1), atol=1e-5)
+    assert not torch.allclose(out[K.FORCES], batch[K.FORCES])
+    assert batch[K.POS] is not out[K.POS]  # the input batch is not modified
+    # one [3, 3] rotation for the whole batch = that rotation repeated per structure
+    one = rotate_batch(batch, rot[0])
+    same = rotate_batch(batch, rot[0].expand(3, 3, 3))
+    for key in (K.POS, K.CELL, K.FORCES):
+        torch.testing.assert_close(one[key], same[key])
 
 
 # --- triplets --------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import Frame
-from forcenet.geometry import edge_vectors
 from forcenet.losses import TrainLoss
 
 CUTOFF = 4.0
@@ -115,23 +114,6 @@ def test_label_stats_match_numpy(samples):
     assert stats["force_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)), rel=1e-6)
     assert stats["energy_mean"] == pytest.approx(energies.mean())
     assert stats["energy_std"] == pytest.approx(energies.std())
-
-
-def test_rotate_batch_rotates_geometry_and_forces_together(samples):
-    batch = collate(samples[:3])
-    rot = T.random_rotations(3, torch.Generator().manual_seed(1))
-    eye = torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
-    assert torch.allclose(rot @ rot.transpose(1, 2), eye, atol=1e-12)
-    assert torch.allclose(torch.linalg.det(rot), torch.ones(3, dtype=torch.float64))
-    out = T.rotate_batch(batch, rot)
-    args = (K.BATCH, K.EDGE_INDEX, K.CELL_OFFSETS)
-    vec = edge_vectors(batch[K.POS], batch[K.CELL], *(batch[a] for a in args))
-    vec_rot = edge_vectors(out[K.POS], out[K.CELL], *(out[a] for a in args))
-    per_edge = rot.float()[batch[K.BATCH][batch[K.EDGE_INDEX][1]]]
-    assert torch.allclose(vec_rot, torch.einsum("ek,ekl->el", vec, per_edge), atol=1e-4)
-    assert torch.allclose(out[K.FORCES].norm(dim=1), batch[K.FORCES].norm(dim=1), atol=1e-5)
-    assert not torch.allclose(out[K.FORCES], batch[K.FORCES])
-    assert batch[K.POS] is not out[K.POS]  # the input batch is not modified
 
 
 # ----------------------------------------------------------------------------- steps

@@ -9,7 +9,6 @@ process that reads, so the dataset works with forked or spawned DataLoader worke
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +75,13 @@ class FrameDataset(Dataset):
     ``frames_dir``: a frame split folder (``<lmdb_root>/<split>``). ``graphs_dir``: the
     matching graph split folder; its shards must pair up with the frame shards (same
     names and counts, built from the same frames) or a :class:`store.StoreError` names
-    the files. ``transform``: applied to each sample dict (e.g. ``RandomRotation``).
+    the files. Rotation augmentation is applied to whole batches by the training loop
+    (:func:`forcenet.geometry.rotate_batch`), not here.
     """
 
-    def __init__(
-        self,
-        frames_dir: Path,
-        graphs_dir: Path | None = None,
-        *,
-        transform: Callable[[Sample], Sample] | None = None,
-    ) -> None:
+    def __init__(self, frames_dir: Path, graphs_dir: Path | None = None) -> None:
         self.frames_dir = Path(frames_dir)
         self.graphs_dir = Path(graphs_dir) if graphs_dir is not None else None
-        self.transform = transform
         entries = _shard_entries(self.frames_dir, store.KIND_FRAMES)
         self.frames = [store.LmdbShard(self.frames_dir / e["name"]) for e in entries]
         self.graphs: list[store.LmdbShard] | None = None
@@ -118,26 +111,19 @@ class FrameDataset(Dataset):
         sample = self.frames[shard].get(key)
         if self.graphs is not None:
             sample.update(self.graphs[shard].get(key))
-        return self.transform(sample) if self.transform is not None else sample
+        return sample
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed numpy/random and the dataset transform from this worker's torch seed.
+    """Seed numpy/random from this worker's torch seed.
 
     torch gives each worker ``base_seed + worker_id`` with ``base_seed`` drawn from the
-    loader's seeded generator, so augmentations differ between workers and epochs yet
-    are reproducible for a given seed and worker count.
+    loader's seeded generator, so any randomness differs between workers and epochs yet
+    is reproducible for a given seed and worker count.
     """
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset if info is not None else None
-    while dataset is not None:
-        reseed = getattr(getattr(dataset, "transform", None), "reseed", None)
-        if reseed is not None:
-            reseed(seed)
-        dataset = getattr(dataset, "dataset", None)  # Subset and friends
 
 
 def make_loader(

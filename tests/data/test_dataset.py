@@ -1,4 +1,4 @@
-"""FrameDataset, make_loader, collate offsets, frames/graphs pairing and RandomRotation."""
+"""FrameDataset, make_loader, collate offsets and frames/graphs pairing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from ase.build import fcc100
-from scipy import stats
 from torch.utils.data import SequentialSampler
 
 from forcenet.data import keys as K
@@ -21,7 +20,6 @@ from forcenet.data.dataset import FrameDataset, make_loader, sample_from_atoms
 from forcenet.data.frame import Frame
 from forcenet.data.graphs import build_graphs
 from forcenet.data.neighbors import neighbor_list
-from forcenet.data.transforms import RandomRotation
 from forcenet.geometry import edge_vectors
 
 OC20_JSON = Path(__file__).resolve().parents[1] / "fixtures" / "oc20-slab-co-alcuse.json"
@@ -64,8 +62,8 @@ def stores(tmp_path_factory) -> Path:
     return root
 
 
-def _dataset(root: Path, split: str = "train", transform=None) -> FrameDataset:
-    return FrameDataset(root / "lmdb" / split, root / "graphs" / split, transform=transform)
+def _dataset(root: Path, split: str = "train") -> FrameDataset:
+    return FrameDataset(root / "lmdb" / split, root / "graphs" / split)
 
 
 def _batches(loader) -> list[dict]:
@@ -189,93 +187,3 @@ def test_sample_from_atoms_matches_stored_conventions():
     assert batch[K.POS].shape == (34, 3) and K.FORCES not in batch
     with pytest.raises(TypeError, match="ase.Atoms or Frame"):
         sample_from_atoms("not a structure", cutoff=6.0, max_neighbors=50)
-
-
-# --------------------------------------------------------------------------- RandomRotation
-
-
-def test_rotation_rotates_pos_cell_forces_together_and_keeps_geometry(stores):
-    sample = _dataset(stores)[2]
-    before = {k: v.copy() for k, v in sample.items()}
-    rot = RandomRotation(seed=3).draw()
-    out = RandomRotation(seed=3)(sample)
-    for name in (K.POS, K.CELL, K.FORCES):
-        np.testing.assert_allclose(out[name], sample[name].astype(np.float64) @ rot, atol=1e-5)
-        assert out[name].dtype == sample[name].dtype
-    assert not np.allclose(out[K.POS], sample[K.POS], atol=1e-2)  # it really rotated
-    for name, value in before.items():  # the input is untouched
-        np.testing.assert_array_equal(sample[name], value)
-    np.testing.assert_array_equal(out[K.EDGE_INDEX], sample[K.EDGE_INDEX])
-    a, b = collate([sample]), collate([out])
-    va = edge_vectors(a[K.POS], a[K.CELL], a[K.BATCH], a[K.EDGE_INDEX], a[K.CELL_OFFSETS])
-    vb = edge_vectors(b[K.POS], b[K.CELL], b[K.BATCH], b[K.EDGE_INDEX], b[K.CELL_OFFSETS])
-    torch.testing.assert_close(
-        vb, va @ torch.as_tensor(rot, dtype=torch.float32), atol=1e-4, rtol=0
-    )
-    torch.testing.assert_close(vb.norm(dim=1), va.norm(dim=1), atol=1e-4, rtol=0)
-    pa, pb = out[K.POS].astype(np.float64), sample[K.POS].astype(np.float64)
-    np.testing.assert_allclose(  # all interatomic distances unchanged
-        np.linalg.norm(pa[:, None] - pa[None], axis=-1),
-        np.linalg.norm(pb[:, None] - pb[None], axis=-1),
-        atol=1e-4,
-    )
-    # the integer offsets stay valid: a fresh neighbor list of the rotated frame is the same
-    ei, off = neighbor_list(out[K.POS], out[K.CELL], out[K.PBC], CUTOFF, 1000)
-    e0, o0 = neighbor_list(sample[K.POS], sample[K.CELL], sample[K.PBC], CUTOFF, 1000)
-    assert _edge_set(ei, off) == _edge_set(e0, o0)
-
-
-def _edge_set(edge_index: np.ndarray, offsets: np.ndarray) -> set[tuple]:
-    return {
-        (int(j), int(i), tuple(s)) for j, i, s in zip(*edge_index, offsets.tolist(), strict=True)
-    }
-
-
-def _rotated_axes(rotations: np.ndarray) -> np.ndarray:
-    return rotations[:, 2, :]  # the z unit vector as a row vector: e_z @ R  -> [n, 3]
-
-
-def test_rotations_are_uniform_over_so3():
-    transform = RandomRotation(seed=0)
-    rotations = np.stack([transform.draw() for _ in range(3000)])  # [n, 3, 3]
-    for r in rotations[:20]:
-        np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
-        assert np.linalg.det(r) == pytest.approx(1.0)
-    # Haar measure: E[R] = 0 (each entry has std 1/sqrt(3): 5 sigma ~ 0.053 for n=3000)
-    assert np.abs(rotations.mean(axis=0)).max() < 0.053
-    # a fixed vector lands uniformly on the sphere: each coordinate ~ U(-1, 1) (Archimedes)
-    v = _rotated_axes(rotations)
-    for c in range(3):
-        assert stats.kstest(v[:, c], stats.uniform(loc=-1, scale=2).cdf).pvalue > 1e-4
-    azimuth = np.arctan2(v[:, 1], v[:, 0])
-    assert stats.kstest(azimuth, stats.uniform(loc=-np.pi, scale=2 * np.pi).cdf).pvalue > 1e-4
-    # the same test rejects rotations about z only (it has the power to fail)
-    gen = np.random.default_rng(1)
-    angles = gen.uniform(-np.pi, np.pi, 3000)
-    tilted = np.stack([np.sin(angles) * 0.3, np.cos(angles) * 0.3, np.full(3000, 0.95)], axis=1)
-    assert stats.kstest(tilted[:, 2], stats.uniform(loc=-1, scale=2).cdf).pvalue < 1e-4
-
-
-def test_rotation_stream_is_seeded_and_reseedable():
-    a, b = RandomRotation(seed=5), RandomRotation(seed=5)
-    np.testing.assert_array_equal(a.draw(), b.draw())
-    first = a.draw()
-    assert not np.allclose(first, a.draw())
-    a.reseed(5)
-    b.reseed(5)
-    np.testing.assert_array_equal(a.draw(), b.draw())
-
-
-def test_loader_with_rotation_is_reproducible_per_seed(stores):
-    ds = _dataset(stores, transform=RandomRotation(seed=1))
-
-    def positions(seed: int) -> torch.Tensor:
-        loader = make_loader(ds, batch_size=9, shuffle=False, num_workers=2, seed=seed)
-        return next(iter(loader))[K.POS]
-
-    torch.testing.assert_close(positions(4), positions(4), rtol=0, atol=0)
-    assert not torch.allclose(positions(4), positions(5))
-    plain = next(
-        iter(make_loader(_dataset(stores), batch_size=9, shuffle=False, num_workers=0, seed=4))
-    )
-    assert not torch.allclose(positions(4), plain[K.POS])
