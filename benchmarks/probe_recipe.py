@@ -75,9 +75,9 @@ def main() -> None:
     for m in evals:
         row = {"step": m["step"], "elapsed_s": round(m["elapsed_s"], 1)}
         for part in ("", "_surface", "_adsorbate"):
-            if f"force_mae{part}" in m:
-                row[f"dev{part}"] = round(m[f"force_mae{part}"], 4)
-                row[f"rel{part}"] = round(m[f"force_mae{part}"] / m[f"zero_force_mae{part}"], 3)
+            if f"forces_mae{part}" in m:
+                row[f"dev{part}"] = round(m[f"forces_mae{part}"], 4)
+                row[f"rel{part}"] = round(m[f"forces_mae{part}"] / m[f"zero_forces_mae{part}"], 3)
         rows.append(row)
     record = {"name": args.name, "model": name, "steps": args.steps, "overrides": args.set,
               "threads": args.threads, "wall_s": round(time.perf_counter() - t0, 1),

@@ -10,7 +10,7 @@ so the returned module predicts physical units (forces eV/Å, energies eV refere
 Keys: ``format_version`` (1), ``model_name``, ``model_kwargs`` (plain JSON types),
 ``model_state`` (state dict of the ScaledModel), ``optimizer_state``, ``scheduler_state``
 (``{"step", "base_lr"}``: the schedule is a pure function), ``step`` (optimizer steps done),
-``epoch`` (index of the current epoch), ``best_metric`` (best dev force MAE, eV/Å, or None),
+``epoch`` (index of the current epoch), ``best_metric`` (best dev ``forces_mae``, eV/Å, or None),
 ``rng`` (RNG states as tensors), ``params`` (params snapshot), ``graph``
 (``{"cutoff", "max_neighbors"}``), ``train_info`` (plain dict: batches done in the current
 epoch, elapsed training seconds, normalisation constants, history).

@@ -3,9 +3,9 @@
 ``fit`` trains one model on the training split minus a *dev slice* (a deterministic
 fraction of the training systems, by ``sid``) that drives model selection (``best.pt``)
 and diagnostics; the validation splits are never touched here. It checkpoints every epoch
-and at the end of the budget (``out_dir/last.pt``; ``best.pt`` by dev force MAE), resumes
-exactly (step counter, epoch, position inside the epoch, RNG states) and runs under torchrun
-(DDP). The budget is a number of optimizer steps (``max_steps``), so that the same params,
+and at the end of the budget (``out_dir/last.pt``; ``best.pt`` by dev force MAE,
+``forces_mae``), resumes exactly (step counter, epoch, position inside the epoch, RNG
+states) and runs under torchrun (DDP). The budget is a number of optimizer steps (``max_steps``), so that the same params,
 seed and thread count give the same weights whatever else the machine is doing; an epoch
 cap and an opt-in wall-clock cap end a run earlier if they bind first.
 
@@ -37,6 +37,7 @@ from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.geometry import random_rotations, rotate_batch
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
+from forcenet.metrics import OC20Metrics
 from forcenet.runtime import tune_malloc
 from forcenet.schedule import LrDecay, budget_progress, lr_factor, total_steps
 
@@ -155,54 +156,24 @@ def train_step(
 def evaluate(
     model: nn.Module, loader: DataLoader, *, device: torch.device | str
 ) -> dict[str, float]:
-    """Exact dataset-level metrics over free atoms, summed over ranks (non-padded shards).
+    """The OC20 metrics of :class:`forcenet.metrics.OC20Metrics` over ``loader``, exact
+    float64 sums over free atoms, summed over ranks (each rank a non-padded shard).
 
-    ``force_mae`` (eV/Å): mean |F_pred - F| over free atoms x 3 components;
-    ``zero_force_mae``: the same for predicting zero (mean |F|); the same two restricted to
-    free surface (tag 1) and adsorbate (tag 2) atoms as ``force_mae_surface``,
-    ``force_mae_adsorbate``, ``zero_force_mae_surface``, ``zero_force_mae_adsorbate`` (when
-    there are such atoms); ``energy_mae`` (eV) per structure when the model has an energy;
-    ``n_free_atoms``, ``n_structures``.
+    The dev metrics are thus named as in the evaluation: ``forces_mae`` (eV/Å, the
+    selection metric), ``zero_forces_mae``, ``forces_mae_surface``, ``forces_mae_adsorbate``,
+    ``zero_forces_mae_surface``, ... (when the data have both tags), ``energy_mae`` (eV)
+    when the model has an energy, ``num_free_atoms``, ``num_structures``.
     """
     model.eval()
     needs_grad = bool(getattr(model, "energy_from_gradient", False))
-    groups = ("", "_surface", "_adsorbate")
-    # per group: |dF|, |F|, n_comp; then |dE|, G
-    sums = torch.zeros(3 * len(groups) + 2, dtype=torch.float64, device=device)
-    has_energy = False
+    acc = OC20Metrics()
     for batch in loader:
         batch = batch_to(batch, device)
         with torch.set_grad_enabled(needs_grad):
             out = model(batch)
-        free = ~batch[K.FIXED]
-        tags = batch[K.TAGS]
-        dfa = (out[K.OUT_FORCES].detach().double() - batch[K.FORCES].double()).abs()
-        fa = batch[K.FORCES].double().abs()
-        for g, mask in enumerate((free, free & (tags == 1), free & (tags == 2))):
-            sums[3 * g] += dfa[mask].sum()
-            sums[3 * g + 1] += fa[mask].sum()
-            sums[3 * g + 2] += 3 * mask.sum()
-        if K.OUT_ENERGY in out:
-            has_energy = True
-            de = out[K.OUT_ENERGY].detach().double() - batch[K.ENERGY].double()
-            sums[-2] += de.abs().sum()
-        sums[-1] += batch[K.NATOMS].numel()
-    sums = D.all_reduce_sum(sums)
-    n_graphs = float(sums[-1])
-    metrics = {
-        "force_mae": float(sums[0]) / max(float(sums[2]), 1.0),
-        "zero_force_mae": float(sums[1]) / max(float(sums[2]), 1.0),
-        "n_free_atoms": float(sums[2]) / 3.0,
-        "n_structures": n_graphs,
-    }
-    for g, suffix in enumerate(groups[1:], start=1):
-        n = float(sums[3 * g + 2])
-        if n > 0:
-            metrics[f"force_mae{suffix}"] = float(sums[3 * g]) / n
-            metrics[f"zero_force_mae{suffix}"] = float(sums[3 * g + 1]) / n
-    if has_energy:
-        metrics["energy_mae"] = float(sums[-2]) / max(n_graphs, 1.0)
-    return metrics
+        acc.update(out, batch)
+    acc.load_state(D.all_reduce_sum(acc.state().to(device)))
+    return acc.compute()
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -273,7 +244,7 @@ class _Progress:
     batches_in_epoch: int = 0  # batches of the current epoch already trained on
     elapsed_s: float = 0.0  # wall-clock seconds trained so far, over all restarts
     graphs_seen: int = 0  # training structures consumed, over all ranks
-    best_metric: float | None = None  # best dev force MAE (eV/Å)
+    best_metric: float | None = None  # best dev forces_mae (eV/Å)
 
 
 def fit(
@@ -375,7 +346,7 @@ def fit_datasets(
             metrics=metrics, base_lr=cfg.lr,
         )  # fmt: skip
         C.save_checkpoint(last, state)
-        if progress.best_metric is not None and metrics.get("force_mae") == progress.best_metric:
+        if progress.best_metric is not None and metrics.get("forces_mae") == progress.best_metric:
             C.save_checkpoint(out_dir / "best.pt", state)
 
     budget = total_steps(steps_per_epoch, cfg.max_epochs, cfg.max_steps)
@@ -396,7 +367,7 @@ def fit_datasets(
         if progress.batches_in_epoch == steps_per_epoch:
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
         metrics["epoch"] = progress.epoch + progress.batches_in_epoch / steps_per_epoch
-        mae = metrics.get("force_mae")
+        mae = metrics.get("forces_mae")
         if mae is not None and not math.isfinite(mae):
             raise FloatingPointError(
                 f"train {model_name}: dev force MAE is {mae} at step {progress.step}"
@@ -487,7 +458,7 @@ def _train_epoch(
 def _progress_line(name: str, progress: _Progress, budget: int, metrics: dict) -> str:
     """One plain line per dev evaluation (readable in a log file)."""
     parts = [f"train {name}: step {progress.step}/{budget}", f"{progress.elapsed_s:.0f} s"]
-    for key, label in (("train_loss", "loss"), ("force_mae", "dev force MAE"), ("lr", "lr")):
+    for key, label in (("train_loss", "loss"), ("forces_mae", "dev force MAE"), ("lr", "lr")):
         if key in metrics:
             parts.append(f"{label} {metrics[key]:.4g}")
     return ", ".join(parts)

@@ -62,7 +62,7 @@ def _worker(rank: int, init_file: str, out_dir: str, samples: list) -> None:
                        dev_set=samples[8:13], out_dir=out_dir, graph=GRAPH)  # fmt: skip
         result = {
             "step_state": model.state_dict(),
-            "metrics": torch.tensor([metrics["force_mae"], metrics["n_free_atoms"]]),
+            "metrics": torch.tensor([metrics["forces_mae"], metrics["num_free_atoms"]]),
             "files": torch.tensor(len(list(__import__("pathlib").Path(out_dir).glob("*.pt")))),
             "fit_state": C.load_checkpoint(f"{out_dir}/last.pt")["model_state"],
         }
@@ -89,8 +89,8 @@ def test_two_ranks_match_one_process(tmp_path):
     loader = DataLoader(samples[:7], batch_size=7, collate_fn=collate)
     ref = T.evaluate(_fresh_gns(), loader, device="cpu")
     assert torch.equal(res[0]["metrics"], res[1]["metrics"])
-    assert float(res[0]["metrics"][0]) == pytest.approx(ref["force_mae"], rel=1e-6)
-    assert float(res[0]["metrics"][1]) == ref["n_free_atoms"]  # no padded duplicates
+    assert float(res[0]["metrics"][0]) == pytest.approx(ref["forces_mae"], rel=1e-6)
+    assert float(res[0]["metrics"][1]) == ref["num_free_atoms"]  # no padded duplicates
 
     # (3) DDP fit: checkpoint files from rank 0 only (last + best), identical weights
     assert int(res[0]["files"]) == 2

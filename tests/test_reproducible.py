@@ -45,7 +45,7 @@ def test_step_budget_runs_are_bit_identical(samples, tmp_path, monkeypatch):
     assert [s for s, _ in seen_a] == [3, 5, 6, 7]
     assert a["step"] == b["step"] == 7
     assert _state_equal(a["model_state"], b["model_state"])
-    assert [m["force_mae"] for _, m in seen_a] == [m["force_mae"] for _, m in seen_b]
+    assert [m["forces_mae"] for _, m in seen_a] == [m["forces_mae"] for _, m in seen_b]
     assert a["best_metric"] == b["best_metric"]
     # the time differed, and it was recorded, but it did not enter the result
     assert a["train_info"]["progress"]["elapsed_s"] != b["train_info"]["progress"]["elapsed_s"]
@@ -119,7 +119,8 @@ def test_cli_train_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     for f in ("best.pt", "last.pt"):
         assert _state_equal(a[f]["model_state"], b[f]["model_state"]), f
         assert (
-            a[f]["train_info"]["metrics"]["force_mae"] == b[f]["train_info"]["metrics"]["force_mae"]
+            a[f]["train_info"]["metrics"]["forces_mae"]
+            == b[f]["train_info"]["metrics"]["forces_mae"]
         )
 
 

@@ -140,11 +140,11 @@ def test_evaluate_exact_sums_over_free_atoms_independent_of_batching(samples):
     )
     free_f = np.concatenate([s[K.FORCES][~s[K.FIXED]] for s in samples]).astype(np.float64)
     expected = np.abs(free_f - np.array([0.1, -0.2, 0.0])).mean()
-    assert by_one["force_mae"] == pytest.approx(expected, rel=1e-6)
-    assert by_seven["force_mae"] == pytest.approx(expected, rel=1e-6)
-    assert by_one["zero_force_mae"] == pytest.approx(np.abs(free_f).mean(), rel=1e-6)
-    assert by_one["n_free_atoms"] == len(free_f)
-    assert by_one["n_structures"] == len(samples)
+    assert by_one["forces_mae"] == pytest.approx(expected, rel=1e-6)
+    assert by_seven["forces_mae"] == pytest.approx(expected, rel=1e-6)
+    assert by_one["zero_forces_mae"] == pytest.approx(np.abs(free_f).mean(), rel=1e-6)
+    assert by_one["num_free_atoms"] == len(free_f)
+    assert by_one["num_structures"] == len(samples)
 
 
 def test_train_step_learns_one_batch(samples):
@@ -198,18 +198,18 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
     assert [s for s, _ in seen] == [5, 10, 15]  # 20 frames / batch 4
     assert [m["epoch"] for _, m in seen] == [1.0, 2.0, 3.0]
     assert [m["graphs_seen"] for _, m in seen] == [20.0, 40.0, 60.0]
-    assert all(math.isfinite(m["force_mae"]) for _, m in seen)
-    assert seen[-1][1]["force_mae"] < seen[0][1]["zero_force_mae"]  # learned something
+    assert all(math.isfinite(m["forces_mae"]) for _, m in seen)
+    assert seen[-1][1]["forces_mae"] < seen[0][1]["zero_forces_mae"]  # learned something
     assert not list(tmp_path.glob("*.tmp"))
     model, ckpt = C.load_model(tmp_path / "last.pt")
     assert ckpt["step"] == 15 and ckpt["epoch"] == 3 and ckpt["graph"] == GRAPH
     assert ckpt["params"] == {"train": {"lr": 5e-3}}
-    assert ckpt["best_metric"] == min(m["force_mae"] for _, m in seen)
+    assert ckpt["best_metric"] == min(m["forces_mae"] for _, m in seen)
     # the rebuilt model predicts physical units: same dev MAE as measured during training
     dev = T.evaluate(
         model, DataLoader(samples[20:], batch_size=3, collate_fn=collate), device="cpu"
     )
-    assert dev["force_mae"] == pytest.approx(seen[-1][1]["force_mae"], rel=1e-5)
+    assert dev["forces_mae"] == pytest.approx(seen[-1][1]["forces_mae"], rel=1e-5)
     rms = T.label_stats(samples[:20])["force_rms"]
     assert float(model.force_scale) == pytest.approx(rms, rel=1e-6)
 
@@ -310,9 +310,9 @@ def test_dev_evaluate_reports_surface_and_adsorbate_atoms(samples):
     err, f = (pred - batch[K.FORCES].double()).abs(), batch[K.FORCES].double().abs()
     for name, tag in (("surface", 1), ("adsorbate", 2)):
         sel = ~batch[K.FIXED] & (batch[K.TAGS] == tag)
-        assert got[f"force_mae_{name}"] == pytest.approx(float(err[sel].mean()), rel=1e-9)
-        assert got[f"zero_force_mae_{name}"] == pytest.approx(float(f[sel].mean()), rel=1e-9)
-    assert got["force_mae"] == pytest.approx(float(err[~batch[K.FIXED]].mean()), rel=1e-9)
+        assert got[f"forces_mae_{name}"] == pytest.approx(float(err[sel].mean()), rel=1e-9)
+        assert got[f"zero_forces_mae_{name}"] == pytest.approx(float(f[sel].mean()), rel=1e-9)
+    assert got["forces_mae"] == pytest.approx(float(err[~batch[K.FIXED]].mean()), rel=1e-9)
 
 
 def test_first_graphs_equals_collating_fewer_samples(samples):
