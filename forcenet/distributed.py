@@ -33,8 +33,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def auto_device() -> torch.device:
-    """CUDA if available (the local-rank GPU under torchrun), else CPU."""
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available (the local-rank GPU under torchrun,
+    ``cuda:0`` otherwise), else CPU. The one device rule of training, evaluation and the
+    ASE calculator."""
+    if device:
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -42,7 +46,7 @@ def auto_device() -> torch.device:
 
 def init_distributed() -> DistInfo:
     """Join the torchrun process group if ``WORLD_SIZE`` > 1 and not joined yet; rank info."""
-    device = auto_device()
+    device = pick_device()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -53,7 +57,7 @@ def init_distributed() -> DistInfo:
 
 def dist_info(device: torch.device | None = None) -> DistInfo:
     """Rank info of the current process group (rank 0 of 1 without one)."""
-    device = device if device is not None else auto_device()
+    device = device if device is not None else pick_device()
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), device)
     return DistInfo(0, 1, device)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate, first_graphs
+from forcenet.distributed import pick_device
 from forcenet.geometry import random_rotation, rotate_batch
 from forcenet.metrics import OC20Metrics
 
@@ -63,13 +64,6 @@ _PRED_SCHEMA = pa.schema(
         ("pred_fz", pa.float32()),
     ]
 )
-
-
-def pick_device(device: str | None) -> torch.device:
-    """``device`` if given, else the first CUDA device when there is one, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def predict(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
