@@ -13,6 +13,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class PendingFile:
+    """A file being written under a temporary name beside ``path``: :meth:`commit` renames
+    it onto ``path``, :meth:`abort` removes it. For writers that outlive one block (e.g. a
+    streaming Parquet writer); otherwise use :func:`atomic_write`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(
+            f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        )
+
+    def commit(self) -> Path:
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
@@ -21,14 +41,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``lmdb.open``, ...). On an exception the temporary file is removed and ``path`` is left
     as it was. Parent folders are created.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    pending = PendingFile(path)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        yield pending.tmp
+        pending.commit()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        pending.abort()
         raise
 
 

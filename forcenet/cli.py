@@ -1,22 +1,28 @@
-"""The ``forcenet`` command line: every pipeline stage is a subcommand with explicit paths.
+"""The ``forcenet`` command line: the library's jobs, each with explicit arguments.
 
-The DVC stages in ``dvc.yaml`` are thin calls of these commands. Heavy libraries are
-imported inside the commands so that ``forcenet --help`` stays fast.
+It knows nothing of ``params.yaml``, DVC or MLflow: the DVC pipeline (``pipeline/``)
+reads the params and tracks the runs; these commands are for using the library by hand
+(your own data, a checkpoint, a cluster job array). Heavy libraries are imported inside
+the commands so that ``forcenet --help`` stays fast.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from forcenet.train import TrainConfig
 
 app = typer.Typer(
     help=(
         "Train and evaluate force-predicting graph neural networks (ForceNet, SchNet, "
         "DimeNet++, GNS) on OC20-style data.\n\n"
-        "Pipeline: data acquire -> preprocess -> neighbors -> train -> evaluate -> relax -> "
-        "report. `dvc repro` runs it all from params.yaml."
+        "Steps: data generate/download/ingest -> preprocess -> neighbors -> train -> "
+        "evaluate -> relax. `dvc repro` runs them all from params.yaml (see README)."
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -25,9 +31,6 @@ app = typer.Typer(
 data_app = typer.Typer(help="Raw data: generate, download, ingest, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-ParamsOpt = Annotated[
-    Path, typer.Option("--params", "-p", help="params.yaml to read settings from.", exists=True)
-]
 WorkersOpt = Annotated[int, typer.Option(help="Parallel worker processes (1 = in-process).")]
 ShardOpt = Annotated[
     str | None,
@@ -60,36 +63,54 @@ def _echo_json(obj) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-@data_app.command("acquire")
-def data_acquire(
-    out: Annotated[Path, typer.Option(help="Raw output root: OUT/SPLIT/K.extxyz.xz.")],
-    is2rs_out: Annotated[
-        Path, typer.Option(help="Folder for initial/relaxed validation systems (emt only).")
-    ] = Path("data/is2rs"),
-    params: ParamsOpt = Path("params.yaml"),
-) -> None:
-    """Get raw data as `data.source` in params.yaml says: emt (generate), oc20 (download)
-    or files (ingest your own). This is the first DVC stage."""
-    from forcenet.config import load_data_config
-    from forcenet.sources import acquire
-
-    _echo_json(acquire(load_data_config(params), out, is2rs_out))
-
-
 @data_app.command("generate")
 def data_generate(
-    out: Annotated[Path, typer.Argument(help="Raw output root.")],
+    out: Annotated[Path, typer.Argument(help="Raw output root (replaced as a whole).")],
+    systems: Annotated[
+        list[str],
+        typer.Option(help="SPLIT=N (repeatable): N adsorbate+slab systems in split SPLIT."),
+    ],
+    seed: Annotated[int, typer.Option(help="Random seed (the data depend on it alone).")] = 0,
+    frames_per_system: Annotated[int, typer.Option(help="Relaxation frames per system.")] = 14,
+    md_frames_per_system: Annotated[int, typer.Option(help="MD frames per system.")] = 6,
+    relax_steps: Annotated[int, typer.Option(help="BFGS steps of the sampled relaxation.")] = 40,
+    md_temperature: Annotated[float, typer.Option(help="MD temperature (K).")] = 600.0,
+    max_force: Annotated[float, typer.Option(help="Reject frames above (eV/Å).")] = 15.0,
+    workers: WorkersOpt = 2,
+    shard_size: Annotated[int, typer.Option(help="Frames per raw shard.")] = 5000,
     is2rs_out: Annotated[
-        Path, typer.Option(help="Folder for validation relaxation systems.")
-    ] = Path("data/is2rs"),
-    params: ParamsOpt = Path("params.yaml"),
+        Path | None, typer.Option(help="Also write validation systems to relax against EMT.")
+    ] = None,
+    is2rs_systems: Annotated[int, typer.Option(help="Such systems per validation split.")] = 8,
+    is2rs_fmax: Annotated[float, typer.Option(help="The oracle's relaxation target (eV/Å).")] = 0.02,
 ) -> None:
-    """Generate the embedded OC20-like dataset (adsorbates on metal slabs, EMT labels)
-    with the sizes in params.yaml `data.emt`."""
-    from forcenet.config import load_data_config
-    from forcenet.sources import generate
+    """Generate an OC20-like dataset: adsorbates on metal slabs labelled by EMT, in the
+    OC20 raw layout (OUT/SPLIT/K.extxyz.xz + K.txt.xz)."""
+    from forcenet.data.generate import generate_emt
 
-    _echo_json(generate(load_data_config(params), out, is2rs_out))
+    counts: dict[str, int] = {}
+    for item in systems:
+        name, _, n = item.partition("=")
+        if not name or not n.isdigit():
+            raise typer.BadParameter(f"--systems must be SPLIT=N, got {item!r}")
+        counts[name] = int(n)
+    _echo_json(
+        generate_emt(
+            out,
+            seed=seed,
+            n_systems=counts,
+            frames_per_system=frames_per_system,
+            md_frames_per_system=md_frames_per_system,
+            relax_steps=relax_steps,
+            md_temperature_K=md_temperature,
+            max_force=max_force,
+            workers=workers,
+            shard_size=shard_size,
+            is2rs_dir=is2rs_out,
+            is2rs_systems=is2rs_systems,
+            is2rs_fmax=is2rs_fmax,
+        )
+    )
 
 
 @data_app.command("download")
@@ -209,27 +230,45 @@ def manifest(
 @app.command()
 def train(
     model: Annotated[str, typer.Argument(help="forcenet, schnet, dimenetpp or gns.")],
-    out: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt, run_id.txt).")],
-    frames: Annotated[Path, typer.Option(help="LMDB frame root holding train/.")] = Path(
-        "data/lmdb"
-    ),
-    graphs: Annotated[Path, typer.Option(help="Graph root holding train/.")] = Path("data/graphs"),
-    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt).")],
+    frames: Annotated[Path, typer.Option(help="Frame split folder, e.g. data/lmdb/train.")],
+    graphs: Annotated[Path, typer.Option(help="Its graph split folder, e.g. data/graphs/train.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML with `model:` (constructor arguments) and `train:` (TrainConfig "
+            "fields); missing entries take the defaults.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="model.KEY=VALUE or train.KEY=VALUE (repeatable), over --config."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT/last.pt (same weights as no interruption).")
     ] = False,
 ) -> None:
-    """Train one model with `model.NAME` and `train.NAME` from params.yaml.
+    """Train one model. The cutoff and neighbor count come from the graph store.
 
     Runs on the GPU when there is one. For several GPUs or nodes launch it with
     torchrun (e.g. `torchrun --standalone --nproc_per_node=8 -m forcenet.cli train ...`).
     """
-    from forcenet.stages import train_model
+    from forcenet.data.graphs import read_graph_settings
+    from forcenet.train import fit
 
-    best = train_model(
-        model, params_path=params, frames=frames, graphs=graphs, out=out, resume=resume
-    )
-    typer.echo(f"best checkpoint: {best}")
+    kwargs, cfg = _run_config(model, config, set_ or ())
+    settings = read_graph_settings(graphs)
+    kwargs["cutoff"] = settings.cutoff
+    best = fit(
+        cfg, model, kwargs, train_dir=frames, graphs_dir=graphs, out_dir=out,
+        graph=settings.as_dict(), resume=resume,
+        params_snapshot={"model": {model: kwargs}, "train": vars(cfg), "graph": settings.as_dict()},
+    )  # fmt: skip
+    typer.echo(f"train {model}: done; checkpoint to evaluate: {best}")
 
 
 @app.command()
@@ -244,62 +283,37 @@ def evaluate(
     ],
     out: Annotated[Path, typer.Option(help="Long metrics table (Parquet).")],
     graphs: Annotated[
-        Path | None, typer.Option(help="Graph root for LMDB inputs (default data/graphs).")
+        Path | None, typer.Option(help="Graph store root, needed for LMDB inputs.")
     ] = None,
     predictions: Annotated[
         Path | None, typer.Option(help="Also write per-atom predictions (Parquet).")
     ] = None,
     metrics_json: Annotated[
-        Path | None, typer.Option(help="Also write {split: {metric: value}} JSON for DVC.")
+        Path | None, typer.Option(help="Also write {split: {metric: value}} JSON.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Structures per batch.")] = 16,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")
     ] = None,
-    track: Annotated[bool, typer.Option(help="Log to the checkpoint's MLflow run.")] = True,
 ) -> None:
     """OC20 metrics on free atoms (force MAE with the zero-force baseline, cosine,
     magnitude, energy MAE and EFwT where the model has an energy), inference throughput
     and the rotation-covariance error, per split."""
-    from forcenet.stages import evaluate_model
+    from forcenet.evaluate import evaluate_checkpoint
+    from forcenet.tables import write_metrics_json, write_table
 
-    table = evaluate_model(
-        checkpoint,
-        inputs,
-        out=out,
-        graphs=graphs,
+    table = evaluate_checkpoint(
+        checkpoint, inputs, graphs=graphs, batch_size=batch_size, device=device,
         predictions=predictions,
-        metrics_json=metrics_json,
-        batch_size=batch_size,
-        device=device,
-        track=track,
-    )
+    )  # fmt: skip
+    write_table(table, out)
+    if metrics_json is not None:
+        write_metrics_json(table, metrics_json)
     wide = table.pivot_table(index="metric", columns="split", values="value")
     keep = [
         m for m in ("forces_mae", "zero_forces_mae", "forces_cos", "energy_mae") if m in wide.index
     ]
     typer.echo(wide.loc[keep].to_string(float_format=lambda v: f"{v:.4f}"))
-
-
-@app.command()
-def report(
-    metrics: Annotated[list[Path], typer.Argument(help="Metrics tables from `forcenet evaluate`.")],
-    out: Annotated[Path, typer.Option(help="Report folder (results.md, plots/).")] = Path(
-        "reports"
-    ),
-    predictions: Annotated[
-        list[Path] | None, typer.Option(help="Per-atom predictions for parity plots.")
-    ] = None,
-    relax: Annotated[
-        list[Path] | None, typer.Option(help="Relaxation summaries from `forcenet relax-oracle`.")
-    ] = None,
-) -> None:
-    """Comparison table (Parquet, CSV, Markdown) and plots: force MAE per split with the
-    zero baseline, learning curves from MLflow, force parity per model."""
-    from forcenet.report import build_report
-
-    build_report(metrics, out, predictions=predictions or ())
-    typer.echo((out / "results.md").read_text())
 
 
 # ----------------------------------------------------------------------- relax
@@ -334,31 +348,88 @@ def relax_oracle(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
     is2rs: Annotated[Path, typer.Argument(help="Folder of SPLIT_initial/_relaxed.extxyz.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    params: ParamsOpt = Path("params.yaml"),
+    splits: Annotated[
+        list[str] | None,
+        typer.Option(help="Validation splits to relax (repeatable; default: all four)."),
+    ] = None,
+    optimizer: Annotated[str, typer.Option(help="lbfgs or fire.")] = "lbfgs",
+    fmax: Annotated[
+        float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")
+    ] = 0.05,
+    steps: Annotated[int, typer.Option(help="Maximum optimizer steps (OC20: 200).")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Structures relaxed together.")] = 16,
     table: Annotated[
         Path | None, typer.Option(help="Also write the aggregates as a long Parquet table.")
     ] = None,
     metrics_json: Annotated[
-        Path | None, typer.Option(help="Also write the aggregates as JSON for DVC.")
+        Path | None, typer.Option(help="Also write the aggregates as JSON.")
     ] = None,
-    track: Annotated[bool, typer.Option(help="Log to the checkpoint's MLflow run.")] = True,
 ) -> None:
-    """Relax the embedded validation systems with the model and check every result with
-    the oracle (EMT): ADwT, FbT-oracle (oracle max force < 0.05 eV/Å) and the oracle
-    energy above the oracle's own minimum. Settings from params.yaml `relax`."""
-    from forcenet.stages import relax_against_oracle
+    """Relax the validation systems with the model and check every result with the
+    oracle (EMT): ADwT, FbT-oracle (oracle max force < 0.05 eV/Å) and the oracle energy
+    above the oracle's own minimum."""
+    from forcenet.data.keys import VAL_SPLITS
+    from forcenet.oracle import evaluate_relaxations, metrics_long_table
+    from forcenet.tables import write_metrics_json, write_table
 
-    table = relax_against_oracle(
-        checkpoint, is2rs, out=out, params_path=params, table=table, metrics_json=metrics_json,
-        track=track,
+    aggregate = evaluate_relaxations(
+        checkpoint, is2rs, splits or list(VAL_SPLITS), out_dir=out, fmax=fmax, steps=steps,
+        optimizer=_optimizer(optimizer), batch_size=batch_size,
     )  # fmt: skip
-    typer.echo(table.to_string(index=False))
+    if len(aggregate):
+        long = metrics_long_table(aggregate)
+        if table is not None:
+            write_table(long, table)
+        if metrics_json is not None:
+            write_metrics_json(long, metrics_json)
+    typer.echo(aggregate.to_string(index=False))
 
 
 def _optimizer(name: str):
     if name not in ("lbfgs", "fire"):
         raise typer.BadParameter(f"--optimizer must be lbfgs or fire, got {name!r}")
     return name
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML reads it: ``3`` -> 3, ``0.5`` -> 0.5, ``true``, ``[1, 2]``."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _run_config(
+    model_name: str, path: Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], TrainConfig]:
+    """``(model kwargs, TrainConfig)`` of one training run.
+
+    ``path``: an optional YAML file ``{model: {<constructor arg>: value}, train:
+    {<TrainConfig field>: value}}``; missing entries take the defaults. ``overrides``:
+    ``"model.hidden_channels=128"`` or ``"train.max_steps=500"`` strings applied on top.
+    Unknown model arguments and training keys are refused, naming the key.
+    """
+    from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
+    from forcenet.models import hyperparameters
+    from forcenet.train import TrainConfig
+
+    data: dict[str, Any] = load_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "run config"
+    extra = sorted(set(data) - {"model", "train"})
+    if extra:
+        raise ConfigError(unknown_keys_message(where, extra, ("model", "train")))
+    model = dict(data.get("model") or {})
+    train = dict(data.get("train") or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section_name, _, name = key.partition(".")
+        if not sep or not name or section_name not in ("model", "train"):
+            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+        (model if section_name == "model" else train)[name] = _parse_value(value)
+    allowed = hyperparameters(model_name)
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        raise ConfigError(unknown_keys_message(f"{where}: model {model_name}", unknown, allowed))
+    return model, parse(TrainConfig, train, f"{where}: train")
 
 
 def main() -> None:

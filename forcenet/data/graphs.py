@@ -10,7 +10,8 @@ shard's meta, so a graph store paired with other frames is caught by the dataset
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,47 @@ def build_graphs(
         results = store.run_jobs(_graph_shard, jobs, workers, f"graphs {split_dir.name}")
         summary[split_dir.name] = store.summarise(results, out_dir, store.KIND_GRAPHS, shard)
     return summary
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """How a graph store was built: ``cutoff`` [Å] and the nearest ``max_neighbors`` per atom.
+
+    Recorded in every graph shard's meta and in the split's manifest, stored in every
+    checkpoint, and compared wherever graphs meet a model (training, evaluation).
+    """
+
+    cutoff: float
+    max_neighbors: int
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> GraphSettings:
+        return cls(cutoff=float(data["cutoff"]), max_neighbors=int(data["max_neighbors"]))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"cutoff": self.cutoff, "max_neighbors": self.max_neighbors}
+
+    def check_same(self, other: GraphSettings, *, where: str, other_name: str) -> None:
+        """Raise ``ValueError`` naming ``where`` unless ``other`` has the same settings."""
+        for key in ("cutoff", "max_neighbors"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if float(mine) != float(theirs):
+                raise ValueError(
+                    f"{where}: graphs built with {key}={mine}, but {other_name} has "
+                    f"{key}={theirs}; rebuild the graphs or use matching settings"
+                )
+
+
+def read_graph_settings(graphs_dir: Path) -> GraphSettings:
+    """The settings of the graph store ``graphs_dir`` (a split folder), from its manifest,
+    else from its shards (which must agree)."""
+    manifest = store.read_manifest(graphs_dir)
+    if manifest is not None and "cutoff" in manifest:
+        return GraphSettings.from_mapping(manifest)
+    shards = store.list_lmdb(graphs_dir)
+    if not shards:
+        raise store.StoreError(f"{graphs_dir}: no graph shards (*.lmdb); build the graphs first")
+    found = {GraphSettings.from_mapping(store.read_meta(p)) for p in shards}
+    if len(found) != 1:
+        raise store.StoreError(f"{graphs_dir}: shards built with different settings {found}")
+    return found.pop()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from forcenet.atomic import write_text
+
 RUN_ID_FILE = "run_id.txt"
 HISTORY_COLUMNS = ["metric", "step", "value"]
 DEFAULT_EXPERIMENT = "forcenet"
@@ -141,10 +143,7 @@ def read_run_id(folder: Path) -> str | None:
 
 
 def _write_run_id(folder: Path, run_id: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RUN_ID_FILE}.tmp{os.getpid()}"
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, folder / RUN_ID_FILE)
+    write_text(Path(folder) / RUN_ID_FILE, run_id + "\n")
 
 
 def _existing_run(client, run_id: str | None):

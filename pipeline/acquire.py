@@ -1,12 +1,21 @@
-"""The first pipeline stage: raw frames from the source ``data.source`` names."""
+"""Stage ``acquire``: raw frames from the source that ``data.source`` names.
+
+``emt`` generates the embedded OC20-like dataset (and the validation systems relaxed
+against the oracle), ``oc20`` downloads the official S2EF archives, ``files`` converts
+your own ASE-readable files. Output: ``OUT/<split>/<k>.extxyz.xz`` + ``<k>.txt.xz``.
+
+    python -m pipeline.acquire --out data/raw --is2rs-out data/is2rs
+"""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from forcenet.config import DataConfig
+from pipeline import stage
+from pipeline.params import DataConfig, load_params
 
 
 def generate(cfg: DataConfig, out: Path, is2rs_out: Path) -> dict[str, Any]:
@@ -49,3 +58,16 @@ def acquire(cfg: DataConfig, out: Path, is2rs_out: Path) -> dict[str, Any]:
     f = cfg.files
     splits = {name: [Path(p) for p in files] for name, files in f.splits.items()}
     return ingest_files(splits, out, shard_size=f.shard_size, reference_energy=f.reference_energy)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = stage.parser(__doc__)
+    p.add_argument("--out", type=Path, required=True, help="raw output root")
+    p.add_argument("--is2rs-out", type=Path, required=True, help="validation relaxation systems")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    stage.echo_json(acquire(params.data, args.out, args.is2rs_out))
+
+
+if __name__ == "__main__":
+    stage.run(main)

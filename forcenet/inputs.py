@@ -1,0 +1,127 @@
+"""Evaluation inputs as batches: an LMDB split (frames + graph store) or an ASE file.
+
+An LMDB split ``<root>/<split>`` takes its graphs from ``<graphs>/<split>``, checked to
+be built with the model's :class:`~forcenet.data.graphs.GraphSettings`; an ASE file
+(extxyz, traj, db, json with energies and forces; split = file stem) gets its graphs
+built on the fly with the same settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from forcenet.data import keys as K
+from forcenet.data.batch import Batch, collate
+from forcenet.data.graphs import GraphSettings, read_graph_settings
+
+#: ASE formats accepted as evaluation inputs (all plain data; no pickle-based format).
+ASE_FORMATS = ("extxyz", "xyz", "traj", "db", "json")
+
+
+def _collate_common(samples: list[dict]) -> Batch:
+    """Collate on the fields every sample has (e.g. an energy label only some frames carry)."""
+    common = set(samples[0]).intersection(*samples[1:])
+    return collate([{k: v for k, v in s.items() if k in common} for s in samples])
+
+
+def _chunks(samples: Iterable[dict], batch_size: int) -> Iterator[Batch]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pending: list[dict] = []
+    for sample in samples:
+        pending.append(sample)
+        if len(pending) == batch_size:
+            yield _collate_common(pending)
+            pending = []
+    if pending:
+        yield _collate_common(pending)
+
+
+def lmdb_batches(
+    frames_dir: Path, graphs_dir: Path, *, batch_size: int, num_workers: int = 0
+) -> Iterable[Batch]:
+    """Batches of an LMDB split (frames + matching graph store), in stored order."""
+    from forcenet.data.dataset import FrameDataset, make_loader
+
+    dataset = FrameDataset(frames_dir, graphs_dir)
+    return make_loader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, seed=0
+    )
+
+
+def _ase_labels(atoms, index: int) -> dict[str, np.ndarray]:
+    """Labels of one ASE frame: forces (constraints not applied), sid/fid, and the
+    referenced energy when ``atoms.info`` has ``reference_energy`` (or ``ref_energy``);
+    without a reference the energy is left out, so no energy metric compares a total
+    energy with a referenced prediction."""
+    if atoms.calc is None:
+        raise ValueError("no energies/forces stored (no calculator results)")
+    out = {
+        K.FORCES: np.asarray(atoms.get_forces(apply_constraint=False), dtype=np.float32),
+        K.SID: np.asarray(int(atoms.info.get("sid", index)), dtype=np.int64),
+        K.FID: np.asarray(int(atoms.info.get("fid", index)), dtype=np.int64),
+    }
+    ref = atoms.info.get("reference_energy", atoms.info.get("ref_energy"))
+    if ref is not None:
+        total = float(atoms.get_potential_energy(apply_constraint=False))
+        out[K.ENERGY] = np.asarray(total - float(ref), dtype=np.float64)
+    return out
+
+
+def ase_batches(path: Path, *, settings: GraphSettings, batch_size: int) -> Iterator[Batch]:
+    """Batches of an ASE-readable file with energies and forces; graphs built on the fly
+    with the checkpoint's ``cutoff`` and ``max_neighbors``."""
+    import ase.io
+    from ase.io.formats import filetype
+
+    from forcenet.data.dataset import sample_from_atoms
+
+    fmt = filetype(str(path), read=True)
+    if fmt not in ASE_FORMATS:
+        raise ValueError(f"{path}: format {fmt!r} is not accepted; use one of {ASE_FORMATS}")
+
+    def samples() -> Iterator[dict]:
+        index = 0  # frame being read, for the error message (parse errors included)
+        try:
+            for atoms in ase.io.iread(str(path), index=":", format=fmt):
+                sample = sample_from_atoms(
+                    atoms, cutoff=settings.cutoff, max_neighbors=settings.max_neighbors
+                )
+                sample.update(_ase_labels(atoms, index))
+                yield sample
+                index += 1
+        except Exception as exc:
+            raise ValueError(f"{path}: frame {index}: {exc}") from exc
+
+    yield from _chunks(samples(), batch_size)
+
+
+def open_input(
+    path: Path,
+    *,
+    graphs: Path | None,
+    settings: GraphSettings,
+    batch_size: int,
+    num_workers: int = 0,
+) -> tuple[str, Iterable[Batch]]:
+    """``(split, batches)`` for an LMDB split folder or an ASE file (split = file stem).
+
+    An LMDB split folder needs ``graphs``, the root of the graph stores: its graphs are
+    ``graphs/<split>``, refused unless built with ``settings``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if graphs is None:
+            raise ValueError(f"{path}: an LMDB split needs --graphs (the graph store root)")
+        graphs_dir = Path(graphs) / path.name
+        read_graph_settings(graphs_dir).check_same(
+            settings, where=str(graphs_dir), other_name="the checkpoint"
+        )
+        batches = lmdb_batches(path, graphs_dir, batch_size=batch_size, num_workers=num_workers)
+        return path.name, batches
+    if path.is_file():
+        return path.stem, ase_batches(path, settings=settings, batch_size=batch_size)
+    raise FileNotFoundError(f"evaluation input not found: {path}")

@@ -1,0 +1,61 @@
+"""Stage ``evaluate``: one model's checkpoint on every validation split.
+
+Writes the long metrics table (Parquet), the per-atom predictions and the DVC metrics
+JSON, and logs the metrics as ``<split>/<metric>`` to the model's MLflow training run
+(the run id in ``run_id.txt`` beside the checkpoint).
+
+    python -m pipeline.evaluate data/models/forcenet/best.pt data/lmdb/val_id ... \\
+        --graphs data/graphs --out reports/eval/forcenet.parquet \\
+        --predictions data/predictions/forcenet.parquet --metrics-json reports/metrics/forcenet.json
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from forcenet.tables import write_metrics_json, write_table
+from pipeline import stage, tracking
+from pipeline.params import load_params
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from forcenet.checkpoint import load_checkpoint
+    from forcenet.evaluate import evaluate_checkpoint
+
+    p = stage.parser(__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("inputs", type=Path, nargs="+", help="LMDB split folders")
+    p.add_argument("--graphs", type=Path, required=True, help="graph store root")
+    p.add_argument("--out", type=Path, required=True, help="long metrics table (Parquet)")
+    p.add_argument("--predictions", type=Path, required=True, help="per-atom predictions")
+    p.add_argument("--metrics-json", type=Path, required=True, help="metrics for DVC")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    start = time.perf_counter()
+    name = str(load_checkpoint(args.checkpoint)["model_name"])
+    run_id = tracking.read_run_id(args.checkpoint.parent)
+    run = tracking.attach_run(model=name, run_id=run_id)
+    try:
+        table = evaluate_checkpoint(
+            args.checkpoint, args.inputs, graphs=args.graphs,
+            batch_size=params.evaluate.batch_size, predictions=args.predictions,
+        )  # fmt: skip
+        table["run_id"] = run.run_id if run is not None else (run_id or "")
+        write_table(table, args.out)
+        write_metrics_json(table, args.metrics_json)
+        tracking.log_split_metrics(run, table)
+        artifacts = [args.out, args.predictions, args.checkpoint]
+        tracking.log_artifacts(run, artifacts, artifact_path="evaluation")
+    except BaseException:
+        tracking.finish_run(run, status="FAILED")
+        raise
+    tracking.finish_run(run)
+    val = table[(table.metric == "forces_mae")].set_index("split")["value"]
+    summary = ", ".join(f"{s} {v:.4f}" for s, v in val.items())
+    print(f"evaluate {name}: force MAE [eV/Å] {summary} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,173 @@
+"""The report's figures (PNG): force MAE by split and by tag, learning curves, parity.
+
+One colour per model in every figure (:func:`model_colour`). Each figure is written under
+a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from forcenet.atomic import atomic_write  # noqa: E402
+from forcenet.data import keys as K  # noqa: E402
+
+#: One colour per model, the same in every plot.
+MODEL_COLOURS = {"forcenet": "C0", "schnet": "C1", "dimenetpp": "C2", "gns": "C3"}
+#: Metrics drawn as learning curves (names logged by the training loop at each dev
+#: evaluation, against the optimizer step).
+CURVE_METRICS = {
+    "train_loss": "training loss (model's own definition)",
+    "force_mae": "dev force MAE [eV/Å]",
+    "force_mae_adsorbate": "dev force MAE, adsorbate atoms [eV/Å]",
+}
+#: Per-tag groups of the evaluation metrics (suffixes written by forcenet.metrics).
+TAG_GROUPS = {"": "all free atoms", "_surface": "surface (tag 1)", "_adsorbate": "adsorbate (tag 2)"}
+
+
+def model_colour(model: str) -> str:
+    extra = ["C4", "C5", "C6", "C7", "C8", "C9"]
+    return MODEL_COLOURS.get(str(model), extra[sum(map(ord, str(model))) % len(extra)])
+
+
+def split_order(splits) -> list[str]:
+    """The validation splits in OC20 order, then the training split, then the rest."""
+    known = [s for s in (*K.VAL_SPLITS, K.TRAIN) if s in set(splits)]
+    return known + sorted(set(splits) - set(known))
+
+
+def _save_figure(fig, path: Path) -> None:
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars of force MAE per split and model, the zero-force baseline as a black
+    tick over each split's group."""
+    splits = split_order(table.split)
+    models = sorted(table.model.unique())
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(splits))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(splits), 4))
+    for k, model in enumerate(models):
+        rows = table[table.model == model].set_index("split").reindex(splits)
+        ax.bar(x - 0.4 + width * (k + 0.5), rows["forces_mae"], width, label=model,
+               color=model_colour(model))  # fmt: skip
+    if "zero_forces_mae" in table.columns:
+        zero = table.groupby("split")["zero_forces_mae"].first().reindex(splits)
+        ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
+                  label="zero-force baseline")  # fmt: skip
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("force MAE on free atoms [eV/Å]")
+    ax.set_title("Force MAE by split")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+
+
+def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
+    """Dev force MAE (all free atoms and adsorbate atoms) against optimizer steps and
+    against training seconds, and the training loss against steps, one colour per model,
+    with the zero-force baselines; False (and no file) when no model has a curve of at
+    least two points."""
+    curves = curves[curves.step > 0] if "step" in curves.columns else curves
+    curves = curves[~curves.metric.isin(["step", "model"])]  # the index, also logged as metrics
+    wide = curves.pivot_table(index=["model", "step"], columns="metric", values="value",
+                              aggfunc="last").reset_index()  # fmt: skip
+    have = [m for m in CURVE_METRICS if m in wide.columns]
+    if not have or wide.groupby("model").step.nunique().max() < 2:
+        return False
+    panels = [(m, "step") for m in have if m != "train_loss"]
+    if "elapsed_s" in wide.columns:
+        panels += [(m, "elapsed_s") for m in have if m != "train_loss"]
+    if "train_loss" in have:
+        panels.append(("train_loss", "step"))
+    cols = 2 if len(panels) > 1 else 1
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
+    for ax, (metric, x) in zip(axes.flat, panels, strict=False):
+        for model, rows in wide.groupby("model"):
+            rows = rows.dropna(subset=[metric, x]).sort_values("step")
+            if len(rows) < 1:
+                continue
+            ax.plot(rows[x], rows[metric], marker="o", markersize=2.5, label=model,
+                    color=model_colour(model))  # fmt: skip
+        zero = "zero_" + metric
+        if metric.startswith("force_mae") and zero in wide.columns:
+            ax.axhline(wide[zero].median(), color="black", ls="--", lw=1,
+                       label="zero-force baseline")  # fmt: skip
+        values = wide[metric].dropna()
+        if len(values) and values.min() > 0 and values.max() / values.min() > 20:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer steps" if x == "step" else "training seconds")
+        ax.set_ylabel(CURVE_METRICS[metric])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle("Learning curves (dev slice of the training systems)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return True
+
+
+def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
+    """Force MAE per split and model for surface and adsorbate atoms (one panel each),
+    the zero-force baseline as a dashed tick; False when the data have no tags."""
+    groups = [g for g in ("_surface", "_adsorbate") if f"forces_mae{g}" in table.columns]
+    if not groups:
+        return False
+    splits = split_order(table.split)
+    models = sorted(table.model.unique())
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(splits))
+    fig, axes = plt.subplots(1, len(groups), figsize=(2 + 3 * len(splits), 3.8), squeeze=False)
+    for ax, g in zip(axes[0], groups, strict=True):
+        for k, model in enumerate(models):
+            rows = table[table.model == model].set_index("split").reindex(splits)
+            ax.bar(x - 0.4 + width * (k + 0.5), rows[f"forces_mae{g}"], width, label=model,
+                   color=model_colour(model))  # fmt: skip
+        zero = table.groupby("split")[f"zero_forces_mae{g}"].first().reindex(splits)
+        ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
+                  label="zero-force baseline")  # fmt: skip
+        ax.set_xticks(x, splits, fontsize="small")
+        ax.set_title(TAG_GROUPS[g])
+        ax.set_ylabel("force MAE on free atoms [eV/Å]")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Force MAE by tag and split")
+    _save_figure(fig, path)
+    return True
+
+
+def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
+    """Hexbin of predicted vs true force components (free atoms, log counts) with y = x."""
+    true = pred[["fx", "fy", "fz"]].to_numpy(float).ravel()
+    hat = pred[["pred_fx", "pred_fy", "pred_fz"]].to_numpy(float).ravel()
+    ok = np.isfinite(true) & np.isfinite(hat)
+    true, hat = true[ok], hat[ok]
+    lim = float(np.quantile(np.abs(np.concatenate([true, hat])), 0.999)) if len(true) else 1.0
+    lim = max(lim, 1e-3)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    hb = ax.hexbin(true, hat, gridsize=60, bins="log", cmap="viridis",
+                   extent=(-lim, lim, -lim, lim), mincnt=1)  # fmt: skip
+    fig.colorbar(hb, ax=ax, label="components per bin")
+    ax.plot([-lim, lim], [-lim, lim], color="red", lw=0.8, label="y = x")
+    mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")
+    split = pred.split.iloc[0] if len(pred) else "?"
+    ax.set_title(f"{model} on {split} (free atoms)\nforce MAE {mae:.4f} eV/Å", fontsize="medium")
+    ax.set_xlabel("reference force component [eV/Å]")
+    ax.set_ylabel("predicted force component [eV/Å]")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize="small")
+    _save_figure(fig, path)

@@ -1,0 +1,56 @@
+"""Stage ``relax``: ML relaxations of the embedded validation systems, scored by the oracle.
+
+Settings from params.yaml ``relax``. Writes the trajectories and per-system table into
+``--out``, the aggregates (ADwT, FbT-oracle, oracle energy above its own minimum) as a
+long Parquet table and as DVC metrics JSON, and logs them to the model's MLflow run.
+
+    python -m pipeline.relax data/models/forcenet/best.pt data/is2rs --out data/relax/forcenet \\
+        --table reports/relax/forcenet.parquet --metrics-json reports/metrics/relax_forcenet.json
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from forcenet.tables import write_metrics_json, write_table
+from pipeline import stage, tracking
+from pipeline.params import load_params
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from forcenet.oracle import evaluate_relaxations, metrics_long_table
+
+    p = stage.parser(__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("is2rs", type=Path, help="folder of SPLIT_initial/_relaxed.extxyz")
+    p.add_argument("--out", type=Path, required=True, help="trajectories and per-system table")
+    p.add_argument("--table", type=Path, required=True, help="aggregates as a long table")
+    p.add_argument("--metrics-json", type=Path, required=True, help="aggregates for DVC")
+    args = p.parse_args(argv)
+    r = load_params(args.params).relax
+    start = time.perf_counter()
+    aggregate = evaluate_relaxations(
+        args.checkpoint, args.is2rs, r.splits, out_dir=args.out, fmax=r.fmax, steps=r.steps,
+        optimizer=r.optimizer, batch_size=r.batch_size,
+    )  # fmt: skip
+    if not len(aggregate):
+        print(f"relax: no validation systems in {args.is2rs}; nothing relaxed")
+        return
+    run_id = tracking.read_run_id(args.checkpoint.parent)
+    long = metrics_long_table(aggregate, run_id)
+    write_table(long, args.table)
+    write_metrics_json(long, args.metrics_json)
+    name = str(aggregate["model"].iloc[0])
+    run = tracking.attach_run(model=name, run_id=run_id, stage="relax")
+    tracking.log_split_metrics(run, long)
+    tracking.log_artifacts(run, sorted(args.out.glob("*.png")), artifact_path="relax")
+    tracking.finish_run(run)
+    adwt = long[long.metric == "adwt"].set_index("split")["value"]
+    summary = ", ".join(f"{s} {v:.3f}" for s, v in adwt.items())
+    print(f"relax {name}: ADwT {summary} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    stage.run(main)

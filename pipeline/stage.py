@@ -1,0 +1,44 @@
+"""What every stage module shares: argument parsing, params loading and clean failures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.params import PARAMS_FILE
+
+#: The learning curve the train stage writes into its output folder (read by the report).
+HISTORY_FILE = "history.csv"
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the common ``--params`` option."""
+    p = argparse.ArgumentParser(
+        description=(description or "").strip(), formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--params", type=Path, default=PARAMS_FILE, help="params.yaml to read (default: %(default)s)"
+    )
+    return p
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's ``main``; an expected failure (bad input or params, a missing file)
+    prints one ``error:`` line naming the file and exits 1. ``FORCENET_DEBUG=1`` shows the
+    traceback instead."""
+    try:
+        main(argv)
+    except (ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("FORCENET_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def echo_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))

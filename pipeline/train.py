@@ -1,0 +1,151 @@
+"""Stage ``train``: one model, ``model.<name>`` and ``train.<name>`` from params.yaml.
+
+Checks that the graph store was built with ``params.graph`` before any work, trains with
+:func:`forcenet.train.fit`, records the run in MLflow (params, the learning curve, the run
+id in ``OUT/run_id.txt``) and writes the learning curve to ``OUT/history.csv`` (one row per
+dev evaluation), so the report reads it from DVC-tracked outputs.
+
+    python -m pipeline.train forcenet --frames data/lmdb --graphs data/graphs --out data/models/forcenet
+
+Under torchrun every rank runs this; only rank 0 tracks and writes the history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from forcenet.atomic import atomic_write
+from forcenet.config import ConfigError, parse, unknown_keys_message
+from forcenet.data.graphs import GraphSettings, read_graph_settings
+from forcenet.models import hyperparameters
+from forcenet.train import TrainConfig
+from pipeline import stage, tracking
+from pipeline.params import MODEL_NAMES, SHARED_TRAIN_KEYS, Params, load_params, model_name
+from pipeline.stage import HISTORY_FILE
+
+
+def model_kwargs(params: Params, name: str) -> dict[str, Any]:
+    """Constructor kwargs of model ``name``: ``model.<name>`` (with the ``model.hidden``
+    alias for ForceNet) plus ``graph.cutoff``; unknown arguments refused."""
+    kwargs = dict(getattr(params.model, model_name(name)))
+    allowed = hyperparameters(name) - {"cutoff"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ConfigError(unknown_keys_message(f"model.{name}", unknown, allowed))
+    if name == "forcenet" and params.model.hidden is not None:
+        kwargs["hidden_channels"] = int(params.model.hidden)
+    kwargs["cutoff"] = float(params.graph.cutoff)
+    return kwargs
+
+
+def train_config(params: Params, name: str) -> TrainConfig:
+    """``train.<name>`` plus the shared keys, as a checked :class:`TrainConfig`."""
+    own = dict(getattr(params.train, model_name(name)))
+    clash = sorted(set(own) & set(SHARED_TRAIN_KEYS))
+    if clash:
+        raise ConfigError(f"train.{name}: {clash} are shared keys; set them under train")
+    shared = {k: getattr(params.train, k) for k in SHARED_TRAIN_KEYS}
+    return parse(TrainConfig, {**shared, **own}, f"train.{name}")
+
+
+def snapshot(params: Params, name: str) -> dict[str, Any]:
+    """The params model ``name``'s run depends on (logged to MLflow, kept in checkpoints)."""
+    return {
+        "model": {name: model_kwargs(params, name)},
+        "train": {
+            **{k: getattr(params.train, k) for k in SHARED_TRAIN_KEYS},
+            name: dict(getattr(params.train, name)),
+        },
+        "graph": dataclasses.asdict(params.graph),
+        "data": {"source": params.data.source},
+    }
+
+
+class History:
+    """The learning curve in ``out/history.csv``: one row per dev evaluation (``step`` and
+    the metrics of :func:`forcenet.train.fit`'s callback). A resumed run keeps the rows
+    before its first new evaluation."""
+
+    def __init__(self, out: Path, *, resume: bool) -> None:
+        self.path = Path(out) / HISTORY_FILE
+        self.rows: list[dict[str, Any]] = []
+        if resume and self.path.is_file():
+            self.rows = pd.read_csv(self.path).to_dict("records")
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows = [r for r in self.rows if int(r["step"]) < step]
+        self.rows.append({"step": int(step), **metrics})
+        with atomic_write(self.path) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+
+
+def check_graphs(params: Params, graphs_dir: Path) -> GraphSettings:
+    """The graph store's settings, refused unless they are ``params.graph``."""
+    stored = read_graph_settings(graphs_dir)
+    wanted = GraphSettings(params.graph.cutoff, params.graph.max_neighbors)
+    stored.check_same(wanted, where=str(graphs_dir), other_name="params.yaml graph")
+    return stored
+
+
+def train_model(
+    name: str, params: Params, *, frames: Path, graphs: Path, out: Path, resume: bool
+) -> Path:
+    """Train model ``name`` on ``frames/train`` + ``graphs/train``; checkpoints in ``out``.
+    Returns the checkpoint to evaluate (``best.pt``)."""
+    from forcenet.train import fit
+
+    cfg = train_config(params, name)
+    kwargs = model_kwargs(params, name)
+    settings = check_graphs(params, graphs / "train")
+    snap = snapshot(params, name)
+    run = tracking.start_training_run(model=name, params=snap, out_dir=out)
+    history = History(out, resume=resume) if tracking.is_rank_zero() else None
+
+    def on_eval(step: int, metrics: dict[str, float]) -> None:
+        tracking.log_epoch(run, step, metrics)
+        if history is not None:
+            history.add(step, metrics)
+
+    try:
+        best = fit(
+            cfg,
+            name,
+            kwargs,
+            train_dir=frames / "train",
+            graphs_dir=graphs / "train",
+            out_dir=out,
+            graph=settings.as_dict(),
+            resume=resume,
+            params_snapshot=snap,
+            on_epoch_end=on_eval,
+        )
+    except BaseException:
+        tracking.finish_run(run, status="FAILED")
+        raise
+    tracking.finish_run(run)
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = stage.parser(__doc__)
+    p.add_argument("model", choices=MODEL_NAMES)
+    p.add_argument("--frames", type=Path, required=True, help="LMDB frame root holding train/")
+    p.add_argument("--graphs", type=Path, required=True, help="graph root holding train/")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    best = train_model(
+        args.model, params, frames=args.frames, graphs=args.graphs, out=args.out,
+        resume=args.resume,
+    )
+    print(f"train {args.model}: done; checkpoint to evaluate: {best}")
+
+
+if __name__ == "__main__":
+    stage.run(main)

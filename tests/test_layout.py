@@ -1,0 +1,154 @@
+"""The architecture, checked: the library never imports the pipeline, and every DVC stage
+lists exactly the code it runs.
+
+Run as a script (``python tests/test_layout.py``) to print each stage's code deps.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("forcenet", "pipeline")
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of module ``name`` inside this repository (None if elsewhere)."""
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _has_code(init: Path) -> bool:
+    """An ``__init__.py`` that imports or defines something (not just a docstring)."""
+    tree = ast.parse(init.read_text())
+    return any(not isinstance(node, ast.Expr | ast.Assign) for node in tree.body)
+
+
+@cache
+def direct_imports(path: Path) -> frozenset[Path]:
+    """Files of this repository that ``path`` imports, anywhere in it (lazy imports too),
+    with the ``__init__.py`` of every package on the way when it holds code."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        for name in names:
+            file = module_file(name)
+            if file is None or (file.name == "__init__.py" and not _has_code(file)):
+                continue
+            found.add(file)
+            parts = name.split(".")
+            for k in range(1, len(parts)):
+                init = module_file(".".join(parts[:k]))
+                if init is not None and init.name == "__init__.py" and _has_code(init):
+                    found.add(init)
+    found.discard(path)
+    return frozenset(found)
+
+
+def closure(path: Path) -> set[Path]:
+    """``path`` and every repository file it imports, transitively."""
+    seen, todo = set(), [path]
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        todo.extend(direct_imports(file))
+    return seen
+
+
+def _dvc() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def stage_modules() -> dict[str, Path]:
+    """Stage name -> the pipeline module its command runs (``python -m pipeline.X``)."""
+    out = {}
+    for name, stage in _dvc()["stages"].items():
+        cmd = (stage.get("do") or stage)["cmd"]
+        words = cmd.split()
+        module = words[words.index("-m") + 1]
+        file = module_file(module)
+        assert file is not None, f"stage {name}: {module} is not a module of this repository"
+        out[name] = file
+    return out
+
+
+def listed_code(name: str) -> set[Path]:
+    """The Python files a stage lists as deps (folders expanded)."""
+    stage = _dvc()["stages"][name]
+    deps = (stage.get("do") or stage).get("deps", [])
+    files: set[Path] = set()
+    for dep in deps:
+        path = ROOT / dep
+        if path.suffix == ".py":
+            files.add(path)
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            files.update(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+    return files
+
+
+def needed_code(name: str) -> set[Path]:
+    return closure(stage_modules()[name])
+
+
+def test_library_never_imports_the_pipeline():
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(str(d.relative_to(ROOT)) for d in direct_imports(f))
+        for f in (ROOT / "forcenet").rglob("*.py")
+        if any(d.parts[len(ROOT.parts)] == "pipeline" for d in direct_imports(f))
+    }
+    assert offenders == {}
+
+
+def test_import_scan_sees_lazy_imports():
+    """The scan must see imports inside functions (the CLI imports lazily), or the
+    dependency checks below would pass vacuously."""
+    cli = direct_imports(ROOT / "forcenet" / "cli.py")
+    assert ROOT / "forcenet" / "train.py" in cli
+    assert ROOT / "forcenet" / "evaluate.py" in cli
+
+
+def test_every_stage_lists_exactly_its_code():
+    problems = {}
+    for name in stage_modules():
+        need, have = needed_code(name), listed_code(name)
+        missing = sorted(str(p.relative_to(ROOT)) for p in need - have)
+        extra = sorted(str(p.relative_to(ROOT)) for p in have - need)
+        if missing or extra:
+            problems[name] = {"missing": missing, "not imported": extra}
+    assert problems == {}
+
+
+def test_model_list_is_one_list():
+    from pipeline.params import MODEL_NAMES
+
+    dvc_models = list(_dvc()["vars"][0]["models"])
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert dvc_models == list(MODEL_NAMES)
+    assert [m for m in params["model"] if m != "hidden"] == list(MODEL_NAMES)
+    assert list(params["train"])[-len(MODEL_NAMES) :] == list(MODEL_NAMES)
+
+
+if __name__ == "__main__":  # print the deps each stage needs, for dvc.yaml
+    sys.path.insert(0, str(ROOT))
+    for name in stage_modules():
+        print(f"{name}:")
+        for path in sorted(needed_code(name)):
+            print(f"  - {path.relative_to(ROOT)}")
