@@ -35,7 +35,7 @@ from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.data.dataset import sample_from_atoms
 from forcenet.distributed import pick_device
-from forcenet.evaluate import predict
+from forcenet.inference import predict
 
 #: Structures per forward pass in :meth:`ForceNetCalculator.predict_many`.
 DEFAULT_BATCH_SIZE = 32
