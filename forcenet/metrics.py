@@ -25,12 +25,16 @@ atoms only; and for every element among the free adsorbate atoms
 ``forces_mae_adsorbate_<symbol>`` and ``zero_forces_mae_adsorbate_<symbol>`` (e.g.
 ``forces_mae_adsorbate_C``). Data without tags (molecules: every atom tag 1) report the
 overall figures only.
+
+IS2RS (relaxed structures): :func:`adwt`, OC20's average distance within threshold of one
+system, from :func:`mean_free_distance` (minimum-image, free atoms only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,6 +43,9 @@ from forcenet.data import keys as K
 #: EFwT thresholds (OCP evaluator): |ΔE| in eV, max |ΔF| component in eV/Å.
 EFWT_ENERGY_THRESHOLD = 0.02
 EFWT_FORCE_THRESHOLD = 0.03
+
+#: ADwT distance thresholds (Å): 0.01, 0.011, ..., 0.499 (490 values), as in OC20.
+ADWT_THRESHOLDS = np.arange(0.01, 0.5, 0.001)
 
 #: Names of the entries of the running-sum vector, in order.
 STATE_FIELDS = (
@@ -227,3 +234,54 @@ class OC20Metrics:
             out[f"forces_mae_adsorbate_{_symbol(z)}"] = float(per[0, z]) / (3 * n)
             out[f"zero_forces_mae_adsorbate_{_symbol(z)}"] = float(per[1, z]) / (3 * n)
         return out
+
+
+# --------------------------------------------------------------------------- ADwT
+
+
+def min_image_distances(
+    pred_pos: np.ndarray, true_pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray
+) -> np.ndarray:
+    """[N] distances (Å) between ``pred_pos`` and ``true_pos`` [N, 3], OC20 minimum image.
+
+    The displacement is expressed in fractional coordinates and, along each periodic
+    axis, wrapped into [-0.5, 0.5) (OC20's ``min_diff``; exact for orthogonal cells).
+    """
+    delta = np.asarray(pred_pos, np.float64) - np.asarray(true_pos, np.float64)  # [N, 3]
+    cell = np.asarray(cell, np.float64).reshape(3, 3)
+    periodic = np.asarray(pbc, dtype=bool).reshape(3)
+    if not periodic.any():
+        return np.linalg.norm(delta, axis=1)
+    frac = np.linalg.solve(cell.T, delta.T).T  # [N, 3], delta = frac @ cell
+    frac[:, periodic] -= np.floor(frac[:, periodic] + 0.5)
+    return np.linalg.norm(frac @ cell, axis=1)
+
+
+def mean_free_distance(
+    pred_pos: np.ndarray,
+    true_pos: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    free_mask: np.ndarray,
+) -> float:
+    """Mean minimum-image distance (Å) over free atoms: ADwT's per-system distance."""
+    free = np.asarray(free_mask, dtype=bool)
+    if not free.any():
+        raise ValueError("ADwT needs at least one free atom")
+    return float(min_image_distances(pred_pos, true_pos, cell, pbc)[free].mean())
+
+
+def adwt(
+    pred_pos: np.ndarray,
+    true_pos: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    free_mask: np.ndarray,
+) -> float:
+    """ADwT of one system: fraction of :data:`ADWT_THRESHOLDS` above its mean free distance.
+
+    Averaging this over systems gives OC20's ADwT (the success rate averaged over
+    thresholds 0.01..0.499 Å; success means mean distance < threshold, strictly).
+    """
+    distance = mean_free_distance(pred_pos, true_pos, cell, pbc, free_mask)
+    return float(np.mean(distance < ADWT_THRESHOLDS))

@@ -1,4 +1,4 @@
-"""OC20 metrics against numpy values computed independently, batch by batch."""
+"""OC20 metrics against numpy values computed independently, batch by batch; ADwT."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forcenet.data import keys as K
-from forcenet.metrics import STATE_SIZE, OC20Metrics
+from forcenet.metrics import ADWT_THRESHOLDS, STATE_SIZE, OC20Metrics, adwt, mean_free_distance
 
 
 def _make(natoms: list[int], seed: int, with_energy: bool = True):
@@ -198,3 +198,59 @@ def test_data_without_adsorbate_tags_report_overall_only():
     got = m.compute()
     assert math.isfinite(got["forces_mae"])
     assert not [k for k in got if k.endswith(("_surface", "_adsorbate")) or "_adsorbate_" in k]
+
+
+# --------------------------------------------------------------------------- ADwT
+
+
+def _cell_and_positions(n: int = 6, seed: int = 0):
+    cell = np.array([[5.0, 0.0, 0.0], [2.5, 4.33, 0.0], [0.0, 0.0, 20.0]])
+    pos = np.random.default_rng(seed).uniform(0, 1, (n, 3)) @ cell
+    free = np.array([True, True, True, False, True, False])[:n]
+    return cell, pos, free
+
+
+def test_adwt_thresholds_are_oc20s():
+    assert len(ADWT_THRESHOLDS) == 490  # 0.010, 0.011, ..., 0.499 Å
+    assert ADWT_THRESHOLDS[0] == pytest.approx(0.01) and ADWT_THRESHOLDS[-1] == pytest.approx(0.499)
+
+
+def test_adwt_identical_is_one():
+    cell, pos, free = _cell_and_positions()
+    assert adwt(pos, pos.copy(), cell, [True, True, False], free) == 1.0
+
+
+def test_adwt_lattice_vector_shift_is_minimum_image():
+    cell, pos, free = _cell_and_positions()
+    shifted = pos + cell[0] - 2 * cell[1]  # same periodic structure
+    assert mean_free_distance(shifted, pos, cell, [True, True, False], free) < 1e-9
+    assert adwt(shifted, pos, cell, [True, True, False], free) == 1.0
+    # Along a non-periodic axis the same kind of shift is a real 20 Å displacement.
+    lifted = pos + cell[2]
+    assert adwt(lifted, pos, cell, [True, True, False], free) == 0.0
+
+
+def test_adwt_displacement_gives_fraction_of_thresholds_above_it():
+    cell, pos, free = _cell_and_positions()
+    step = np.array([0.6, -0.8, 0.0]) * 0.1005  # |step| = 0.1005 Å
+    moved = pos + step
+    moved[~free] += 3.0  # fixed atoms do not count
+    assert mean_free_distance(moved, pos, cell, [True, True, False], free) == (
+        pytest.approx(0.1005)
+    )
+    # thresholds strictly above 0.1005: 0.101 .. 0.499 -> 399 of 490
+    assert adwt(moved, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
+    # Across the cell boundary: a 0.1005 Å move that wrapped the atom to the other side.
+    wrapped = moved.copy()
+    wrapped[0] -= cell[0]
+    assert adwt(wrapped, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
+
+
+def test_adwt_averages_distance_over_free_atoms_only():
+    cell, pos, free = _cell_and_positions()
+    moved = pos.copy()
+    idx = np.flatnonzero(free)
+    moved[idx[:2]] += [0.0, 0.201, 0.0]  # 2 of 4 free atoms -> mean 0.1005
+    assert adwt(moved, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
+    with pytest.raises(ValueError, match="free atom"):
+        adwt(pos, pos, cell, [True] * 3, np.zeros(len(pos), bool))

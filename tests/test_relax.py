@@ -1,78 +1,21 @@
-"""ML relaxations: ADwT, fixed atoms, convergence, batching, the CLI function, oracle evaluation."""
+"""ML relaxations: fixed atoms, convergence, batching, the CLI function, a trained model."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from ase import Atoms
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import Trajectory, read, write
-from ase.optimize import BFGS
 from test_calculator import OC20_JSON, one_thread, slab, write_tiny_checkpoint  # noqa: F401
 from torch import Tensor, nn
 
 from forcenet import relax
 from forcenet.calculator import ForceNetCalculator
 from forcenet.data import keys as K
+from forcenet.data.frame import fixed_mask
 from forcenet.geometry import edge_vectors, gradient_forces, smooth_cosine_cutoff
-
-N_THRESHOLDS = 490  # 0.010, 0.011, ..., 0.499 Å
-
-# --------------------------------------------------------------------------- ADwT
-
-
-def _cell_and_positions(n: int = 6, seed: int = 0):
-    cell = np.array([[5.0, 0.0, 0.0], [2.5, 4.33, 0.0], [0.0, 0.0, 20.0]])
-    pos = np.random.default_rng(seed).uniform(0, 1, (n, 3)) @ cell
-    free = np.array([True, True, True, False, True, False])[:n]
-    return cell, pos, free
-
-
-def test_adwt_identical_is_one():
-    cell, pos, free = _cell_and_positions()
-    assert relax.adwt(pos, pos.copy(), cell, [True, True, False], free) == 1.0
-
-
-def test_adwt_lattice_vector_shift_is_minimum_image():
-    cell, pos, free = _cell_and_positions()
-    shifted = pos + cell[0] - 2 * cell[1]  # same periodic structure
-    assert relax.mean_free_distance(shifted, pos, cell, [True, True, False], free) < 1e-9
-    assert relax.adwt(shifted, pos, cell, [True, True, False], free) == 1.0
-    # Along a non-periodic axis the same kind of shift is a real 20 Å displacement.
-    lifted = pos + cell[2]
-    assert relax.adwt(lifted, pos, cell, [True, True, False], free) == 0.0
-
-
-def test_adwt_displacement_gives_fraction_of_thresholds_above_it():
-    cell, pos, free = _cell_and_positions()
-    step = np.array([0.6, -0.8, 0.0]) * 0.1005  # |step| = 0.1005 Å
-    moved = pos + step
-    moved[~free] += 3.0  # fixed atoms do not count
-    assert relax.mean_free_distance(moved, pos, cell, [True, True, False], free) == (
-        pytest.approx(0.1005)
-    )
-    # thresholds strictly above 0.1005: 0.101 .. 0.499 -> 399 of 490
-    assert relax.adwt(moved, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
-    # Across the cell boundary: a 0.1005 Å move that wrapped the atom to the other side.
-    wrapped = moved.copy()
-    wrapped[0] -= cell[0]
-    assert relax.adwt(wrapped, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
-
-
-def test_adwt_averages_distance_over_free_atoms_only():
-    cell, pos, free = _cell_and_positions()
-    moved = pos.copy()
-    idx = np.flatnonzero(free)
-    moved[idx[:2]] += [0.0, 0.201, 0.0]  # 2 of 4 free atoms -> mean 0.1005
-    assert relax.adwt(moved, pos, cell, [True, True, False], free) == pytest.approx(399 / 490)
-    with pytest.raises(ValueError, match="free atom"):
-        relax.adwt(pos, pos, cell, [True] * 3, np.zeros(len(pos), bool))
-
 
 # --------------------------------------------------------------------------- relaxations
 
@@ -128,7 +71,7 @@ def test_relaxation_converges_and_keeps_fixed_atoms(tmp_path, morse_calc, optimi
     assert len(frames) == row["steps"] + 1
     first, last = frames[0], frames[-1]
     np.testing.assert_array_equal(first.positions, start.positions)
-    free = relax.free_mask(start)
+    free = ~fixed_mask(start)
     np.testing.assert_array_equal(last.positions[~free], start.positions[~free])  # bit-exact
     assert np.linalg.norm(last.positions[free] - start.positions[free], axis=1).min() > 1e-3
     assert last.get_potential_energy() < first.get_potential_energy() - 0.05
@@ -203,79 +146,15 @@ def test_relax_command_with_a_checkpoint(tmp_path):
     pd.testing.assert_frame_equal(saved, table)
     start = read(OC20_JSON)
     final = relax.final_structure(table.trajectory[0])
-    free = relax.free_mask(start)
+    free = ~fixed_mask(start)
     np.testing.assert_array_equal(final.positions[~free], start.positions[~free])
     assert np.abs(final.positions[free] - start.positions[free]).max() > 1e-3
     written = read(out / "relaxed.extxyz", index=":")
     assert len(written) == 3
     np.testing.assert_allclose(written[0].positions, final.positions, atol=1e-7)
-    np.testing.assert_array_equal(relax.free_mask(written[0]), free)
+    np.testing.assert_array_equal(~fixed_mask(written[0]), free)
     with pytest.raises(ValueError, match="cannot read"):
         relax.relax_command(ckpt, [tmp_path / "missing.xyz"], out)
-
-
-# --------------------------------------------------------------------------- oracle evaluation
-
-
-def _emt_minimum(sid: int) -> Atoms:
-    atoms = slab()
-    atoms.calc = EMT()
-    BFGS(atoms, logfile=None).run(fmax=0.02, steps=300)
-    relaxed = atoms.copy()
-    relaxed.info["sid"] = sid
-    relaxed.calc = SinglePointCalculator(
-        relaxed,
-        energy=atoms.get_potential_energy(),
-        forces=atoms.get_forces(apply_constraint=False),
-    )
-    return relaxed
-
-
-def test_evaluate_relaxations_against_the_oracle(tmp_path):
-    """Zero ML steps: the scores are those of the initial structures, known independently."""
-    minimum = _emt_minimum(1)
-    other = minimum.copy()
-    other.info["sid"] = 2
-    other.calc = SinglePointCalculator(other, **minimum.calc.results)
-    rattled = minimum.copy()
-    rattled.info["sid"] = 2
-    free = relax.free_mask(rattled)
-    rattled.positions[free] += np.random.default_rng(0).normal(0, 0.08, (free.sum(), 3))
-    is2rs = tmp_path / "is2rs"
-    is2rs.mkdir()
-    clean_initial = minimum.copy()
-    clean_initial.calc = None
-    write(is2rs / "val_id_initial.extxyz", [clean_initial, rattled])
-    write(is2rs / "val_id_relaxed.extxyz", [minimum, other])
-    ckpt = tmp_path / "gns.pt"
-    write_tiny_checkpoint(ckpt, "gns")
-    out = tmp_path / "relax"
-    agg = relax.evaluate_relaxations(ckpt, is2rs, ["val_id"], out_dir=out, fmax=0.05, steps=0)
-
-    systems = pd.read_parquet(out / "relax_systems.parquet").set_index("sid")
-    same, moved = systems.loc[1], systems.loc[2]
-    assert same["distance"] < 1e-5 and same["adwt"] == 1.0
-    assert same["fbt"] and same["oracle_fmax"] < 0.02 and abs(same["oracle_delta_e"]) < 1e-4
-    expected = np.linalg.norm(rattled.positions - minimum.positions, axis=1)[free].mean()
-    assert moved["distance"] == pytest.approx(expected, abs=1e-5)
-    check = rattled.copy()
-    check.calc = EMT()
-    assert moved["oracle_fmax"] == pytest.approx(
-        np.linalg.norm(check.get_forces(apply_constraint=False)[free], axis=1).max(), rel=1e-4
-    )
-    assert moved["oracle_delta_e"] > 0.01 and not moved["fbt"]
-    row = agg.iloc[0]
-    assert (row["model"], row["split"], row["relax_systems"]) == ("gns", "val_id", 2)
-    assert row["adwt"] == pytest.approx((1.0 + moved["adwt"]) / 2)
-    assert row["fbt_oracle"] == 0.5 and row["relax_mean_steps"] == 0
-    long = pd.read_parquet(out / "relax_metrics.parquet")
-    assert set(long.columns) >= {"model", "split", "metric", "value"}
-    assert json.loads((out / "relax_metrics.json").read_text())["val_id"]["fbt_oracle"] == 0.5
-    assert (out / "relax_oracle_energy.png").stat().st_size > 1000
-
-    write(is2rs / "val_id_relaxed.extxyz", [other, minimum])  # records out of order
-    with pytest.raises(ValueError, match="val_id_initial.extxyz.*record 0.*sid"):
-        relax.evaluate_relaxations(ckpt, is2rs, ["val_id"], out_dir=out, steps=0)
 
 
 def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path, one_thread):  # noqa: F811

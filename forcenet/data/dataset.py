@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from ase import Atoms
-from ase.constraints import FixAtoms
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from forcenet.data import keys as K
 from forcenet.data import store
 from forcenet.data.batch import collate
-from forcenet.data.frame import Frame
+from forcenet.data.frame import Frame, fixed_mask
 from forcenet.data.graphs import graph_record
 
 Sample = dict[str, np.ndarray]
@@ -165,14 +164,6 @@ def make_loader(
     )
 
 
-def _fixed_mask(atoms: Atoms) -> np.ndarray:
-    fixed = np.zeros(len(atoms), dtype=bool)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            fixed[constraint.get_indices()] = True
-    return fixed
-
-
 def sample_from_atoms(atoms: Atoms | Frame, *, cutoff: float, max_neighbors: int) -> Sample:
     """A sample dict (frame fields + graph) for one structure, as the dataset would give it.
 
@@ -190,7 +181,7 @@ def sample_from_atoms(atoms: Atoms | Frame, *, cutoff: float, max_neighbors: int
             K.PBC: np.asarray(atoms.pbc, dtype=bool),
             K.ATOMIC_NUMBERS: np.asarray(atoms.numbers, dtype=np.int64),
             K.TAGS: np.asarray(atoms.get_tags(), dtype=np.int64),
-            K.FIXED: _fixed_mask(atoms),
+            K.FIXED: fixed_mask(atoms),
         }
     else:
         raise TypeError(f"expected ase.Atoms or Frame, got {type(atoms).__name__}")

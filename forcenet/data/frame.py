@@ -5,8 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from ase import Atoms
+from ase.constraints import FixAtoms
 
 from forcenet.data import keys as K
+
+
+def fixed_mask(atoms: Atoms) -> np.ndarray:
+    """[N] bool, True for the atoms held by a ``FixAtoms`` constraint (``Frame.fixed``);
+    the free atoms are ``~fixed_mask(atoms)``."""
+    fixed = np.zeros(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            fixed[constraint.get_indices()] = True
+    return fixed
 
 
 class FrameError(ValueError):

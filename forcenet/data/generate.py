@@ -88,7 +88,7 @@ from forcenet.data.adsorbates import (
     adsorbate_reference,
     place_adsorbate,
 )
-from forcenet.data.frame import Frame
+from forcenet.data.frame import Frame, fixed_mask
 from forcenet.data.raw import write_shard
 from forcenet.data.slabs import (
     ADSORBATE_ZONE,
@@ -249,9 +249,7 @@ def _frames(
     rejected: Counter,
 ) -> list[Frame]:
     """Frames of ``labels`` (with frame ids ``fids``) except those over the force cap."""
-    fixed = np.zeros(len(atoms), dtype=bool)
-    for c in atoms.constraints:
-        fixed[c.get_indices()] = True
+    fixed = fixed_mask(atoms)
     out = []
     for (pos, energy, forces), fid in zip(labels, fids, strict=True):
         if np.linalg.norm(forces, axis=1).max() > max_force:
