@@ -36,24 +36,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from forcenet import checkpoint as C  # noqa: E402
-from forcenet import config  # noqa: E402
 from forcenet import train as T  # noqa: E402
+from forcenet.config import load_yaml  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.data.batch import collate  # noqa: E402
 from forcenet.data.dataset import FrameDataset  # noqa: E402
 from forcenet.geometry import random_rotations, rotate_batch  # noqa: E402
 from forcenet.runtime import tune_malloc  # noqa: E402
+from pipeline.params import MODEL_NAMES, Params, load_params, params_from_mapping  # noqa: E402
+from pipeline.train import model_kwargs, train_config  # noqa: E402
 
 #: Timed steps per model after warm-up (DimeNet++ is ~20x slower per step).
 TIMED = {"dimenetpp": 6}
 DEFAULT_TIMED, WARMUP = 30, 3
 
 
-def time_model(name: str, params: dict, dataset: FrameDataset, *, timed: int) -> dict:
+def time_model(name: str, params: Params, dataset: FrameDataset, *, timed: int) -> dict:
     """Median seconds of one training step of model ``name`` as params.yaml configures it."""
-    cfg = config.train_config(params, name)
+    cfg = train_config(params, name)
     torch.manual_seed(cfg.seed)
-    model = C.build_scaled_model(name, config.model_kwargs(params, name))
+    model = C.build_scaled_model(name, model_kwargs(params, name))
     samples = [dataset[i] for i in range(min(len(dataset), 512))]
     T._set_scales(model, T.label_stats(samples))
     loss_fn = T._make_loss(cfg, model)
@@ -103,7 +105,7 @@ def write_params(path: Path, steps: dict[str, int]) -> None:
         raise SystemExit(f"{path}: no train.<model>.max_steps line for {missing}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(lines))
-    config.train_config(config.load_yaml(tmp), next(iter(steps)))  # still valid
+    train_config(params_from_mapping(load_yaml(tmp)), next(iter(steps)))  # still valid
     os.replace(tmp, path)
 
 
@@ -129,7 +131,7 @@ def main() -> None:
         default=150.0,
         help="training seconds per model on this machine (default 150)",
     )
-    ap.add_argument("--models", nargs="+", default=list(config.MODEL_NAMES))
+    ap.add_argument("--models", nargs="+", default=list(MODEL_NAMES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-params", action="store_true", help="update params.yaml")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks/calibration.json")
@@ -137,7 +139,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tune_malloc()
-    params = config.load_yaml(args.params)
+    params = load_params(args.params)
     dataset = FrameDataset(args.frames, args.graphs)
     results, steps = {}, {}
     for name in args.models:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from forcenet import config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the pipeline package
+
+from forcenet.config import load_yaml
 from forcenet.train import fit
+from pipeline.params import MODEL_NAMES, params_from_mapping
+from pipeline.train import model_kwargs, train_config
 
 
 def _apply(params: dict, dotted: str) -> None:
@@ -37,7 +42,7 @@ def _apply(params: dict, dotted: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("model", choices=config.MODEL_NAMES)
+    ap.add_argument("model", choices=MODEL_NAMES)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--frames", type=Path, default=Path("data/lmdb/train"))
     ap.add_argument("--graphs", type=Path, default=Path("data/graphs/train"))
@@ -56,20 +61,21 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    params = copy.deepcopy(config.load_yaml(args.params))
+    params = copy.deepcopy(load_yaml(args.params))
     for item in args.set:
         _apply(params, item)
     name = args.model
     params["train"][name]["max_steps"] = args.steps
     params["train"][name]["eval_every"] = args.eval_every
     params["train"]["time_budget_s"] = 0
-    cfg = config.train_config(params, name)
-    kwargs = config.model_kwargs(params, name)
+    typed = params_from_mapping(params)
+    cfg = train_config(typed, name)
+    kwargs = model_kwargs(typed, name)
     evals: list[dict] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         fit(cfg, name, kwargs, train_dir=args.frames, graphs_dir=args.graphs, out_dir=Path(tmp),
-            graph=config.graph_settings(params),
+            graph={"cutoff": typed.graph.cutoff, "max_neighbors": typed.graph.max_neighbors},
             on_epoch_end=lambda step, m: evals.append({"step": step, **m}))  # fmt: skip
     rows = []
     for m in evals:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, first_graphs
+from forcenet.data.graphs import GraphSettings
 from forcenet.distributed import pick_device
 from forcenet.geometry import random_rotation, rotate_batch
 from forcenet.inference import predict, sync
@@ -147,6 +148,47 @@ def evaluate_model(
     return results
 
 
+def evaluate_files(
+    model: nn.Module,
+    inputs: Sequence[Path],
+    *,
+    model_name: str,
+    settings: GraphSettings,
+    graphs: Path | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    num_workers: int = 0,
+    rotation: RotationCheck = RotationCheck(),
+    predictions: Path | None = None,
+) -> pd.DataFrame:
+    """:func:`evaluate_model` on LMDB split folders and/or ASE files (opened by
+    :func:`forcenet.inputs.open_input` with the model's graph ``settings``, all before any
+    work, so a mismatched store fails early); the long table (empty ``run_id``).
+    ``predictions``: stream per-atom predictions to this Parquet file, renamed into place
+    only when every input is done."""
+    from forcenet.inputs import open_input
+
+    opened = [
+        open_input(p, graphs=graphs, settings=settings, batch_size=batch_size,
+                   num_workers=num_workers)
+        for p in inputs
+    ]  # fmt: skip
+    writer = PredictionWriter(predictions) if predictions is not None else None
+    try:
+        results = evaluate_model(
+            model, opened, model_name=model_name, device=device, rotation=rotation,
+            predictions=writer,
+        )  # fmt: skip
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    tables = [long_table(model_name, split, metrics, None) for split, metrics in results.items()]
+    return pd.concat(tables, ignore_index=True)
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     inputs: Sequence[Path],
@@ -164,34 +206,21 @@ def evaluate_checkpoint(
     workers) or extxyz/traj/db files with energies and forces (split = file stem; graphs
     built with the checkpoint's settings). The rows of split ``training`` say what the
     training run spent (:func:`training_summary`). ``predictions``: also stream per-atom
-    predictions to this Parquet file (renamed into place when complete).
+    predictions to this Parquet file.
     """
     from forcenet.checkpoint import load_model
-    from forcenet.data.graphs import GraphSettings
-    from forcenet.inputs import open_input
 
     model, ckpt = load_model(Path(checkpoint), device="cpu")
     name = str(ckpt["model_name"])
-    settings = GraphSettings.from_mapping(ckpt["graph"])
-    opened = [
-        open_input(p, graphs=graphs, settings=settings, batch_size=batch_size,
-                   num_workers=num_workers)
-        for p in inputs
-    ]  # fmt: skip
-    writer = PredictionWriter(predictions) if predictions is not None else None
-    try:
-        results = evaluate_model(model, opened, model_name=name, device=device, predictions=writer)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    if writer is not None:
-        writer.close()
-    tables = [long_table(name, split, metrics, None) for split, metrics in results.items()]
+    table = evaluate_files(
+        model, inputs, model_name=name, settings=GraphSettings.from_mapping(ckpt["graph"]),
+        graphs=graphs, batch_size=batch_size, device=device, num_workers=num_workers,
+        predictions=predictions,
+    )  # fmt: skip
     training = training_summary(Path(checkpoint), ckpt)
     if training:
-        tables.append(long_table(name, TRAINING_ROWS, training, None))
-    return pd.concat(tables, ignore_index=True)
+        table = pd.concat([table, long_table(name, TRAINING_ROWS, training, None)])
+    return table.reset_index(drop=True)
 
 
 def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:

@@ -10,6 +10,7 @@ on it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -164,7 +165,12 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and check ``params.yaml``: every section and key. The model sections and
     ``train.<model>`` are checked by the train stage (:func:`pipeline.train.train_config`),
     which alone imports the models."""
+    return params_from_mapping(load_yaml(path), where=str(path))
+
+
+def params_from_mapping(data: Mapping[str, Any], *, where: str = "params") -> Params:
+    """:class:`Params` from an already loaded mapping (e.g. with overrides applied)."""
     try:
-        return parse(Params, load_yaml(path), "")
+        return parse(Params, data, "")
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None

@@ -25,8 +25,8 @@ MODEL_COLOURS = {"forcenet": "C0", "schnet": "C1", "dimenetpp": "C2", "gns": "C3
 #: evaluation, against the optimizer step).
 CURVE_METRICS = {
     "train_loss": "training loss (model's own definition)",
-    "force_mae": "dev force MAE [eV/Å]",
-    "force_mae_adsorbate": "dev force MAE, adsorbate atoms [eV/Å]",
+    "forces_mae": "dev force MAE [eV/Å]",
+    "forces_mae_adsorbate": "dev force MAE, adsorbate atoms [eV/Å]",
 }
 #: Per-tag groups of the evaluation metrics (suffixes written by forcenet.metrics).
 TAG_GROUPS = {"": "all free atoms", "_surface": "surface (tag 1)", "_adsorbate": "adsorbate (tag 2)"}
@@ -103,7 +103,7 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
             ax.plot(rows[x], rows[metric], marker="o", markersize=2.5, label=model,
                     color=model_colour(model))  # fmt: skip
         zero = "zero_" + metric
-        if metric.startswith("force_mae") and zero in wide.columns:
+        if metric.startswith("forces_mae") and zero in wide.columns:
             ax.axhline(wide[zero].median(), color="black", ls="--", lw=1,
                        label="zero-force baseline")  # fmt: skip
         values = wide[metric].dropna()

@@ -30,7 +30,6 @@ import pandas as pd
 from forcenet.atomic import write_text
 
 RUN_ID_FILE = "run_id.txt"
-HISTORY_COLUMNS = ["metric", "step", "value"]
 DEFAULT_EXPERIMENT = "forcenet"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -280,17 +279,3 @@ def finish_run(run: TrackedRun | None, status: str = "FINISHED") -> None:
     """Mark the run FINISHED (or FAILED/KILLED)."""
     if run is not None:
         run.client.set_terminated(run.run_id, status=status)
-
-
-def epoch_history(run_id: str, *, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Every metric history of a run as a long table ``metric, step, value``.
-
-    Final ``<split>/<metric>`` values appear as single points at step 0; curves are the
-    training metrics logged at each dev evaluation against the optimizer step.
-    """
-    client = _client(tracking_uri)
-    rows = []
-    for key in client.get_run(run_id).data.metrics:
-        for m in client.get_metric_history(run_id, key):
-            rows.append({"metric": key, "step": int(m.step), "value": float(m.value)})
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from forcenet import config
+from forcenet.config import load_yaml
+from pipeline.params import params_from_mapping
+from pipeline.train import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +30,9 @@ def test_write_params_sets_each_models_max_steps_and_keeps_the_rest(tmp_path):
     steps = {"forcenet": 1234, "schnet": 56, "dimenetpp": 7, "gns": 890}
     _module().write_params(path, steps)
     after = path.read_text()
-    params = config.load_yaml(path)
+    params = params_from_mapping(load_yaml(path))
     for name, n in steps.items():
-        assert config.train_config(params, name).max_steps == n
+        assert train_config(params, name).max_steps == n
     # only the max_steps lines changed: same comments, same other values
     changed = [
         (a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b

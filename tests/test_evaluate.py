@@ -15,12 +15,15 @@ from ase.constraints import FixAtoms
 from torch import nn
 
 from forcenet import evaluate as ev
+from forcenet import tables
 from forcenet.data import keys as K
 from forcenet.data.frame import Frame
+from forcenet.data.graphs import GraphSettings
 from forcenet.geometry import edge_vectors
 
 CUTOFF, MAX_NEIGHBORS = 4.0, 30
 GRAPH = {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS}
+SETTINGS = GraphSettings(CUTOFF, MAX_NEIGHBORS)
 
 
 class PairForces(nn.Module):
@@ -116,23 +119,23 @@ def _free_forces(frames):
 def test_lmdb_split_long_table_predictions_and_json(lmdb_split, tmp_path):
     split_dir, frames = lmdb_split
     out, preds, js = tmp_path / "m.parquet", tmp_path / "p.parquet", tmp_path / "m.json"
-    table = ev.evaluate_model(
+    table = ev.evaluate_files(
         COVARIANT,
         [split_dir],
         model_name="pair",
-        graph=GRAPH,
-        out=out,
+        settings=SETTINGS,
+        graphs=split_dir.parent.parent / "graphs",
         batch_size=2,
         device="cpu",
-        predictions_out=preds,
-        metrics_json=js,
-        run_id="abc123",
+        predictions=preds,
     )
+    tables.write_table(table, out)
+    tables.write_metrics_json(table, js)
     on_disk = pd.read_parquet(out)
-    assert list(on_disk.columns) == ev.TABLE_COLUMNS
+    assert list(on_disk.columns) == tables.TABLE_COLUMNS
     pd.testing.assert_frame_equal(on_disk, table)
     got = dict(zip(table.metric, table.value, strict=True))
-    assert set(table.split) == {"val_id"} and set(table.run_id) == {"abc123"}
+    assert set(table.split) == {"val_id"} and set(table.run_id) == {""}
     # zero baseline = mean |F| component over free atoms, straight from the frames
     assert got["zero_forces_mae"] == pytest.approx(np.abs(_free_forces(frames)).mean(), rel=1e-5)
     assert got["num_structures"] == 5
@@ -164,15 +167,15 @@ def test_rotation_covariance_separates_models(lmdb_split, tmp_path):
     split_dir, _ = lmdb_split
     values = {}
     for name, model in (("cov", COVARIANT), ("notcov", NOT_COVARIANT)):
-        table = ev.evaluate_model(
+        table = ev.evaluate_files(
             model,
             [split_dir],
             model_name=name,
-            graph=GRAPH,
-            out=tmp_path / f"{name}.parquet",
+            settings=SETTINGS,
+            graphs=split_dir.parent.parent / "graphs",
             batch_size=3,
             device="cpu",
-            rotation_samples=3,
+            rotation=ev.RotationCheck(samples=3),
         )
         values[name] = table.set_index("metric").value
     assert values["cov"]["rotation_covariance_mae"] < 1e-5
@@ -184,13 +187,13 @@ def test_rotation_covariance_separates_models(lmdb_split, tmp_path):
 def test_rotate_batch_keeps_edge_lengths(lmdb_split):
     from forcenet.data.batch import collate
     from forcenet.data.dataset import FrameDataset
-    from forcenet.geometry import random_rotation
+    from forcenet.geometry import random_rotation, rotate_batch
 
     split_dir, _ = lmdb_split
     ds = FrameDataset(split_dir, split_dir.parent.parent / "graphs" / "val_id")
     batch = collate([ds[0], ds[1]])
     rot = random_rotation(torch.Generator().manual_seed(3))
-    r = ev.rotate_batch(batch, rot)
+    r = rotate_batch(batch, rot)
     args = (K.BATCH, K.EDGE_INDEX, K.CELL_OFFSETS)
     v0 = edge_vectors(batch[K.POS], batch[K.CELL], *(batch[a] for a in args))
     v1 = edge_vectors(r[K.POS], r[K.CELL], *(r[a] for a in args))
@@ -204,15 +207,16 @@ def test_rotate_batch_keeps_edge_lengths(lmdb_split):
 def test_graph_store_with_other_cutoff_is_refused(lmdb_split, tmp_path):
     split_dir, _ = lmdb_split
     with pytest.raises(ValueError, match="cutoff"):
-        ev.evaluate_model(
+        ev.evaluate_files(
             COVARIANT,
             [split_dir],
             model_name="pair",
-            graph={"cutoff": 6.0, "max_neighbors": MAX_NEIGHBORS},
-            out=tmp_path / "x.parquet",
+            settings=GraphSettings(6.0, MAX_NEIGHBORS),
+            graphs=split_dir.parent.parent / "graphs",
             device="cpu",
+            predictions=tmp_path / "x.parquet",
         )
-    assert not (tmp_path / "x.parquet").exists()
+    assert not list(tmp_path.iterdir())  # refused before any output was started
 
 
 def test_checkpoint_on_extxyz_file(extxyz_file, tmp_path):
@@ -236,18 +240,9 @@ def test_checkpoint_on_extxyz_file(extxyz_file, tmp_path):
             "graph": GRAPH,
         },
     )
-    (ckpt_dir / "run_id.txt").write_text("feedbeef\n")
-    table = ev.evaluate_checkpoint(
-        ckpt_dir / "best.pt",
-        [path],
-        out=tmp_path / "gns.parquet",
-        batch_size=2,
-        device="cpu",
-        rotation_samples=2,
-    )
+    table = ev.evaluate_checkpoint(ckpt_dir / "best.pt", [path], batch_size=2, device="cpu")
     got = table.set_index("metric").value
     assert set(table.split) == {"my_relax"} and set(table.model) == {"gns"}
-    assert set(table.run_id) == {"feedbeef"}
     assert got["zero_forces_mae"] == pytest.approx(np.abs(_free_forces(frames)).mean(), rel=1e-5)
     assert got["num_structures"] == 3
     assert "energy_mae" not in got  # GNS predicts forces only
@@ -259,28 +254,21 @@ def test_ase_file_without_forces_names_file_and_frame(tmp_path):
     path = tmp_path / "nolabels.extxyz"
     ase.io.write(path, [atoms], format="extxyz")
     with pytest.raises(ValueError, match=r"nolabels.extxyz: frame 0"):
-        ev.evaluate_model(
-            COVARIANT,
-            [path],
-            model_name="pair",
-            graph=GRAPH,
-            out=tmp_path / "x.parquet",
-            device="cpu",
-        )
+        ev.evaluate_files(COVARIANT, [path], model_name="pair", settings=SETTINGS, device="cpu")
 
 
 def test_metrics_do_not_depend_on_batch_size(lmdb_split, tmp_path):
     split_dir, _ = lmdb_split
     tables = [
-        ev.evaluate_model(
+        ev.evaluate_files(
             NOT_COVARIANT,
             [split_dir],
             model_name="m",
-            graph=GRAPH,
+            settings=SETTINGS,
+            graphs=split_dir.parent.parent / "graphs",
             device="cpu",
-            out=tmp_path / f"b{b}.parquet",
             batch_size=b,
-            rotation_samples=1,
+            rotation=ev.RotationCheck(samples=1),
         )
         .set_index("metric")
         .value
@@ -297,13 +285,13 @@ def test_truncated_ase_file_names_the_bad_frame(extxyz_file, tmp_path):
     n_atoms = int(text[0])
     bad.write_text("\n".join(text[: 2 * (n_atoms + 2) + 3]) + "\n")  # frame 2 cut short
     with pytest.raises(ValueError, match=r"broken.extxyz: frame 2"):
-        ev.evaluate_model(
+        ev.evaluate_files(
             COVARIANT,
             [bad],
             model_name="pair",
-            graph=GRAPH,
-            out=tmp_path / "x.parquet",
+            settings=SETTINGS,
             device="cpu",
             batch_size=1,
+            predictions=tmp_path / "x.parquet",
         )
-    assert not (tmp_path / "x.parquet").exists()
+    assert not (tmp_path / "x.parquet").exists() and not list(tmp_path.glob(".*tmp"))

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forcenet import report
-from forcenet.evaluate import TABLE_COLUMNS, write_table
+from forcenet.tables import TABLE_COLUMNS, write_table
+from pipeline import plots, report
 
 SPLITS = ["val_ood_both", "val_id", "val_ood_ads", "val_ood_cat"]  # deliberately unordered
 ZERO = {"val_id": 0.50, "val_ood_ads": 0.55, "val_ood_cat": 0.60, "val_ood_both": 0.65}
@@ -69,9 +69,8 @@ def _predictions(model: str, rng) -> pd.DataFrame:
 
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
-    """Metrics and predictions of three models; forcenet's curves come from a CSV in
-    MLflow's long layout (the MLflow reader itself is tested in test_tracking.py, which
-    already pays for one store migration), gns's from a wide history CSV."""
+    """Metrics and predictions of three models; the learning curves of two of them, as
+    the train stage writes them (history.csv in the model's output folder)."""
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rng = np.random.default_rng(0)
@@ -86,7 +85,7 @@ def inputs(tmp_path, monkeypatch):
     history = tmp_path / "checkpoints" / "gns" / "history.csv"
     history.parent.mkdir(parents=True)
     pd.DataFrame(
-        {"step": [100, 200, 300], "train_loss": [2.0, 1.0, 0.7], "force_mae": [0.4, 0.3, 0.25]}
+        {"step": [100, 200, 300], "train_loss": [2.0, 1.0, 0.7], "forces_mae": [0.4, 0.3, 0.25]}
     ).to_csv(history, index=False)
     fn_history = tmp_path / "checkpoints" / "forcenet" / "history.csv"
     fn_history.parent.mkdir(parents=True)
@@ -96,7 +95,7 @@ def inputs(tmp_path, monkeypatch):
             "step": [50, 100, 150, 200],
             "elapsed_s": [5.0, 10.0, 15.0, 20.0],
             "train_loss": [1.0 / (e + 1) for e in range(4)],
-            "force_mae": [0.3 - 0.05 * e for e in range(4)],
+            "forces_mae": [0.3 - 0.05 * e for e in range(4)],
         }
     ).to_csv(fn_history, index=False)
     return {"metrics": metrics, "preds": preds, "history": [history, fn_history]}
@@ -180,20 +179,20 @@ def test_bad_metrics_table_names_the_file(tmp_path):
         report.build_report([path], tmp_path / "out")
 
 
-def test_learning_curves_take_training_metrics_logged_as_in_mlflow(tmp_path):
-    """The training loop logs ``step`` and ``epoch`` among its metrics (MLflow keeps them
-    as metrics too); the curves are drawn against the optimizer step and the seconds."""
+def test_learning_curves_take_the_training_metrics(tmp_path):
+    """The training loop reports ``step`` and ``epoch`` among its metrics; the curves are
+    drawn against the optimizer step and the seconds."""
     rows = []
     for model, rate in (("forcenet", 20.0), ("schnet", 4.0)):
         for step in (100, 200, 300):
             metrics = {"step": step, "epoch": step / 100, "elapsed_s": step / rate,
-                       "train_loss": 1.0 / step, "force_mae": 0.1 - step / 1e4,
-                       "zero_force_mae": 0.12, "force_mae_adsorbate": 0.2 - step / 1e4,
-                       "zero_force_mae_adsorbate": 0.25}  # fmt: skip
+                       "train_loss": 1.0 / step, "forces_mae": 0.1 - step / 1e4,
+                       "zero_forces_mae": 0.12, "forces_mae_adsorbate": 0.2 - step / 1e4,
+                       "zero_forces_mae_adsorbate": 0.25}  # fmt: skip
             rows += [{"model": model, "step": step, "metric": k, "value": float(v)}
                      for k, v in metrics.items()]  # fmt: skip
     path = tmp_path / "curves.png"
-    assert report.plot_learning_curves(pd.DataFrame(rows), path)
+    assert plots.plot_learning_curves(pd.DataFrame(rows), path)
     assert path.stat().st_size > 5000
     one_point = pd.DataFrame([r for r in rows if r["step"] == 100])
-    assert not report.plot_learning_curves(one_point, tmp_path / "none.png")
+    assert not plots.plot_learning_curves(one_point, tmp_path / "none.png")

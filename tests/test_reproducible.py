@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -78,17 +79,16 @@ def test_invalid_step_budget_is_refused():
         T.TrainConfig(eval_every=-5)
 
 
-# ----------------------------------------------------------------------------- the CLI
+# ------------------------------------------------------------------- the train stage
 
 
-def test_cli_train_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
-    """`forcenet train forcenet` twice from the same params.yaml: bit-identical weights
-    in best.pt and last.pt, the step count from params, and the same dev metrics."""
-    from typer.testing import CliRunner
-
-    from forcenet.cli import app
+def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
+    """The DVC train stage twice from the same params.yaml: bit-identical weights in
+    best.pt and last.pt, the step count from params, the same dev metrics, and the same
+    learning curve in history.csv."""
     from forcenet.data import raw, store
     from forcenet.data.graphs import build_graphs
+    from pipeline.train import main as train_stage
 
     root = tmp_path / "data"
     raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
@@ -105,17 +105,22 @@ def test_cli_train_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runner = CliRunner()
-    ckpts = []
+    ckpts, curves = [], []
     for name in ("a", "b"):
         out = tmp_path / name
-        result = runner.invoke(app, ["train", "forcenet", "--out", str(out), "--frames",
-                                     str(root / "lmdb"), "--graphs", str(root / "graphs"),
-                                     "--params", str(path)])  # fmt: skip
-        assert result.exit_code == 0, result.output
+        train_stage(["forcenet", "--out", str(out), "--frames", str(root / "lmdb"),
+                     "--graphs", str(root / "graphs"), "--params", str(path)])  # fmt: skip
         ckpts.append({f: C.load_checkpoint(out / f) for f in ("best.pt", "last.pt")})
+        curves.append((out / "history.csv").read_text())
     a, b = ckpts
     assert a["last.pt"]["step"] == 9
+    history = pd.read_csv(tmp_path / "a" / "history.csv")
+    assert history.step.tolist() == [4, 5, 8, 9] and curves[0].count("\n") == 5  # + epoch end
+    # elapsed seconds differ from run to run; every learned quantity does not
+    drop = [c for c in history.columns if c.startswith("elapsed") or c.endswith("_per_s")]
+    assert pd.read_csv(tmp_path / "b" / "history.csv").drop(columns=drop).equals(
+        history.drop(columns=drop)
+    )
     for f in ("best.pt", "last.pt"):
         assert _state_equal(a[f]["model_state"], b[f]["model_state"]), f
         assert (
