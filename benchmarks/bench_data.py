@@ -29,7 +29,7 @@ import torch
 import vesin
 
 from forcenet.data import keys as K
-from forcenet.data import raw, store
+from forcenet.data import preprocess, raw
 from forcenet.data.dataset import FrameDataset, make_loader
 from forcenet.data.generate import generate_emt
 from forcenet.data.graphs import build_graphs
@@ -64,7 +64,7 @@ def replicate_shards(raw_root: Path, copies: int) -> int:
 
 def bench_preprocess(raw_root: Path, lmdb_root: Path, frames: int, workers: int) -> dict:
     start = time.perf_counter()
-    summary = store.preprocess(raw_root, lmdb_root, workers=workers)
+    summary = preprocess.preprocess(raw_root, lmdb_root, workers=workers)
     assert summary[K.TRAIN]["frames"] == frames
     return {**_rate(frames, time.perf_counter() - start), "workers": workers}
 

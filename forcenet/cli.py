@@ -179,7 +179,7 @@ def preprocess(
     splits: Annotated[list[str] | None, typer.Option(help="Only these splits.")] = None,
 ) -> None:
     """Raw frames -> LMDB shards of plain arrays (no pickle), one per raw shard."""
-    from forcenet.data.store import preprocess as run
+    from forcenet.data.preprocess import preprocess as run
 
     _echo_json(run(raw, out, splits=splits, workers=workers, shard=_shard(shard)))
 
@@ -219,7 +219,7 @@ def manifest(
 ) -> None:
     """Write a split's manifest after sharded (--shard i/n) runs; fails on a missing or
     stale shard."""
-    from forcenet.data.store import write_manifest
+    from forcenet.data.manifest import write_manifest
 
     _echo_json(write_manifest(split_dir, kind))
 

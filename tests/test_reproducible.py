@@ -86,13 +86,13 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     """The DVC train stage twice from the same params.yaml: bit-identical weights in
     best.pt and last.pt, the step count from params, the same dev metrics, and the same
     learning curve in history.csv."""
-    from forcenet.data import raw, store
+    from forcenet.data import preprocess, raw
     from forcenet.data.graphs import build_graphs
     from pipeline.train import main as train_stage
 
     root = tmp_path / "data"
     raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
-    store.preprocess(root / "raw", root / "lmdb")
+    preprocess.preprocess(root / "raw", root / "lmdb")
     build_graphs(root / "lmdb", root / "graphs", cutoff=GRAPH["cutoff"],
                  max_neighbors=GRAPH["max_neighbors"])  # fmt: skip
     params = yaml.safe_load(open("params.yaml"))

@@ -22,17 +22,18 @@ from forcenet.data import store
 from forcenet.data.batch import collate
 from forcenet.data.frame import Frame, fixed_mask
 from forcenet.data.graphs import graph_record
+from forcenet.data.manifest import MANIFEST, read_manifest
 
 Sample = dict[str, np.ndarray]
 
 
 def _shard_entries(split_dir: Path, kind: str) -> list[dict[str, Any]]:
     """``[{"name", "count", "digest", ("source_digest")}]`` from the manifest or shard metas."""
-    manifest = store.read_manifest(split_dir)
+    manifest = read_manifest(split_dir)
     if manifest is not None:
         if manifest.get("kind") != kind:
             raise store.StoreError(
-                f"{split_dir / store.MANIFEST}: kind {manifest.get('kind')!r}, expected {kind!r}"
+                f"{split_dir / MANIFEST}: kind {manifest.get('kind')!r}, expected {kind!r}"
             )
         return list(manifest["shards"])
     paths = store.list_lmdb(split_dir)

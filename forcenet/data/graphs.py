@@ -19,6 +19,8 @@ import numpy as np
 
 from forcenet.data import keys as K
 from forcenet.data import neighbors, store
+from forcenet.data.jobs import is_current, run_jobs, select_shards, split_dirs
+from forcenet.data.manifest import MANIFEST, read_manifest, summarise
 
 
 def graph_record(
@@ -53,7 +55,7 @@ def _graph_shard(
         "digest": store.meta_digest(frames_meta),
     }
     settings = {"cutoff": cutoff, "max_neighbors": max_neighbors, "split_shards": split_shards}
-    if store.is_current(out_path, store.KIND_GRAPHS, source, settings):
+    if is_current(out_path, store.KIND_GRAPHS, source, settings):
         return out_path.name, int(frames_meta["count"]), True
     meta = {"kind": store.KIND_GRAPHS, "source": source, **settings}
     count = int(frames_meta["count"])
@@ -82,19 +84,19 @@ def build_graphs(
     neighbors.check_params(cutoff, max_neighbors)
     cutoff, max_neighbors = float(cutoff), int(max_neighbors)
     summary: dict[str, dict[str, Any]] = {}
-    for split_dir in store.split_dirs(lmdb_root, splits, lambda d: bool(store.list_lmdb(d))):
+    for split_dir in split_dirs(lmdb_root, splits, lambda d: bool(store.list_lmdb(d))):
         inputs = store.list_lmdb(split_dir)
         if not inputs:
             raise store.StoreError(f"{split_dir}: no frame shards")
         out_dir = Path(out_root) / split_dir.name
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / store.MANIFEST).unlink(missing_ok=True)
+        (out_dir / MANIFEST).unlink(missing_ok=True)
         jobs = [
             (str(p), str(out_dir / p.name), cutoff, max_neighbors, len(inputs))
-            for _, p in store.select_shards(inputs, shard)
+            for _, p in select_shards(inputs, shard)
         ]
-        results = store.run_jobs(_graph_shard, jobs, workers, f"graphs {split_dir.name}")
-        summary[split_dir.name] = store.summarise(results, out_dir, store.KIND_GRAPHS, shard)
+        results = run_jobs(_graph_shard, jobs, workers, f"graphs {split_dir.name}")
+        summary[split_dir.name] = summarise(results, out_dir, store.KIND_GRAPHS, shard)
     return summary
 
 
@@ -130,7 +132,7 @@ class GraphSettings:
 def read_graph_settings(graphs_dir: Path) -> GraphSettings:
     """The settings of the graph store ``graphs_dir`` (a split folder), from its manifest,
     else from its shards (which must agree)."""
-    manifest = store.read_manifest(graphs_dir)
+    manifest = read_manifest(graphs_dir)
     if manifest is not None and "cutoff" in manifest:
         return GraphSettings.from_mapping(manifest)
     shards = store.list_lmdb(graphs_dir)

@@ -20,6 +20,7 @@ from ase.data import chemical_symbols
 
 from forcenet.data import keys as K
 from forcenet.data import raw, store
+from forcenet.data.manifest import MANIFEST
 
 
 class _Stats:
@@ -96,7 +97,7 @@ def _is_raw_split(path: Path) -> bool:
 
 
 def _is_lmdb_split(path: Path) -> bool:
-    return (path / store.MANIFEST).is_file() or bool(store.list_lmdb(path))
+    return (path / MANIFEST).is_file() or bool(store.list_lmdb(path))
 
 
 def _lmdb_samples(split_dir: Path, graphs_dir: Path | None) -> tuple[str, Iterator[dict]]:

@@ -14,7 +14,7 @@ from ase.build import fcc100
 from torch.utils.data import SequentialSampler
 
 from forcenet.data import keys as K
-from forcenet.data import raw, store
+from forcenet.data import preprocess, raw, store
 from forcenet.data.batch import collate
 from forcenet.data.dataset import FrameDataset, make_loader, sample_from_atoms
 from forcenet.data.frame import Frame
@@ -57,7 +57,7 @@ def stores(tmp_path_factory) -> Path:
     for split, sizes in {"train": [5, 4], "val_id": [3]}.items():
         for k, n in enumerate(sizes):
             raw.write_shard(root / "raw" / split, k, _frames(n, seed=k + 10 * len(split), sid=k))
-    store.preprocess(root / "raw", root / "lmdb")
+    preprocess.preprocess(root / "raw", root / "lmdb")
     build_graphs(root / "lmdb", root / "graphs", cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
     return root
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ase.build import add_adsorbate, fcc111
 
-from forcenet.data import codec, raw, store
+from forcenet.data import codec, manifest, preprocess, raw, store
 from forcenet.data import keys as K
 from forcenet.data.frame import Frame
 from forcenet.data.graphs import build_graphs
@@ -71,7 +71,7 @@ def _assert_record_matches(record: dict, frame: Frame) -> None:
 
 def test_round_trip_layout_meta_and_manifest(tmp_path):
     frames = make_raw(tmp_path / "raw", {"train": [3, 2], "val_id": [2]})
-    summary = store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     assert summary["train"] == {
         "shards": 2,
         "written": 2,
@@ -94,20 +94,20 @@ def test_round_trip_layout_meta_and_manifest(tmp_path):
             _assert_record_matches(shard.get(i), frame)
         with pytest.raises(store.StoreError, match=f"{k}.lmdb: record {len(expected)} is missing"):
             shard.get(len(expected))
-    manifest = store.read_manifest(tmp_path / "lmdb" / "train")
-    assert manifest["total"] == 5 and [s["count"] for s in manifest["shards"]] == [3, 2]
+    listing = manifest.read_manifest(tmp_path / "lmdb" / "train")
+    assert listing["total"] == 5 and [s["count"] for s in listing["shards"]] == [3, 2]
 
 
 def test_rerun_skips_current_shards_and_redoes_changed_ones(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2, 2]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     out0 = tmp_path / "lmdb" / "train" / "0.lmdb"
     before = out0.stat().st_mtime_ns
-    again = store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    again = preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     assert again["train"]["skipped"] == 2 and again["train"]["written"] == 0
     assert out0.stat().st_mtime_ns == before
     raw.write_shard(tmp_path / "raw" / "train", 1, make_frames(4, seed=9))  # changed input
-    third = store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    third = preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     assert third["train"] == {
         "shards": 2,
         "written": 1,
@@ -119,7 +119,7 @@ def test_rerun_skips_current_shards_and_redoes_changed_ones(tmp_path):
 
 def test_reading_never_unpickles(tmp_path, monkeypatch):
     frames = make_raw(tmp_path / "raw", {"train": [3]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
 
     def refuse(*args, **kwargs):
         raise AssertionError("pickle used while reading the store")
@@ -146,7 +146,7 @@ def _overwrite(path: Path, key: bytes, value: bytes) -> None:
 )
 def test_corrupt_value_names_file_and_key(tmp_path, value):
     make_raw(tmp_path / "raw", {"train": [3]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     path = tmp_path / "lmdb" / "train" / "0.lmdb"
     _overwrite(path, b"1", value)
     shard = store.LmdbShard(path)
@@ -157,7 +157,7 @@ def test_corrupt_value_names_file_and_key(tmp_path, value):
 
 def test_corrupt_meta_is_reported(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     path = tmp_path / "lmdb" / "train" / "0.lmdb"
     _overwrite(path, store.META_KEY, b"{not json")
     with pytest.raises(store.StoreError, match=r"0\.lmdb: corrupt __meta__"):
@@ -175,10 +175,10 @@ def test_corrupt_raw_shard_names_file_and_leaves_no_output(tmp_path, workers):
     bad = tmp_path / "raw" / "train" / "1.extxyz.xz"
     _truncate_xz(bad, 0.6)  # ends inside frame 3
     with pytest.raises(raw.RawFormatError, match=r"1\.extxyz\.xz.*frame 3"):
-        store.preprocess(tmp_path / "raw", tmp_path / "lmdb", workers=workers)
+        preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", workers=workers)
     out = tmp_path / "lmdb" / "train"
     assert not (out / "1.lmdb").exists()
-    assert not (out / store.MANIFEST).exists()
+    assert not (out / manifest.MANIFEST).exists()
     assert not list(out.glob("*.tmp"))
 
 
@@ -197,47 +197,47 @@ def test_interrupted_write_leaves_nothing_complete_looking(tmp_path, monkeypatch
 
     monkeypatch.setattr(codec, "encode", crash_on_fifth_record)
     with pytest.raises(KeyboardInterrupt):
-        store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+        preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     assert sorted(p.name for p in out.iterdir()) == ["0.lmdb"]  # shard 0 finished, 1 gone
     monkeypatch.setattr(codec, "encode", real_encode)
-    summary = store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     assert summary["train"]["skipped"] == 1 and summary["train"]["frames"] == 6
 
 
 def test_sharded_runs_plus_manifest_equal_a_full_run(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2, 3, 1]})
-    full = store.preprocess(tmp_path / "raw", tmp_path / "full")
-    first = store.preprocess(tmp_path / "raw", tmp_path / "parts", shard=(0, 2))  # shards 0, 2
+    full = preprocess.preprocess(tmp_path / "raw", tmp_path / "full")
+    first = preprocess.preprocess(tmp_path / "raw", tmp_path / "parts", shard=(0, 2))  # shards 0, 2
     assert first["train"]["shards"] == 2 and first["train"]["manifest"] is False
-    assert not (tmp_path / "parts" / "train" / store.MANIFEST).exists()
-    with pytest.raises(store.MissingShardError, match=r"1\.lmdb"):
-        store.write_manifest(tmp_path / "parts" / "train", "frames")
-    second = store.preprocess(tmp_path / "raw", tmp_path / "parts", shard=(1, 2))
+    assert not (tmp_path / "parts" / "train" / manifest.MANIFEST).exists()
+    with pytest.raises(manifest.MissingShardError, match=r"1\.lmdb"):
+        manifest.write_manifest(tmp_path / "parts" / "train", "frames")
+    second = preprocess.preprocess(tmp_path / "raw", tmp_path / "parts", shard=(1, 2))
     assert second["train"]["manifest"] is True
-    merged = store.write_manifest(tmp_path / "parts" / "train", "frames")
-    assert merged == store.read_manifest(tmp_path / "full" / "train")
+    merged = manifest.write_manifest(tmp_path / "parts" / "train", "frames")
+    assert merged == manifest.read_manifest(tmp_path / "full" / "train")
     assert full["train"]["frames"] == merged["total"] == 6
     with pytest.raises(ValueError, match="shard"):
-        store.preprocess(tmp_path / "raw", tmp_path / "x", shard=(2, 2))
+        preprocess.preprocess(tmp_path / "raw", tmp_path / "x", shard=(2, 2))
 
 
 def test_write_manifest_detects_stale_and_foreign_shards(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2, 2]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     raw.write_shard(tmp_path / "raw" / "train", 0, make_frames(3, seed=7))
-    with pytest.raises(store.StaleShardError, match=r"0\.lmdb: source .*0\.extxyz\.xz changed"):
-        store.write_manifest(tmp_path / "lmdb" / "train", "frames")
+    with pytest.raises(manifest.StaleShardError, match=r"0\.lmdb: source .*0\.extxyz\.xz changed"):
+        manifest.write_manifest(tmp_path / "lmdb" / "train", "frames")
     with pytest.raises(store.StoreError, match="kind 'frames', expected 'graphs'"):
-        store.write_manifest(tmp_path / "lmdb" / "train", "graphs")
+        manifest.write_manifest(tmp_path / "lmdb" / "train", "graphs")
     for path in (tmp_path / "raw" / "train").glob("0.*"):
         path.unlink()  # shard 0's input is gone: its output must not enter a manifest
-    with pytest.raises(store.StaleShardError, match=r"\['0\.lmdb'\] have no input any more"):
-        store.write_manifest(tmp_path / "lmdb" / "train", "frames")
+    with pytest.raises(manifest.StaleShardError, match=r"\['0\.lmdb'\] have no input any more"):
+        manifest.write_manifest(tmp_path / "lmdb" / "train", "frames")
 
 
 def test_graph_store_matches_neighbor_list_and_records_settings(tmp_path):
     make_raw(tmp_path / "raw", {"train": [3, 2]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     summary = build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=4.0, max_neighbors=8)
     assert summary["train"]["frames"] == 5 and summary["train"]["manifest"]
     for k, n in ((0, 3), (1, 2)):
@@ -253,8 +253,8 @@ def test_graph_store_matches_neighbor_list_and_records_settings(tmp_path):
             np.testing.assert_array_equal(g[K.EDGE_INDEX], edge_index)
             np.testing.assert_array_equal(g[K.CELL_OFFSETS], offsets)
             assert g[K.EDGE_INDEX].shape[1] > 0
-    manifest = store.read_manifest(tmp_path / "graphs" / "train")
-    assert (manifest["kind"], manifest["cutoff"], manifest["max_neighbors"]) == ("graphs", 4.0, 8)
+    listing = manifest.read_manifest(tmp_path / "graphs" / "train")
+    assert (listing["kind"], listing["cutoff"], listing["max_neighbors"]) == ("graphs", 4.0, 8)
     again = build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=4.0, max_neighbors=8)
     assert again["train"]["skipped"] == 2
     other = build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=3.0, max_neighbors=8)
@@ -263,27 +263,27 @@ def test_graph_store_matches_neighbor_list_and_records_settings(tmp_path):
 
 def test_graph_shards_in_parts_and_bad_params(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2, 2]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     part = build_graphs(
         tmp_path / "lmdb", tmp_path / "g", cutoff=4.0, max_neighbors=6, shard=(1, 2)
     )
     assert part["train"]["manifest"] is False
     build_graphs(tmp_path / "lmdb", tmp_path / "g", cutoff=4.0, max_neighbors=6, shard=(0, 2))
-    assert store.write_manifest(tmp_path / "g" / "train", "graphs")["total"] == 4
+    assert manifest.write_manifest(tmp_path / "g" / "train", "graphs")["total"] == 4
     with pytest.raises(NeighborListError, match="cutoff"):
         build_graphs(tmp_path / "lmdb", tmp_path / "g", cutoff=0.0, max_neighbors=6)
     with pytest.raises(NeighborListError, match="max_neighbors"):
         build_graphs(tmp_path / "lmdb", tmp_path / "g", cutoff=4.0, max_neighbors=-1)
     # frames rebuilt from a changed raw shard: the old graphs are stale
     raw.write_shard(tmp_path / "raw" / "train", 1, make_frames(2, seed=5))
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
-    with pytest.raises(store.StaleShardError, match=r"1\.lmdb: frame shard"):
-        store.write_manifest(tmp_path / "g" / "train", "graphs")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    with pytest.raises(manifest.StaleShardError, match=r"1\.lmdb: frame shard"):
+        manifest.write_manifest(tmp_path / "g" / "train", "graphs")
 
 
 def test_reader_pickles_without_handle_and_reopens_after_fork(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2]})
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     shard = store.LmdbShard(tmp_path / "lmdb" / "train" / "0.lmdb")
     first = shard.get(0)  # the parent holds an open handle
     clone = pickle.loads(pickle.dumps(shard))
@@ -305,7 +305,7 @@ def test_inspect_raw_lmdb_and_graphs_agree_with_the_frames(tmp_path):
 
     written = make_raw(tmp_path / "raw", {"train": [3, 2], "val_id": [2]})
     frames = written[("train", 0)] + written[("train", 1)]
-    store.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
     build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=4.0, max_neighbors=8)
     natoms = [f.natoms for f in frames]
     free = np.concatenate([~f.fixed for f in frames])

@@ -1,0 +1,108 @@
+"""Running shard jobs: one output shard per input shard, skipped when already current.
+
+Used by :func:`forcenet.data.preprocess.preprocess` (raw -> frames) and
+:func:`forcenet.data.graphs.build_graphs` (frames -> graphs): pick the split folders and
+this task's shards of a job array (``shard=(i, n)``), tell whether an output was built
+from exactly its input, and run the jobs in this process or in worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from forcenet.data.store import StoreError, read_meta
+
+
+def shard_number(path: Path, position: int) -> int:
+    """Number ``k`` of an input shard ``<k>.*`` (else its ``position`` in the listing)."""
+    stem = path.name.split(".")[0]
+    return int(stem) if stem.isdigit() else position
+
+
+def source_identity(xyz_path: Path) -> dict[str, Any]:
+    """Identity of a raw shard: name, size and mtime of its file and companions (``<k>.*``)."""
+    xyz_path = Path(xyz_path)
+    prefix = xyz_path.name.split(".")[0] + "."
+    files = sorted(
+        p for p in xyz_path.parent.iterdir() if p.name.startswith(prefix) and p.is_file()
+    )
+    return {
+        "dir": str(xyz_path.parent.resolve()),
+        "name": xyz_path.name,
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }
+
+
+def is_current(out: Path, kind: str, source: dict[str, Any], extra: dict[str, Any]) -> bool:
+    """True if ``out`` exists and was built from exactly this source and settings."""
+    if not out.is_file():
+        return False
+    try:
+        meta = read_meta(out)
+    except StoreError:
+        return False
+    same = meta.get("kind") == kind and meta.get("source") == source
+    return same and all(meta.get(k) == v for k, v in extra.items())
+
+
+def select_shards(items: list[Path], shard: tuple[int, int] | None) -> list[tuple[int, Path]]:
+    numbered = [(shard_number(p, pos), p) for pos, p in enumerate(items)]
+    if shard is None:
+        return numbered
+    i, n = shard
+    if n <= 0 or not 0 <= i < n:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    return [(k, p) for k, p in numbered if k % n == i]
+
+
+def run_jobs(
+    fn: Callable[..., tuple[str, int, bool]], jobs: list[tuple], workers: int, desc: str
+) -> list[tuple[str, int, bool]]:
+    """Run ``fn(*job)`` for every job, in this process or in ``workers`` worker processes."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    bar = tqdm(total=len(jobs), desc=desc, unit="shard", leave=False, disable=None)
+    results = []
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                results.append(fn(*job))
+                bar.update()
+        else:
+            # fork where available: spawn re-imports the caller's main module (torch, ...) in
+            # every worker, seconds per start; inherited LMDB handles are reopened per pid.
+            ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(fn, *job) for job in jobs]
+                try:
+                    for fut in as_completed(futures):
+                        results.append(fut.result())
+                        bar.update()
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()  # fail fast: do not convert the remaining shards
+                    raise
+    finally:
+        bar.close()
+    return results
+
+
+def split_dirs(root: Path, splits: Sequence[str] | None, has_inputs: Callable[[Path], bool]):
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: not a directory")
+    if splits is None:
+        found = [d for d in sorted(root.iterdir()) if d.is_dir() and has_inputs(d)]
+        if not found:
+            raise StoreError(f"{root}: no split folders with input shards")
+        return found
+    missing = [s for s in splits if not (root / s).is_dir()]
+    if missing:
+        raise StoreError(f"{root}: split folder(s) {missing} not found")
+    return [root / s for s in splits]
