@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from forcenet.atomic import write_text
 from forcenet.data import keys as K
 from forcenet.data.raw import XYZ_SUFFIX, count_frames, list_shards
 
@@ -98,9 +99,7 @@ def _marker(dest: Path) -> Path:
 
 
 def _write_marker(dest: Path, digest: str) -> None:
-    tmp = dest.with_name(dest.name + ".md5ok.tmp")
-    tmp.write_text(f"{digest} {dest.stat().st_size}\n")
-    os.replace(tmp, _marker(dest))
+    write_text(_marker(dest), f"{digest} {dest.stat().st_size}\n")
 
 
 def read_marker(dest: Path) -> str | None:

@@ -80,6 +80,7 @@ from ase.optimize import BFGS
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from forcenet.atomic import write_text
 from forcenet.data import keys as K
 from forcenet.data.adsorbates import (
     ID_ADSORBATES,
@@ -411,17 +412,11 @@ class _SplitWriter:
         self.shards += 1
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_extxyz(path: Path, images: list[Atoms]) -> None:
     """All ``images`` into one extxyz file, written to a temporary name and renamed."""
     buf = io.StringIO()
     ase_write(buf, images, format="extxyz")
-    _atomic_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def _check_args(n_systems: Mapping[str, int], counts: dict[str, int]) -> None:
@@ -527,9 +522,9 @@ def generate_emt(
             report, rows, is2rs = _collect(results, tmp, shard_size, is2rs_systems)
         report["seed"] = settings.seed
         report["frames"] = sum(e["frames"] for e in report["splits"].values())
-        _atomic_text(tmp / "systems.csv", _csv(rows))
+        write_text(tmp / "systems.csv", _csv(rows))
         # report.json holds only seed-determined numbers, so the output stays reproducible.
-        _atomic_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
+        write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         if is2rs_dir is not None:
             _write_is2rs(Path(is2rs_dir), is2rs)
         if out_dir.exists():

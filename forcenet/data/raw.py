@@ -20,9 +20,9 @@ import functools
 import io
 import itertools
 import lzma
-import os
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NoReturn
@@ -31,6 +31,7 @@ import numpy as np
 from ase.data import atomic_numbers as _ASE_Z
 from ase.data import chemical_symbols
 
+from forcenet.atomic import atomic_write
 from forcenet.data.frame import Frame, FrameError
 
 XYZ_SUFFIX = ".extxyz.xz"
@@ -95,9 +96,11 @@ def write_shard(directory: Path, k: int, frames: Iterable[Frame]) -> int:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     xyz_path, txt_path = directory / f"{k}{XYZ_SUFFIX}", directory / f"{k}{TXT_SUFFIX}"
-    xyz_tmp, txt_tmp = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (xyz_path, txt_path))
     count = 0
-    try:
+    # ExitStack renames in reverse order of entry: the frames first, the sidecar last.
+    with ExitStack() as files:
+        txt_tmp = files.enter_context(atomic_write(txt_path))
+        xyz_tmp = files.enter_context(atomic_write(xyz_path))
         with (
             lzma.open(xyz_tmp, "wt", encoding="ascii", preset=XZ_PRESET) as xyz,
             lzma.open(txt_tmp, "wt", encoding="ascii", preset=XZ_PRESET) as txt,
@@ -111,11 +114,6 @@ def write_shard(directory: Path, k: int, frames: Iterable[Frame]) -> int:
                 count += 1
         if count == 0:  # readers treat an empty shard as corrupt, so never write one
             raise RawFormatError(f"{xyz_path}: no frames to write")
-        os.replace(xyz_tmp, xyz_path)
-        os.replace(txt_tmp, txt_path)
-    finally:
-        for tmp in (xyz_tmp, txt_tmp):
-            tmp.unlink(missing_ok=True)
     return count
 
 
