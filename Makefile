@@ -24,8 +24,12 @@ repro: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
+# The same checks as .pre-commit-config.yaml: lint, format, types.
+LINT_PATHS := forcenet pipeline tests benchmarks
 lint: setup
-	$(VENV)/bin/ruff check forcenet tests benchmarks pipeline
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_data.py

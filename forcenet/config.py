@@ -27,6 +27,8 @@ def parse(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from a mapping, recursively; unknown or missing keys raise."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -62,7 +64,7 @@ def unknown_keys_message(where: str, unknown: Sequence[str], known: Iterable[str
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return parse(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -59,7 +59,7 @@ def _ase_labels(atoms, index: int) -> dict[str, np.ndarray]:
     energy with a referenced prediction."""
     if atoms.calc is None:
         raise ValueError("no energies/forces stored (no calculator results)")
-    out = {
+    out: dict[str, np.ndarray] = {
         K.FORCES: np.asarray(atoms.get_forces(apply_constraint=False), dtype=np.float32),
         K.SID: np.asarray(int(atoms.info.get("sid", index)), dtype=np.int64),
         K.FID: np.asarray(int(atoms.info.get("fid", index)), dtype=np.int64),

@@ -13,7 +13,7 @@ from pipeline.params import load_params
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from forcenet.data.store import preprocess
+    from forcenet.data.preprocess import preprocess
 
     p = stage.parser(__doc__)
     p.add_argument("raw", type=Path, help="raw root holding SPLIT/K.extxyz.xz")

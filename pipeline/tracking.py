@@ -24,10 +24,14 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from forcenet.atomic import write_text
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 RUN_ID_FILE = "run_id.txt"
 DEFAULT_EXPERIMENT = "forcenet"
@@ -38,7 +42,7 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 class TrackedRun:
     """An open MLflow run: the client bound to its store and the run id."""
 
-    client: object  # mlflow.MlflowClient (imported lazily: mlflow is slow to import)
+    client: MlflowClient  # imported lazily: mlflow is slow to import
     run_id: str
     experiment_id: str
 

@@ -1,0 +1,69 @@
+"""The library's command line: explicit arguments, no params.yaml, no MLflow."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from forcenet import checkpoint as C
+from forcenet.cli import app
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    from forcenet.data import raw
+    from forcenet.data.graphs import build_graphs
+    from forcenet.data.preprocess import preprocess
+    from test_train import make_frames
+
+    root = tmp_path_factory.mktemp("data")
+    raw.write_shard(root / "raw" / "train", 0, make_frames(4, 3, seed=2))
+    preprocess(root / "raw", root / "lmdb")
+    build_graphs(root / "lmdb", root / "graphs", cutoff=4.5, max_neighbors=16)
+    return root
+
+
+def _train(stores, out, *extra):
+    args = ["train", "gns", "--out", str(out), "--frames", str(stores / "lmdb" / "train"),
+            "--graphs", str(stores / "graphs" / "train"), *extra]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+def test_train_takes_a_run_config_and_overrides(stores, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may appear in the working directory
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1},
+        "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3},
+    }))  # fmt: skip
+    result = _train(stores, tmp_path / "out", "--config", str(config), "--set", "train.max_steps=3")
+    assert result.exit_code == 0, result.output
+    ckpt = C.load_checkpoint(tmp_path / "out" / "last.pt")
+    assert ckpt["step"] == 3  # --set wins over the file
+    # the cutoff and neighbor count come from the graph store, not from an argument
+    assert ckpt["graph"] == {"cutoff": 4.5, "max_neighbors": 16}
+    assert ckpt["model_kwargs"]["cutoff"] == 4.5 and ckpt["model_kwargs"]["hidden_channels"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run.yaml"]  # no MLflow store
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "model.hiden_channels=8"], "did you mean 'hidden_channels'"),
+        (["--set", "train.max_step=8"], "did you mean 'max_steps'"),
+        (["--set", "max_steps=8"], "model.KEY=VALUE or train.KEY=VALUE"),
+    ],
+)
+def test_train_refuses_unknown_settings_before_work(stores, tmp_path, extra, message):
+    result = _train(stores, tmp_path / "out", *extra)
+    assert result.exit_code != 0 and message in str(result.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_the_library_commands_only():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("preprocess", "neighbors", "train", "evaluate", "relax", "relax-oracle"):
+        assert command in result.output
+    assert "report" not in result.output.split("Commands")[-1]

@@ -1,0 +1,109 @@
+"""The pipeline layer: params.yaml checked key by key, and stages that refuse bad input
+before they start work."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forcenet.config import ConfigError
+from pipeline.params import MODEL_NAMES, load_params, params_from_mapping
+from pipeline.train import model_kwargs, snapshot, train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _with(dotted: str, value) -> dict:
+    params = copy.deepcopy(PARAMS)
+    node = params
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return params
+
+
+def test_the_project_params_load_and_compose():
+    params = load_params(ROOT / "params.yaml")
+    for name in MODEL_NAMES:
+        kwargs = model_kwargs(params, name)
+        assert kwargs["cutoff"] == params.graph.cutoff
+        assert train_config(params, name).max_steps == PARAMS["train"][name]["max_steps"]
+        assert snapshot(params, name)["model"] == {name: kwargs}
+
+
+def test_model_hidden_is_forcenets_width_only():
+    params = params_from_mapping(_with("model.hidden", 512))
+    assert model_kwargs(params, "forcenet")["hidden_channels"] == 512
+    assert model_kwargs(params, "gns")["hidden_channels"] == PARAMS["model"]["gns"]["hidden_channels"]
+
+
+def test_typo_in_a_section_is_refused_with_a_suggestion():
+    params = copy.deepcopy(PARAMS)
+    params["graph"]["cuttoff"] = params["graph"].pop("cutoff")
+    with pytest.raises(ConfigError, match=r"unknown key 'cuttoff' \(did you mean 'cutoff'\?\)"):
+        params_from_mapping(params)
+
+
+def test_unknown_top_level_section_is_refused():
+    params = copy.deepcopy(PARAMS)
+    params["evalute"] = {"batch_size": 8}
+    with pytest.raises(ConfigError, match=r"'evalute' \(did you mean 'evaluate'\?\)"):
+        params_from_mapping(params)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("graph.cutoff", "six", r"graph\.cutoff: expected a number, got 'six'"),
+        ("graph.max_neighbors", 24.9, r"graph\.max_neighbors: expected an integer"),
+        ("graph.max_neighbors", 0, r"graph\.max_neighbors: must be >= 1"),
+        ("relax.optimizer", "bfgs", r"relax\.optimizer: 'bfgs' is not one of"),
+    ],
+)
+def test_wrong_values_name_their_key(dotted, value, message):
+    with pytest.raises(ConfigError, match=message):
+        params_from_mapping(_with(dotted, value))
+
+
+def test_model_and_training_typos_are_refused_by_the_train_stage():
+    params = params_from_mapping(_with("model.forcenet.hiden_channels", 8))
+    with pytest.raises(ConfigError, match=r"'hiden_channels' \(did you mean 'hidden_channels'\?\)"):
+        model_kwargs(params, "forcenet")
+    params = params_from_mapping(_with("train.gns.max_step", 8))
+    with pytest.raises(ConfigError, match=r"train\.gns.*'max_step' \(did you mean 'max_steps'\?\)"):
+        train_config(params, "gns")
+
+
+def test_load_params_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_with("graph.cutoff", "six")))
+    with pytest.raises(ConfigError, match=str(path)):
+        load_params(path)
+
+
+def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypatch):
+    """Graphs built at 4 Å, params saying 6 Å: refused before training, naming the store."""
+    from forcenet.data import raw
+    from forcenet.data.graphs import build_graphs
+    from forcenet.data.preprocess import preprocess
+    from pipeline.train import main as train_stage
+    from test_train import make_frames
+
+    root = tmp_path / "data"
+    raw.write_shard(root / "raw" / "train", 0, make_frames(2, 3, seed=1))
+    preprocess(root / "raw", root / "lmdb")
+    build_graphs(root / "lmdb", root / "graphs", cutoff=4.0, max_neighbors=12)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_with("graph.cutoff", 6.0)))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["gns", "--out", str(tmp_path / "out"), "--frames", str(root / "lmdb"),
+            "--graphs", str(root / "graphs"), "--params", str(path)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"graphs/train: graphs built with cutoff=4\.0"):
+        train_stage(args)
+    assert not (tmp_path / "out").exists()  # no run, no checkpoint folder
+    assert not (tmp_path / "mlflow.db").exists()
