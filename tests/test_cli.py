@@ -12,10 +12,11 @@ from forcenet.cli import app
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
+    from test_train import make_frames
+
     from forcenet.data import raw
     from forcenet.data.graphs import build_graphs
     from forcenet.data.preprocess import preprocess
-    from test_train import make_frames
 
     root = tmp_path_factory.mktemp("data")
     raw.write_shard(root / "raw" / "train", 0, make_frames(4, 3, seed=2))

@@ -88,11 +88,12 @@ def test_load_params_names_the_file(tmp_path):
 
 def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypatch):
     """Graphs built at 4 Å, params saying 6 Å: refused before training, naming the store."""
+    from test_train import make_frames
+
     from forcenet.data import raw
     from forcenet.data.graphs import build_graphs
     from forcenet.data.preprocess import preprocess
     from pipeline.train import main as train_stage
-    from test_train import make_frames
 
     root = tmp_path / "data"
     raw.write_shard(root / "raw" / "train", 0, make_frames(2, 3, seed=1))
