@@ -147,8 +147,11 @@ def main() -> None:
         steps[name] = max(10, int(round(args.target_s / r["seconds_per_step"] / 10.0)) * 10)
         r["max_steps"] = steps[name]
         results[name] = r
-        print(f"{name:10s} {r['seconds_per_step'] * 1e3:8.1f} ms/step -> {steps[name]:6d} steps "
-              f"for {args.target_s:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"{name:10s} {r['seconds_per_step'] * 1e3:8.1f} ms/step -> {steps[name]:6d} steps "
+            f"for {args.target_s:.0f} s",
+            flush=True,
+        )
     out = {
         "target_s": args.target_s,
         "threads": args.threads,
@@ -157,7 +160,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
-        },  # fmt: skip
+        },
         "date": time.strftime("%Y-%m-%d"),
         "models": results,
     }

@@ -74,9 +74,16 @@ def main() -> None:
     evals: list[dict] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        fit(cfg, name, kwargs, train_dir=args.frames, graphs_dir=args.graphs, out_dir=Path(tmp),
+        fit(
+            cfg,
+            name,
+            kwargs,
+            train_dir=args.frames,
+            graphs_dir=args.graphs,
+            out_dir=Path(tmp),
             graph={"cutoff": typed.graph.cutoff, "max_neighbors": typed.graph.max_neighbors},
-            on_epoch_end=lambda step, m: evals.append({"step": step, **m}))  # fmt: skip
+            on_epoch_end=lambda step, m: evals.append({"step": step, **m}),
+        )
     rows = []
     for m in evals:
         row = {"step": m["step"], "elapsed_s": round(m["elapsed_s"], 1)}
@@ -85,15 +92,23 @@ def main() -> None:
                 row[f"dev{part}"] = round(m[f"forces_mae{part}"], 4)
                 row[f"rel{part}"] = round(m[f"forces_mae{part}"] / m[f"zero_forces_mae{part}"], 3)
         rows.append(row)
-    record = {"name": args.name, "model": name, "steps": args.steps, "overrides": args.set,
-              "threads": args.threads, "wall_s": round(time.perf_counter() - t0, 1),
-              "evals": rows}  # fmt: skip
+    record = {
+        "name": args.name,
+        "model": name,
+        "steps": args.steps,
+        "overrides": args.set,
+        "threads": args.threads,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "evals": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     last = rows[-1]
-    print(f"{args.name}: step {last['step']} rel {last.get('rel')} surface "
-          f"{last.get('rel_surface')} adsorbate {last.get('rel_adsorbate')}")  # fmt: skip
+    print(
+        f"{args.name}: step {last['step']} rel {last.get('rel')} surface "
+        f"{last.get('rel_surface')} adsorbate {last.get('rel_adsorbate')}"
+    )
 
 
 if __name__ == "__main__":

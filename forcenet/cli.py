@@ -82,7 +82,9 @@ def data_generate(
         Path | None, typer.Option(help="Also write validation systems to relax against EMT.")
     ] = None,
     is2rs_systems: Annotated[int, typer.Option(help="Such systems per validation split.")] = 8,
-    is2rs_fmax: Annotated[float, typer.Option(help="The oracle's relaxation target (eV/Å).")] = 0.02,
+    is2rs_fmax: Annotated[
+        float, typer.Option(help="The oracle's relaxation target (eV/Å).")
+    ] = 0.02,
 ) -> None:
     """Generate an OC20-like dataset: adsorbates on metal slabs labelled by EMT, in the
     OC20 raw layout (OUT/SPLIT/K.extxyz.xz + K.txt.xz)."""
@@ -264,10 +266,16 @@ def train(
     settings = read_graph_settings(graphs)
     kwargs["cutoff"] = settings.cutoff
     best = fit(
-        cfg, model, kwargs, train_dir=frames, graphs_dir=graphs, out_dir=out,
-        graph=settings.as_dict(), resume=resume,
+        cfg,
+        model,
+        kwargs,
+        train_dir=frames,
+        graphs_dir=graphs,
+        out_dir=out,
+        graph=settings.as_dict(),
+        resume=resume,
         params_snapshot={"model": {model: kwargs}, "train": vars(cfg), "graph": settings.as_dict()},
-    )  # fmt: skip
+    )
     typer.echo(f"train {model}: done; checkpoint to evaluate: {best}")
 
 
@@ -303,9 +311,13 @@ def evaluate(
     from forcenet.tables import write_metrics_json, write_table
 
     table = evaluate_checkpoint(
-        checkpoint, inputs, graphs=graphs, batch_size=batch_size, device=device,
+        checkpoint,
+        inputs,
+        graphs=graphs,
+        batch_size=batch_size,
+        device=device,
         predictions=predictions,
-    )  # fmt: skip
+    )
     write_table(table, out)
     if metrics_json is not None:
         write_metrics_json(table, metrics_json)
@@ -337,9 +349,15 @@ def relax(
     from forcenet.relax import relax_command
 
     summary = relax_command(
-        checkpoint, inputs, out, _optimizer(optimizer), fmax, steps, batch_size=batch_size,
+        checkpoint,
+        inputs,
+        out,
+        _optimizer(optimizer),
+        fmax,
+        steps,
+        batch_size=batch_size,
         device=device,
-    )  # fmt: skip
+    )
     typer.echo(summary.to_string(index=False))
 
 
@@ -373,9 +391,15 @@ def relax_oracle(
     from forcenet.tables import write_metrics_json, write_table
 
     aggregate = evaluate_relaxations(
-        checkpoint, is2rs, splits or list(VAL_SPLITS), out_dir=out, fmax=fmax, steps=steps,
-        optimizer=_optimizer(optimizer), batch_size=batch_size,
-    )  # fmt: skip
+        checkpoint,
+        is2rs,
+        splits or list(VAL_SPLITS),
+        out_dir=out,
+        fmax=fmax,
+        steps=steps,
+        optimizer=_optimizer(optimizer),
+        batch_size=batch_size,
+    )
     if len(aggregate):
         long = metrics_long_table(aggregate)
         if table is not None:

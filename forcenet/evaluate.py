@@ -169,16 +169,21 @@ def evaluate_files(
     from forcenet.inputs import open_input
 
     opened = [
-        open_input(p, graphs=graphs, settings=settings, batch_size=batch_size,
-                   num_workers=num_workers)
+        open_input(
+            p, graphs=graphs, settings=settings, batch_size=batch_size, num_workers=num_workers
+        )
         for p in inputs
-    ]  # fmt: skip
+    ]
     writer = PredictionWriter(predictions) if predictions is not None else None
     try:
         results = evaluate_model(
-            model, opened, model_name=model_name, device=device, rotation=rotation,
+            model,
+            opened,
+            model_name=model_name,
+            device=device,
+            rotation=rotation,
             predictions=writer,
-        )  # fmt: skip
+        )
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -213,10 +218,16 @@ def evaluate_checkpoint(
     model, ckpt = load_model(Path(checkpoint), device="cpu")
     name = str(ckpt["model_name"])
     table = evaluate_files(
-        model, inputs, model_name=name, settings=GraphSettings.from_mapping(ckpt["graph"]),
-        graphs=graphs, batch_size=batch_size, device=device, num_workers=num_workers,
+        model,
+        inputs,
+        model_name=name,
+        settings=GraphSettings.from_mapping(ckpt["graph"]),
+        graphs=graphs,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
         predictions=predictions,
-    )  # fmt: skip
+    )
     training = training_summary(Path(checkpoint), ckpt)
     if training:
         table = pd.concat([table, long_table(name, TRAINING_ROWS, training, None)])

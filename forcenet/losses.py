@@ -98,9 +98,7 @@ def force_loss(
     beta: float = 1.0,
 ) -> LossTerm:
     """Weighted force loss on forces divided by ``force_scale`` (eV/Å); pred/target [N, 3]."""
-    err = per_atom_force_error(
-        pred.float() / force_scale, target.float() / force_scale, kind, beta
-    )
+    err = per_atom_force_error(pred.float() / force_scale, target.float() / force_scale, kind, beta)
     return LossTerm(total=(weights * err).sum(), weight=weights.sum().detach())
 
 
@@ -141,8 +139,14 @@ class TrainLoss:
         ads_kind = self.adsorbate_kind or self.kind
         ads_beta = self.beta if self.adsorbate_beta is None else self.adsorbate_beta
         if ads_kind == self.kind and ads_beta == self.beta:
-            force = force_loss(out[K.OUT_FORCES], batch[K.FORCES], w, kind=self.kind,
-                               force_scale=self.force_scale, beta=self.beta)  # fmt: skip
+            force = force_loss(
+                out[K.OUT_FORCES],
+                batch[K.FORCES],
+                w,
+                kind=self.kind,
+                force_scale=self.force_scale,
+                beta=self.beta,
+            )
         else:
             pred = out[K.OUT_FORCES].float() / self.force_scale
             target = batch[K.FORCES].float() / self.force_scale

@@ -170,10 +170,15 @@ class OC20Metrics:
             for g, tag in enumerate(TAG_GROUPS.values()):
                 m = free & (tags == tag)
                 base = _GROUP0 + g * len(GROUP_FIELDS)
-                s[base : base + len(GROUP_FIELDS)] = torch.stack([
-                    abs_err[m].sum(), abs_true[m].sum(), cos_all[m].sum(), mag_all[m].sum(),
-                    m.sum().to(torch.float64),
-                ]).cpu()  # fmt: skip
+                s[base : base + len(GROUP_FIELDS)] = torch.stack(
+                    [
+                        abs_err[m].sum(),
+                        abs_true[m].sum(),
+                        cos_all[m].sum(),
+                        mag_all[m].sum(),
+                        m.sum().to(torch.float64),
+                    ]
+                ).cpu()
             m = free & (tags == TAG_GROUPS["adsorbate"])
             z = batch[K.ATOMIC_NUMBERS].to(f_hat.device)[m].long().clamp(0, MAX_Z)
             per = torch.zeros(3, MAX_Z + 1, dtype=torch.float64, device=f_hat.device)

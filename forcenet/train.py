@@ -341,27 +341,48 @@ def fit_datasets(
 
     def save(metrics: dict[str, float]) -> None:
         state = C.training_state(
-            model, optimizer, model_name=model_name, model_kwargs=model_kwargs,
-            progress=vars(progress), params=params_snapshot or {}, graph=graph,
-            metrics=metrics, base_lr=cfg.lr,
-        )  # fmt: skip
+            model,
+            optimizer,
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            progress=vars(progress),
+            params=params_snapshot or {},
+            graph=graph,
+            metrics=metrics,
+            base_lr=cfg.lr,
+        )
         C.save_checkpoint(last, state)
         if progress.best_metric is not None and metrics.get("forces_mae") == progress.best_metric:
             C.save_checkpoint(out_dir / "best.pt", state)
 
     budget = total_steps(steps_per_epoch, cfg.max_epochs, cfg.max_steps)
     bar = tqdm(
-        total=budget, initial=progress.step, disable=not info.is_main,
-        desc=f"train {model_name}", mininterval=1.0, dynamic_ncols=True,
-    )  # fmt: skip
+        total=budget,
+        initial=progress.step,
+        disable=not info.is_main,
+        desc=f"train {model_name}",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     clock0 = _now() - progress.elapsed_s
 
     def out_of_time() -> bool:
         return cfg.time_budget_s > 0 and D.sync_max(_now() - clock0) >= cfg.time_budget_s
 
     while progress.step < budget and not out_of_time():
-        done = _train_epoch(cfg, net, optimizer, loss_fn, train_set, progress, info,
-                            steps_per_epoch, budget, clock0, bar)  # fmt: skip
+        done = _train_epoch(
+            cfg,
+            net,
+            optimizer,
+            loss_fn,
+            train_set,
+            progress,
+            info,
+            steps_per_epoch,
+            budget,
+            clock0,
+            bar,
+        )
         metrics = evaluate(model, dev_loader, device=info.device) if len(dev_set) else {}
         metrics.update(done)
         if progress.batches_in_epoch == steps_per_epoch:
@@ -402,13 +423,19 @@ def _train_epoch(
     """Train the rest of the current epoch, or up to the next dev evaluation
     (``cfg.eval_every``), the step budget ``budget`` or the wall-clock cap."""
     indices = D.epoch_indices(
-        len(train_set), epoch=progress.epoch, seed=cfg.seed, rank=info.rank,
+        len(train_set),
+        epoch=progress.epoch,
+        seed=cfg.seed,
+        rank=info.rank,
         world_size=info.world_size,
-    )[progress.batches_in_epoch * cfg.batch_size :]  # fmt: skip
+    )[progress.batches_in_epoch * cfg.batch_size :]
     loader = DataLoader(
-        Subset(train_set, indices), batch_size=cfg.batch_size, drop_last=True,
-        collate_fn=collate, num_workers=cfg.num_workers,
-    )  # fmt: skip
+        Subset(train_set, indices),
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+    )
     # bf16 autocast only for direct-force models: double backward through bf16 is too lossy
     amp = cfg.amp and not getattr(_unwrap(net), "energy_from_gradient", False)
     loss_sum, n_steps, n_graphs, t_start = 0.0, 0, 0, _now()
@@ -416,14 +443,24 @@ def _train_epoch(
         progress.elapsed_s = D.sync_max(_now() - clock0)
         if cfg.time_budget_s > 0 and progress.elapsed_s >= cfg.time_budget_s:
             break
-        frac = budget_progress(progress.step, steps_per_epoch, cfg.max_epochs,
-                               progress.elapsed_s, cfg.time_budget_s,
-                               cfg.max_steps)  # fmt: skip
+        frac = budget_progress(
+            progress.step,
+            steps_per_epoch,
+            cfg.max_epochs,
+            progress.elapsed_s,
+            cfg.time_budget_s,
+            cfg.max_steps,
+        )
         lr = cfg.lr * lr_factor(
-            progress.step, frac, warmup_steps=cfg.warmup_steps, warmup_start=cfg.warmup_start,
-            decay=cfg.lr_decay, milestones=cfg.milestones, gamma=cfg.gamma,
+            progress.step,
+            frac,
+            warmup_steps=cfg.warmup_steps,
+            warmup_start=cfg.warmup_start,
+            decay=cfg.lr_decay,
+            milestones=cfg.milestones,
+            gamma=cfg.gamma,
             min_factor=cfg.min_lr_factor,
-        )  # fmt: skip
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cfg.rotation_augment:
@@ -432,8 +469,7 @@ def _train_epoch(
             )
             batch = rotate_batch(batch, random_rotations(len(batch[K.NATOMS]), gen))
         batch = batch_to(batch, info.device)
-        diag = train_step(net, batch, optimizer, loss_fn=loss_fn, amp=amp,
-                          clip_grad=cfg.clip_grad)  # fmt: skip
+        diag = train_step(net, batch, optimizer, loss_fn=loss_fn, amp=amp, clip_grad=cfg.clip_grad)
         progress.step += 1
         progress.batches_in_epoch += 1
         loss_sum, n_steps = loss_sum + diag["loss"], n_steps + 1
@@ -483,12 +519,18 @@ def _set_scales(model: C.ScaledModel, stats: dict[str, float]) -> None:
 def _make_loss(cfg: TrainConfig, model: C.ScaledModel) -> TrainLoss:
     """The loss in the model's normalised units (the wrapper's scales)."""
     return TrainLoss(
-        kind=cfg.force_loss, atoms=cfg.loss_atoms, tag_weights=cfg.tag_weights,
-        force_coef=cfg.force_coef, energy_coef=cfg.energy_coef,
-        force_scale=float(model.force_scale), energy_shift=float(model.energy_shift),
-        energy_scale=float(model.energy_scale), beta=cfg.loss_beta,
-        adsorbate_kind=cfg.adsorbate_loss, adsorbate_beta=cfg.adsorbate_beta,
-    )  # fmt: skip
+        kind=cfg.force_loss,
+        atoms=cfg.loss_atoms,
+        tag_weights=cfg.tag_weights,
+        force_coef=cfg.force_coef,
+        energy_coef=cfg.energy_coef,
+        force_scale=float(model.force_scale),
+        energy_shift=float(model.energy_shift),
+        energy_scale=float(model.energy_scale),
+        beta=cfg.loss_beta,
+        adsorbate_kind=cfg.adsorbate_loss,
+        adsorbate_beta=cfg.adsorbate_beta,
+    )
 
 
 def _check_same_model(path: Path, ckpt: dict, name: str, kwargs: dict[str, Any]) -> None:

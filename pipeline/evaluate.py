@@ -39,9 +39,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = tracking.attach_run(model=name, run_id=run_id)
     try:
         table = evaluate_checkpoint(
-            args.checkpoint, args.inputs, graphs=args.graphs,
-            batch_size=params.evaluate.batch_size, predictions=args.predictions,
-        )  # fmt: skip
+            args.checkpoint,
+            args.inputs,
+            graphs=args.graphs,
+            batch_size=params.evaluate.batch_size,
+            predictions=args.predictions,
+        )
         table["run_id"] = run.run_id if run is not None else (run_id or "")
         write_table(table, args.out)
         write_metrics_json(table, args.metrics_json)

@@ -29,7 +29,11 @@ CURVE_METRICS = {
     "forces_mae_adsorbate": "dev force MAE, adsorbate atoms [eV/Å]",
 }
 #: Per-tag groups of the evaluation metrics (suffixes written by forcenet.metrics).
-TAG_GROUPS = {"": "all free atoms", "_surface": "surface (tag 1)", "_adsorbate": "adsorbate (tag 2)"}
+TAG_GROUPS = {
+    "": "all free atoms",
+    "_surface": "surface (tag 1)",
+    "_adsorbate": "adsorbate (tag 2)",
+}
 
 
 def model_colour(model: str) -> str:
@@ -61,12 +65,18 @@ def plot_force_mae_bars(table: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(splits), 4))
     for k, model in enumerate(models):
         rows = table[table.model == model].set_index("split").reindex(splits)
-        ax.bar(x - 0.4 + width * (k + 0.5), rows["forces_mae"], width, label=model,
-               color=model_colour(model))  # fmt: skip
+        ax.bar(
+            x - 0.4 + width * (k + 0.5),
+            rows["forces_mae"],
+            width,
+            label=model,
+            color=model_colour(model),
+        )
     if "zero_forces_mae" in table.columns:
         zero = table.groupby("split")["zero_forces_mae"].first().reindex(splits)
-        ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
-                  label="zero-force baseline")  # fmt: skip
+        ax.hlines(
+            zero, x - 0.45, x + 0.45, colors="black", linestyles="--", label="zero-force baseline"
+        )
     ax.set_xticks(x, splits)
     ax.set_ylabel("force MAE on free atoms [eV/Å]")
     ax.set_title("Force MAE by split")
@@ -82,8 +92,9 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
     least two points."""
     curves = curves[curves.step > 0] if "step" in curves.columns else curves
     curves = curves[~curves.metric.isin(["step", "model"])]  # the index, also logged as metrics
-    wide = curves.pivot_table(index=["model", "step"], columns="metric", values="value",
-                              aggfunc="last").reset_index()  # fmt: skip
+    wide = curves.pivot_table(
+        index=["model", "step"], columns="metric", values="value", aggfunc="last"
+    ).reset_index()
     have = [m for m in CURVE_METRICS if m in wide.columns]
     if not have or wide.groupby("model").step.nunique().max() < 2:
         return False
@@ -100,12 +111,19 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
             rows = rows.dropna(subset=[metric, x]).sort_values("step")
             if len(rows) < 1:
                 continue
-            ax.plot(rows[x], rows[metric], marker="o", markersize=2.5, label=model,
-                    color=model_colour(model))  # fmt: skip
+            ax.plot(
+                rows[x],
+                rows[metric],
+                marker="o",
+                markersize=2.5,
+                label=model,
+                color=model_colour(model),
+            )
         zero = "zero_" + metric
         if metric.startswith("forces_mae") and zero in wide.columns:
-            ax.axhline(wide[zero].median(), color="black", ls="--", lw=1,
-                       label="zero-force baseline")  # fmt: skip
+            ax.axhline(
+                wide[zero].median(), color="black", ls="--", lw=1, label="zero-force baseline"
+            )
         values = wide[metric].dropna()
         if len(values) and values.min() > 0 and values.max() / values.min() > 20:
             ax.set_yscale("log")
@@ -135,11 +153,17 @@ def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
     for ax, g in zip(axes[0], groups, strict=True):
         for k, model in enumerate(models):
             rows = table[table.model == model].set_index("split").reindex(splits)
-            ax.bar(x - 0.4 + width * (k + 0.5), rows[f"forces_mae{g}"], width, label=model,
-                   color=model_colour(model))  # fmt: skip
+            ax.bar(
+                x - 0.4 + width * (k + 0.5),
+                rows[f"forces_mae{g}"],
+                width,
+                label=model,
+                color=model_colour(model),
+            )
         zero = table.groupby("split")[f"zero_forces_mae{g}"].first().reindex(splits)
-        ax.hlines(zero, x - 0.45, x + 0.45, colors="black", linestyles="--",
-                  label="zero-force baseline")  # fmt: skip
+        ax.hlines(
+            zero, x - 0.45, x + 0.45, colors="black", linestyles="--", label="zero-force baseline"
+        )
         ax.set_xticks(x, splits, fontsize="small")
         ax.set_title(TAG_GROUPS[g])
         ax.set_ylabel("force MAE on free atoms [eV/Å]")
@@ -159,8 +183,9 @@ def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
     lim = float(np.quantile(np.abs(np.concatenate([true, hat])), 0.999)) if len(true) else 1.0
     lim = max(lim, 1e-3)
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    hb = ax.hexbin(true, hat, gridsize=60, bins="log", cmap="viridis",
-                   extent=(-lim, lim, -lim, lim), mincnt=1)  # fmt: skip
+    hb = ax.hexbin(
+        true, hat, gridsize=60, bins="log", cmap="viridis", extent=(-lim, lim, -lim, lim), mincnt=1
+    )
     fig.colorbar(hb, ax=ax, label="components per bin")
     ax.plot([-lim, lim], [-lim, lim], color="red", lw=0.8, label="y = x")
     mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")

@@ -1,6 +1,6 @@
 """Stage ``preprocess``: raw frames -> LMDB shards of plain arrays, one per raw shard.
 
-    python -m pipeline.preprocess data/raw data/lmdb
+python -m pipeline.preprocess data/raw data/lmdb
 """
 
 from __future__ import annotations

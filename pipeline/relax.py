@@ -32,9 +32,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     r = load_params(args.params).relax
     start = time.perf_counter()
     aggregate = evaluate_relaxations(
-        args.checkpoint, args.is2rs, r.splits, out_dir=args.out, fmax=r.fmax, steps=r.steps,
-        optimizer=r.optimizer, batch_size=r.batch_size,
-    )  # fmt: skip
+        args.checkpoint,
+        args.is2rs,
+        r.splits,
+        out_dir=args.out,
+        fmax=r.fmax,
+        steps=r.steps,
+        optimizer=r.optimizer,
+        batch_size=r.batch_size,
+    )
     if not len(aggregate):
         print(f"relax: no validation systems in {args.is2rs}; nothing relaxed")
         return

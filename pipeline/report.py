@@ -98,8 +98,9 @@ def comparison_table(long: pd.DataFrame) -> pd.DataFrame:
     rest after them); a metric evaluated twice keeps its last value. The rows of the
     training run (split ``training``) are not a split and are left out."""
     long = long[long.split != TRAINING_SPLIT]
-    wide = long.pivot_table(index=["model", "split"], columns="metric", values="value",
-                            aggfunc="last")  # fmt: skip
+    wide = long.pivot_table(
+        index=["model", "split"], columns="metric", values="value", aggfunc="last"
+    )
     wide.columns.name = None
     first = [m for m in SUMMARY_METRICS if m in wide.columns]
     wide = wide[first + sorted(set(wide.columns) - set(first))].reset_index()
@@ -202,8 +203,9 @@ def results_markdown(
             "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
             "machine is doing. The seconds are this run's wall clock.",
             "",
-            markdown_table(train.map(lambda v: f"{v:,.0f}" if isinstance(v, float) else v),
-                           TRAINING_METRICS),  # fmt: skip
+            markdown_table(
+                train.map(lambda v: f"{v:,.0f}" if isinstance(v, float) else v), TRAINING_METRICS
+            ),
             "",
         ]
     tags = per_tag_table(table)

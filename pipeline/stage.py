@@ -22,7 +22,10 @@ def parser(description: str | None) -> argparse.ArgumentParser:
         description=(description or "").strip(), formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument(
-        "--params", type=Path, default=PARAMS_FILE, help="params.yaml to read (default: %(default)s)"
+        "--params",
+        type=Path,
+        default=PARAMS_FILE,
+        help="params.yaml to read (default: %(default)s)",
     )
     return p
 

@@ -141,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = load_params(args.params)
     best = train_model(
-        args.model, params, frames=args.frames, graphs=args.graphs, out=args.out,
+        args.model,
+        params,
+        frames=args.frames,
+        graphs=args.graphs,
+        out=args.out,
         resume=args.resume,
     )
     print(f"train {args.model}: done; checkpoint to evaluate: {best}")

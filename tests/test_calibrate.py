@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("calibrate_steps",
-                                                  ROOT / "benchmarks" / "calibrate_steps.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_steps", ROOT / "benchmarks" / "calibrate_steps.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -26,18 +26,31 @@ def stores(tmp_path_factory):
 
 
 def _train(stores, out, *extra):
-    args = ["train", "gns", "--out", str(out), "--frames", str(stores / "lmdb" / "train"),
-            "--graphs", str(stores / "graphs" / "train"), *extra]  # fmt: skip
+    args = [
+        "train",
+        "gns",
+        "--out",
+        str(out),
+        "--frames",
+        str(stores / "lmdb" / "train"),
+        "--graphs",
+        str(stores / "graphs" / "train"),
+        *extra,
+    ]
     return CliRunner().invoke(app, args)
 
 
 def test_train_takes_a_run_config_and_overrides(stores, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may appear in the working directory
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1},
-        "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1},
+                "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3},
+            }
+        )
+    )
     result = _train(stores, tmp_path / "out", "--config", str(config), "--set", "train.max_steps=3")
     assert result.exit_code == 0, result.output
     ckpt = C.load_checkpoint(tmp_path / "out" / "last.pt")

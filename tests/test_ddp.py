@@ -25,8 +25,14 @@ from forcenet.data.batch import collate
 WORLD = 2
 STEPS = 3
 HALF = 3  # structures per rank per step
-TINY_FORCENET = {"hidden_channels": 8, "num_interactions": 1, "cutoff": CUTOFF, "num_freqs": 4,
-                 "decoder_hidden_channels": 8, "energy_head": True}  # fmt: skip
+TINY_FORCENET = {
+    "hidden_channels": 8,
+    "num_interactions": 1,
+    "cutoff": CUTOFF,
+    "num_freqs": 4,
+    "decoder_hidden_channels": 8,
+    "energy_head": True,
+}
 
 
 def _fresh_gns():
@@ -58,8 +64,15 @@ def _worker(rank: int, init_file: str, out_dir: str, samples: list) -> None:
                 ddp, _step_batch(samples, step, rank), opt, loss_fn=plain_loss(force_scale=0.5)
             )
         cfg = tiny_config(max_epochs=1, batch_size=2)
-        T.fit_datasets(cfg, "forcenet", TINY_FORCENET, train_set=samples[:8],
-                       dev_set=samples[8:13], out_dir=out_dir, graph=GRAPH)  # fmt: skip
+        T.fit_datasets(
+            cfg,
+            "forcenet",
+            TINY_FORCENET,
+            train_set=samples[:8],
+            dev_set=samples[8:13],
+            out_dir=out_dir,
+            graph=GRAPH,
+        )
         result = {
             "step_state": model.state_dict(),
             "metrics": torch.tensor([metrics["forces_mae"], metrics["num_free_atoms"]]),

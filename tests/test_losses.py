@@ -21,8 +21,12 @@ def test_atom_weights_tag_and_free():
     assert w.tolist() == pytest.approx([0.05, 0.05, 1.0, 1.0, 1.0])
     assert L.atom_weights(TAGS, FIXED, atoms="free", tag_weights=()).tolist() == [0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="tags must be in"):
-        L.atom_weights(torch.tensor([3]), torch.tensor([False]), atoms="tag_weighted",
-                       tag_weights=(1.0, 1.0, 1.0))  # fmt: skip
+        L.atom_weights(
+            torch.tensor([3]),
+            torch.tensor([False]),
+            atoms="tag_weighted",
+            tag_weights=(1.0, 1.0, 1.0),
+        )
 
 
 def test_weighted_l1_is_the_forcenet_formula():
@@ -100,9 +104,16 @@ def test_adsorbate_atoms_can_have_their_own_loss():
 
 
 def _loss(**kw) -> L.TrainLoss:
-    base = dict(kind="l1", atoms="tag_weighted", tag_weights=L.FORCENET_TAG_WEIGHTS,
-                force_coef=1.0, energy_coef=0.0, force_scale=1.0, energy_shift=0.0,
-                energy_scale=1.0)  # fmt: skip
+    base = dict(
+        kind="l1",
+        atoms="tag_weighted",
+        tag_weights=L.FORCENET_TAG_WEIGHTS,
+        force_coef=1.0,
+        energy_coef=0.0,
+        force_scale=1.0,
+        energy_shift=0.0,
+        energy_scale=1.0,
+    )
     return L.TrainLoss(**(base | kw))
 
 
@@ -129,8 +140,12 @@ def test_energy_term_with_zero_coefficient_still_gives_gradients():
     head = nn.Linear(2, 1)
     energy = head(torch.ones(3, 2)).squeeze(-1)  # [G]
     out = {K.OUT_FORCES: torch.zeros(4, 3, requires_grad=True), K.OUT_ENERGY: energy}
-    batch = {K.TAGS: torch.ones(4, dtype=torch.long), K.FIXED: torch.zeros(4, dtype=torch.bool),
-             K.FORCES: torch.ones(4, 3), K.ENERGY: torch.zeros(3)}  # fmt: skip
+    batch = {
+        K.TAGS: torch.ones(4, dtype=torch.long),
+        K.FIXED: torch.zeros(4, dtype=torch.bool),
+        K.FORCES: torch.ones(4, 3),
+        K.ENERGY: torch.zeros(3),
+    }
     loss_fn = _loss(energy_coef=0.0)
     terms = loss_fn.terms(out, batch)
     loss = loss_fn.combine(terms, {k: t.weight for k, t in terms.items()})
@@ -140,8 +155,9 @@ def test_energy_term_with_zero_coefficient_still_gives_gradients():
 
 
 def test_energy_loss_on_normalised_energies():
-    term = L.energy_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]), energy_shift=5.0,
-                         energy_scale=2.0)  # fmt: skip
+    term = L.energy_loss(
+        torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]), energy_shift=5.0, energy_scale=2.0
+    )
     assert float(term.total / term.weight) == pytest.approx(0.5)
 
 

@@ -149,8 +149,13 @@ def _with_tags(pred, batch, seed, z_ads=(1, 8)):
     rng = np.random.default_rng(seed)
     n = batch[K.FORCES].shape[0]
     tags = rng.integers(0, 3, n)
-    batch = dict(batch, **{K.TAGS: torch.tensor(tags),
-                           K.ATOMIC_NUMBERS: torch.tensor(np.where(tags == 2, rng.choice(z_ads, n), 29))})  # fmt: skip
+    batch = dict(
+        batch,
+        **{
+            K.TAGS: torch.tensor(tags),
+            K.ATOMIC_NUMBERS: torch.tensor(np.where(tags == 2, rng.choice(z_ads, n), 29)),
+        },
+    )
     return pred, batch
 
 
@@ -191,8 +196,9 @@ def test_per_tag_and_per_element_metrics_match_numpy():
 
 def test_data_without_adsorbate_tags_report_overall_only():
     pred, batch = _make([6, 4], 5)
-    batch = dict(batch, **{K.TAGS: torch.ones(10, dtype=torch.long),
-                           K.ATOMIC_NUMBERS: torch.full((10,), 6)})  # fmt: skip
+    batch = dict(
+        batch, **{K.TAGS: torch.ones(10, dtype=torch.long), K.ATOMIC_NUMBERS: torch.full((10,), 6)}
+    )
     m = OC20Metrics()
     m.update(pred, batch)
     got = m.compute()

@@ -39,7 +39,9 @@ def test_the_project_params_load_and_compose():
 def test_model_hidden_is_forcenets_width_only():
     params = params_from_mapping(_with("model.hidden", 512))
     assert model_kwargs(params, "forcenet")["hidden_channels"] == 512
-    assert model_kwargs(params, "gns")["hidden_channels"] == PARAMS["model"]["gns"]["hidden_channels"]
+    assert (
+        model_kwargs(params, "gns")["hidden_channels"] == PARAMS["model"]["gns"]["hidden_channels"]
+    )
 
 
 def test_typo_in_a_section_is_refused_with_a_suggestion():
@@ -102,8 +104,17 @@ def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypa
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(_with("graph.cutoff", 6.0)))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = ["gns", "--out", str(tmp_path / "out"), "--frames", str(root / "lmdb"),
-            "--graphs", str(root / "graphs"), "--params", str(path)]  # fmt: skip
+    args = [
+        "gns",
+        "--out",
+        str(tmp_path / "out"),
+        "--frames",
+        str(root / "lmdb"),
+        "--graphs",
+        str(root / "graphs"),
+        "--params",
+        str(path),
+    ]
     with pytest.raises(ValueError, match=r"graphs/train: graphs built with cutoff=4\.0"):
         train_stage(args)
     assert not (tmp_path / "out").exists()  # no run, no checkpoint folder

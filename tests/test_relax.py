@@ -171,21 +171,41 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path, one_t
         atoms.rattle(0.08, seed=seed)
         atoms.calc = EMT()
         frame = Frame(
-            atomic_numbers=atoms.numbers.astype(np.int64), pos=atoms.positions,
-            cell=atoms.cell.array, pbc=atoms.pbc, tags=atoms.get_tags().astype(np.int64),
+            atomic_numbers=atoms.numbers.astype(np.int64),
+            pos=atoms.positions,
+            cell=atoms.cell.array,
+            pbc=atoms.pbc,
+            tags=atoms.get_tags().astype(np.int64),
             fixed=np.isin(np.arange(len(atoms)), atoms.constraints[0].index),
             forces=atoms.get_forces(apply_constraint=False),
-            total_energy=atoms.get_potential_energy(), reference_energy=0.0, sid=seed, fid=0,
-        )  # fmt: skip
+            total_energy=atoms.get_potential_energy(),
+            reference_energy=0.0,
+            sid=seed,
+            fid=0,
+        )
         return sample_from_atoms(frame, cutoff=TINY["schnet"]["cutoff"], max_neighbors=24)
 
     data = [labelled(seed) for seed in range(12)]
-    cfg = TrainConfig(lr=3e-3, warmup_steps=2, batch_size=4, max_epochs=3, dev_fraction=0.0,
-                      loss_atoms="free", energy_coef=1.0, rotation_augment=False, amp=False)  # fmt: skip
+    cfg = TrainConfig(
+        lr=3e-3,
+        warmup_steps=2,
+        batch_size=4,
+        max_epochs=3,
+        dev_fraction=0.0,
+        loss_atoms="free",
+        energy_coef=1.0,
+        rotation_augment=False,
+        amp=False,
+    )
     ckpt = fit_datasets(
-        cfg, "schnet", TINY["schnet"], train_set=data, dev_set=[], out_dir=tmp_path / "model",
+        cfg,
+        "schnet",
+        TINY["schnet"],
+        train_set=data,
+        dev_set=[],
+        out_dir=tmp_path / "model",
         graph={"cutoff": TINY["schnet"]["cutoff"], "max_neighbors": 24},
-    )  # fmt: skip
+    )
     calc = ForceNetCalculator.from_checkpoint(ckpt, device="cpu")
     atoms = slab()
     atoms.rattle(0.1, seed=99)

@@ -37,8 +37,12 @@ def _long(model: str, run_id: str) -> pd.DataFrame:
             }
         metrics |= {"forces_mae_adsorbate_C": 0.3, "zero_forces_mae_adsorbate_C": 0.6}
         rows += [(model, split, m, v, run_id) for m, v in metrics.items()]
-    training = {"train_steps": 1000.0 + len(model), "train_seconds": 150.0,
-                "train_graphs_seen": 16000.0, "selected_step": 900.0}  # fmt: skip
+    training = {
+        "train_steps": 1000.0 + len(model),
+        "train_seconds": 150.0,
+        "train_graphs_seen": 16000.0,
+        "selected_step": 900.0,
+    }
     rows += [(model, "training", m, v, run_id) for m, v in training.items()]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
@@ -185,12 +189,20 @@ def test_learning_curves_take_the_training_metrics(tmp_path):
     rows = []
     for model, rate in (("forcenet", 20.0), ("schnet", 4.0)):
         for step in (100, 200, 300):
-            metrics = {"step": step, "epoch": step / 100, "elapsed_s": step / rate,
-                       "train_loss": 1.0 / step, "forces_mae": 0.1 - step / 1e4,
-                       "zero_forces_mae": 0.12, "forces_mae_adsorbate": 0.2 - step / 1e4,
-                       "zero_forces_mae_adsorbate": 0.25}  # fmt: skip
-            rows += [{"model": model, "step": step, "metric": k, "value": float(v)}
-                     for k, v in metrics.items()]  # fmt: skip
+            metrics = {
+                "step": step,
+                "epoch": step / 100,
+                "elapsed_s": step / rate,
+                "train_loss": 1.0 / step,
+                "forces_mae": 0.1 - step / 1e4,
+                "zero_forces_mae": 0.12,
+                "forces_mae_adsorbate": 0.2 - step / 1e4,
+                "zero_forces_mae_adsorbate": 0.25,
+            }
+            rows += [
+                {"model": model, "step": step, "metric": k, "value": float(v)}
+                for k, v in metrics.items()
+            ]
     path = tmp_path / "curves.png"
     assert plots.plot_learning_curves(pd.DataFrame(rows), path)
     assert path.stat().st_size > 5000

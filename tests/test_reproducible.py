@@ -15,9 +15,15 @@ from forcenet import checkpoint as C
 from forcenet import train as T
 from forcenet.schedule import lr_factor
 
-TINY_FORCENET = {"hidden_channels": 16, "num_interactions": 2, "decoder_hidden_channels": 16,
-                 "num_freqs": 8, "cutoff": GRAPH["cutoff"], "zero_init_decoder": True,
-                 "basis_init_gain": 30.0}  # fmt: skip
+TINY_FORCENET = {
+    "hidden_channels": 16,
+    "num_interactions": 2,
+    "decoder_hidden_channels": 16,
+    "num_freqs": 8,
+    "cutoff": GRAPH["cutoff"],
+    "zero_init_decoder": True,
+    "basis_init_gain": 30.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +43,16 @@ def test_step_budget_runs_are_bit_identical(samples, tmp_path, monkeypatch):
         ticks = iter(range(0, 10**7, 1 + 50 * k))
         monkeypatch.setattr(T, "_now", lambda ticks=ticks: float(next(ticks)))
         seen = []
-        T.fit_datasets(cfg, "forcenet", TINY_FORCENET, train_set=samples[:20],
-                       dev_set=samples[20:], out_dir=tmp_path / name, graph=GRAPH,
-                       on_epoch_end=lambda s, m, seen=seen: seen.append((s, m)))  # fmt: skip
+        T.fit_datasets(
+            cfg,
+            "forcenet",
+            TINY_FORCENET,
+            train_set=samples[:20],
+            dev_set=samples[20:],
+            out_dir=tmp_path / name,
+            graph=GRAPH,
+            on_epoch_end=lambda s, m, seen=seen: seen.append((s, m)),
+        )
         runs.append((seen, C.load_checkpoint(tmp_path / name / "last.pt")))
     (seen_a, a), (seen_b, b) = runs
     # 5 steps per epoch: dev evaluations every 3 steps, at the epoch end and at the budget
@@ -51,9 +64,16 @@ def test_step_budget_runs_are_bit_identical(samples, tmp_path, monkeypatch):
     # the time differed, and it was recorded, but it did not enter the result
     assert a["train_info"]["progress"]["elapsed_s"] != b["train_info"]["progress"]["elapsed_s"]
     # the learning rate anneals over the step budget, not the epoch cap
-    last = lr_factor(6, 6 / 7, warmup_steps=cfg.warmup_steps, warmup_start=cfg.warmup_start,
-                     decay=cfg.lr_decay, milestones=cfg.milestones, gamma=cfg.gamma,
-                     min_factor=cfg.min_lr_factor)  # fmt: skip
+    last = lr_factor(
+        6,
+        6 / 7,
+        warmup_steps=cfg.warmup_steps,
+        warmup_start=cfg.warmup_start,
+        decay=cfg.lr_decay,
+        milestones=cfg.milestones,
+        gamma=cfg.gamma,
+        min_factor=cfg.min_lr_factor,
+    )
     assert seen_a[-1][1]["lr"] == pytest.approx(cfg.lr * last, rel=1e-9)
 
 
@@ -61,14 +81,26 @@ def test_wall_clock_cap_is_opt_in(samples, tmp_path, monkeypatch):
     """With no time budget a slow clock changes nothing; with one, training stops early."""
     ticks = iter(range(0, 10**8, 1000))  # 1000 "seconds" per clock read
     monkeypatch.setattr(T, "_now", lambda: float(next(ticks)))
-    T.fit_datasets(tiny_config(max_steps=6), "gns", {"hidden_channels": 8, "num_interactions": 1,
-                   "mlp_layers": 1, "cutoff": GRAPH["cutoff"]}, train_set=samples[:20],
-                   dev_set=samples[20:], out_dir=tmp_path / "steps", graph=GRAPH)  # fmt: skip
+    T.fit_datasets(
+        tiny_config(max_steps=6),
+        "gns",
+        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH["cutoff"]},
+        train_set=samples[:20],
+        dev_set=samples[20:],
+        out_dir=tmp_path / "steps",
+        graph=GRAPH,
+    )
     assert C.load_checkpoint(tmp_path / "steps" / "last.pt")["step"] == 6
     capped = tiny_config(max_steps=6, time_budget_s=2500.0)
-    T.fit_datasets(capped, "gns", {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1,
-                   "cutoff": GRAPH["cutoff"]}, train_set=samples[:20], dev_set=samples[20:],
-                   out_dir=tmp_path / "capped", graph=GRAPH)  # fmt: skip
+    T.fit_datasets(
+        capped,
+        "gns",
+        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH["cutoff"]},
+        train_set=samples[:20],
+        dev_set=samples[20:],
+        out_dir=tmp_path / "capped",
+        graph=GRAPH,
+    )
     assert C.load_checkpoint(tmp_path / "capped" / "last.pt")["step"] < 6
 
 
@@ -93,13 +125,15 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     root = tmp_path / "data"
     raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
     preprocess.preprocess(root / "raw", root / "lmdb")
-    build_graphs(root / "lmdb", root / "graphs", cutoff=GRAPH["cutoff"],
-                 max_neighbors=GRAPH["max_neighbors"])  # fmt: skip
+    build_graphs(
+        root / "lmdb", root / "graphs", cutoff=GRAPH["cutoff"], max_neighbors=GRAPH["max_neighbors"]
+    )
     params = yaml.safe_load(open("params.yaml"))
     params = copy.deepcopy(params)
     params["graph"] = dict(GRAPH)
-    params["model"]["forcenet"].update(hidden_channels=16, num_interactions=2,
-                                       decoder_hidden_channels=16, num_freqs=8)  # fmt: skip
+    params["model"]["forcenet"].update(
+        hidden_channels=16, num_interactions=2, decoder_hidden_channels=16, num_freqs=8
+    )
     params["train"]["forcenet"].update(max_steps=9, eval_every=4, batch_size=4)
     params["train"]["time_budget_s"] = 0
     path = tmp_path / "params.yaml"
@@ -108,8 +142,19 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     ckpts, curves = [], []
     for name in ("a", "b"):
         out = tmp_path / name
-        train_stage(["forcenet", "--out", str(out), "--frames", str(root / "lmdb"),
-                     "--graphs", str(root / "graphs"), "--params", str(path)])  # fmt: skip
+        train_stage(
+            [
+                "forcenet",
+                "--out",
+                str(out),
+                "--frames",
+                str(root / "lmdb"),
+                "--graphs",
+                str(root / "graphs"),
+                "--params",
+                str(path),
+            ]
+        )
         ckpts.append({f: C.load_checkpoint(out / f) for f in ("best.pt", "last.pt")})
         curves.append((out / "history.csv").read_text())
     a, b = ckpts
@@ -118,8 +163,10 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     assert history.step.tolist() == [4, 5, 8, 9] and curves[0].count("\n") == 5  # + epoch end
     # elapsed seconds differ from run to run; every learned quantity does not
     drop = [c for c in history.columns if c.startswith("elapsed") or c.endswith("_per_s")]
-    assert pd.read_csv(tmp_path / "b" / "history.csv").drop(columns=drop).equals(
-        history.drop(columns=drop)
+    assert (
+        pd.read_csv(tmp_path / "b" / "history.csv")
+        .drop(columns=drop)
+        .equals(history.drop(columns=drop))
     )
     for f in ("best.pt", "last.pt"):
         assert _state_equal(a[f]["model_state"], b[f]["model_state"]), f

@@ -30,9 +30,16 @@ def one_thread():
 
 def _fit(cfg, samples, out, *, resume=False, on_epoch_end=None):
     return T.fit_datasets(
-        cfg, "gns", TINY_GNS, train_set=samples[:16], dev_set=samples[16:], out_dir=out,
-        graph=GRAPH, resume=resume, on_epoch_end=on_epoch_end,
-    )  # fmt: skip
+        cfg,
+        "gns",
+        TINY_GNS,
+        train_set=samples[:16],
+        dev_set=samples[16:],
+        out_dir=out,
+        graph=GRAPH,
+        resume=resume,
+        on_epoch_end=on_epoch_end,
+    )
 
 
 def _weights(path):

@@ -64,8 +64,9 @@ def test_tuned_malloc_serves_and_keeps_large_blocks_in_the_heap() -> None:
 
     def heap(mode: str) -> tuple[int, int]:
         env = {**os.environ, "FORCENET_TUNE_MALLOC": "1"}
-        out = subprocess.run([sys.executable, "-c", _HEAP, mode], capture_output=True,
-                             text=True, check=True, env=env)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _HEAP, mode], capture_output=True, text=True, check=True, env=env
+        )
         grown, kept = (int(v) for v in out.stdout.split())
         return grown, kept
 

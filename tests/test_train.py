@@ -48,26 +48,30 @@ def make_frames(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) -
             atoms = slab.copy()
             atoms.positions += rng.normal(0.0, 0.08, atoms.positions.shape)
             atoms.calc = EMT()
-            frames.append(Frame(
-                atomic_numbers=atoms.numbers.astype(np.int64),
-                pos=atoms.positions.copy(),
-                cell=np.array(atoms.cell),
-                pbc=atoms.pbc.copy(),
-                tags=tags.astype(np.int64),
-                fixed=fixed.copy(),
-                forces=atoms.get_forces(),
-                total_energy=float(atoms.get_potential_energy()),
-                reference_energy=0.0,
-                sid=sid,
-                fid=fid,
-            ))  # fmt: skip
+            frames.append(
+                Frame(
+                    atomic_numbers=atoms.numbers.astype(np.int64),
+                    pos=atoms.positions.copy(),
+                    cell=np.array(atoms.cell),
+                    pbc=atoms.pbc.copy(),
+                    tags=tags.astype(np.int64),
+                    fixed=fixed.copy(),
+                    forces=atoms.get_forces(),
+                    total_energy=float(atoms.get_potential_energy()),
+                    reference_energy=0.0,
+                    sid=sid,
+                    fid=fid,
+                )
+            )
     return frames
 
 
 def make_samples(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) -> list[dict]:
     """:func:`make_frames` with their graphs (cutoff 4 Å, 16 neighbours)."""
-    return [sample_from_atoms(f, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
-            for f in make_frames(n_systems, frames_per_system, seed)]  # fmt: skip
+    return [
+        sample_from_atoms(f, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
+        for f in make_frames(n_systems, frames_per_system, seed)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +80,30 @@ def samples() -> list[dict]:
 
 
 def tiny_config(**overrides) -> T.TrainConfig:
-    base = dict(lr=3e-3, warmup_steps=2, batch_size=4, eval_batch_size=5, max_epochs=2,
-                dev_fraction=0.2, amp=False)  # fmt: skip
+    base = dict(
+        lr=3e-3,
+        warmup_steps=2,
+        batch_size=4,
+        eval_batch_size=5,
+        max_epochs=2,
+        dev_fraction=0.2,
+        amp=False,
+    )
     base.update(overrides)
     return T.TrainConfig(**base)
 
 
 def plain_loss(**overrides) -> TrainLoss:
-    base = dict(kind="l1", atoms="tag_weighted", tag_weights=(0.05, 1.0, 1.0), force_coef=1.0,
-                energy_coef=0.0, force_scale=1.0, energy_shift=0.0, energy_scale=1.0)  # fmt: skip
+    base = dict(
+        kind="l1",
+        atoms="tag_weighted",
+        tag_weights=(0.05, 1.0, 1.0),
+        force_coef=1.0,
+        energy_coef=0.0,
+        force_scale=1.0,
+        energy_shift=0.0,
+        energy_scale=1.0,
+    )
     base.update(overrides)
     return TrainLoss(**base)
 
@@ -190,10 +209,16 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
     seen = []
     cfg = tiny_config(max_epochs=3, force_loss="l2", lr=5e-3)
     path = T.fit_datasets(
-        cfg, "gns", TINY_GNS, train_set=samples[:20], dev_set=samples[20:], out_dir=tmp_path,
-        graph=GRAPH, params_snapshot={"train": {"lr": 5e-3}},
+        cfg,
+        "gns",
+        TINY_GNS,
+        train_set=samples[:20],
+        dev_set=samples[20:],
+        out_dir=tmp_path,
+        graph=GRAPH,
+        params_snapshot={"train": {"lr": 5e-3}},
         on_epoch_end=lambda step, m: seen.append((step, m)),
-    )  # fmt: skip
+    )
     assert path == tmp_path / "best.pt" and (tmp_path / "last.pt").is_file()
     assert [s for s, _ in seen] == [5, 10, 15]  # 20 frames / batch 4
     assert [m["epoch"] for _, m in seen] == [1.0, 2.0, 3.0]
@@ -220,9 +245,15 @@ def test_fit_stops_at_wall_clock_budget(samples, tmp_path, monkeypatch):
     seen = []
     cfg = tiny_config(max_epochs=50, time_budget_s=12.0)
     T.fit_datasets(
-        cfg, "gns", TINY_GNS, train_set=samples[:20], dev_set=samples[20:], out_dir=tmp_path,
-        graph=GRAPH, on_epoch_end=lambda e, m: seen.append(m),
-    )  # fmt: skip
+        cfg,
+        "gns",
+        TINY_GNS,
+        train_set=samples[:20],
+        dev_set=samples[20:],
+        out_dir=tmp_path,
+        graph=GRAPH,
+        on_epoch_end=lambda e, m: seen.append(m),
+    )
     ckpt = C.load_checkpoint(tmp_path / "last.pt")
     assert 0 < ckpt["step"] < 50 * 5  # stopped long before the epoch budget
     assert ckpt["train_info"]["progress"]["elapsed_s"] >= 12.0
@@ -230,30 +261,59 @@ def test_fit_stops_at_wall_clock_budget(samples, tmp_path, monkeypatch):
 
 
 def test_energy_model_trains_with_energy_and_force_loss(samples, tmp_path):
-    kwargs = {"hidden_channels": 8, "num_filters": 8, "num_interactions": 1,
-              "num_gaussians": 8, "cutoff": CUTOFF}  # fmt: skip
-    cfg = tiny_config(max_epochs=1, energy_coef=1.0, force_coef=10.0, loss_atoms="free",
-                      rotation_augment=False)  # fmt: skip
-    T.fit_datasets(cfg, "schnet", kwargs, train_set=samples[:8], dev_set=samples[20:],
-                   out_dir=tmp_path, graph=GRAPH)  # fmt: skip
+    kwargs = {
+        "hidden_channels": 8,
+        "num_filters": 8,
+        "num_interactions": 1,
+        "num_gaussians": 8,
+        "cutoff": CUTOFF,
+    }
+    cfg = tiny_config(
+        max_epochs=1, energy_coef=1.0, force_coef=10.0, loss_atoms="free", rotation_augment=False
+    )
+    T.fit_datasets(
+        cfg,
+        "schnet",
+        kwargs,
+        train_set=samples[:8],
+        dev_set=samples[20:],
+        out_dir=tmp_path,
+        graph=GRAPH,
+    )
     model, ckpt = C.load_model(tmp_path / "last.pt")
     assert model.energy_from_gradient
     assert float(model.force_scale) == float(model.energy_scale)  # F = -dE/dx stays exact
     stats = T.label_stats(samples[:8])
     assert float(model.energy_shift) == pytest.approx(stats["energy_mean"], rel=1e-6)
-    metrics = T.evaluate(model, DataLoader(samples[20:], batch_size=4, collate_fn=collate),
-                         device="cpu")  # fmt: skip
+    metrics = T.evaluate(
+        model, DataLoader(samples[20:], batch_size=4, collate_fn=collate), device="cpu"
+    )
     assert math.isfinite(metrics["energy_mae"])
 
 
 def test_fit_refuses_resume_of_another_model(samples, tmp_path):
     cfg = tiny_config(max_epochs=1)
-    T.fit_datasets(cfg, "gns", TINY_GNS, train_set=samples[:8], dev_set=samples[20:],
-                   out_dir=tmp_path, graph=GRAPH)  # fmt: skip
+    T.fit_datasets(
+        cfg,
+        "gns",
+        TINY_GNS,
+        train_set=samples[:8],
+        dev_set=samples[20:],
+        out_dir=tmp_path,
+        graph=GRAPH,
+    )
     other = dict(TINY_GNS, hidden_channels=8)
     with pytest.raises(C.CheckpointError, match="cannot resume"):
-        T.fit_datasets(cfg, "gns", other, train_set=samples[:8], dev_set=samples[20:],
-                       out_dir=tmp_path, graph=GRAPH, resume=True)  # fmt: skip
+        T.fit_datasets(
+            cfg,
+            "gns",
+            other,
+            train_set=samples[:8],
+            dev_set=samples[20:],
+            out_dir=tmp_path,
+            graph=GRAPH,
+            resume=True,
+        )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -293,10 +353,20 @@ def test_scaled_model_outputs_physical_units(samples):
     batch = collate(samples[:2])
     assert torch.allclose(scaled(batch)[K.OUT_FORCES], 2.5 * inner(batch)[K.OUT_FORCES])
     with pytest.raises(ValueError, match="force_scale == energy_scale"):
-        C.ScaledModel(C.build_model("schnet", {"hidden_channels": 8, "num_filters": 8,
-                                               "num_interactions": 1, "num_gaussians": 8,
-                                               "cutoff": CUTOFF}),
-                      force_scale=2.0, energy_scale=1.0)  # fmt: skip
+        C.ScaledModel(
+            C.build_model(
+                "schnet",
+                {
+                    "hidden_channels": 8,
+                    "num_filters": 8,
+                    "num_interactions": 1,
+                    "num_gaussians": 8,
+                    "cutoff": CUTOFF,
+                },
+            ),
+            force_scale=2.0,
+            energy_scale=1.0,
+        )
 
 
 def test_dev_evaluate_reports_surface_and_adsorbate_atoms(samples):

@@ -173,10 +173,16 @@ def _download(url: str, part: Path, *, progress: bool, chunk: int) -> None:
         with (
             open(part, "ab" if offset else "wb") as out,
             tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+                leave=False,
             ) as bar,
-        ):  # fmt: skip
+        ):
             while block := response.read(chunk):
                 out.write(block)
                 bar.update(len(block))

@@ -45,14 +45,28 @@ from forcenet.nn import activation as make_activation
 
 FeatName = Literal["full", "simple"]
 BasisName = Literal[
-    "powersine", "powercosine", "fouriersine", "gauss", "linact", "raw",
-    "sphallmul", "sphallcat", "sphallm40", "sphallnosine",
-    "sphsinemul", "sphsinecat", "sphsinem40", "sphsinenosine",
-    "sphcosinemul", "sphcosinecat", "sphcosinem40", "sphcosinenosine",
-]  # fmt: skip
+    "powersine",
+    "powercosine",
+    "fouriersine",
+    "gauss",
+    "linact",
+    "raw",
+    "sphallmul",
+    "sphallcat",
+    "sphallm40",
+    "sphallnosine",
+    "sphsinemul",
+    "sphsinecat",
+    "sphsinem40",
+    "sphsinenosine",
+    "sphcosinemul",
+    "sphcosinecat",
+    "sphcosinem40",
+    "sphcosinenosine",
+]
 AblationName = Literal[
     "none", "nofilter", "nocond", "nodistlist", "onlydist", "nodelinear", "edgelinear", "noself"
-]  # fmt: skip
+]
 DecoderType = Literal["mlp", "linear"]
 
 #: Lower clamp of the (cutoff-scaled) distance features, as in the reference.

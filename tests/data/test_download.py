@@ -133,8 +133,11 @@ def test_download_splits_layout_and_idempotence(server: Server, tmp_path: Path) 
     result = dl.download_splits(out, base_url=server.url, val=["val_id"], checksums=sums)
     assert sorted(p.name for p in out.iterdir()) == ["train", "val_id"]
     assert sorted(p.name for p in (out / "train").iterdir()) == [
-        "0.extxyz.xz", "0.txt.xz", "1.extxyz.xz", "1.txt.xz",
-    ]  # fmt: skip
+        "0.extxyz.xz",
+        "0.txt.xz",
+        "1.extxyz.xz",
+        "1.txt.xz",
+    ]
     assert [f.total_energy for f in iter_split(out / "train")] == [f.total_energy for f in train]
     assert [f.sid for f in iter_split(out / "val_id")] == [2, 2, 2]
     assert result["train"]["md5"] == sums[TRAIN_TAR] and result["train"]["md5_checked"]

@@ -173,8 +173,18 @@ def test_element_tables_match_reference_examples() -> None:
     radii = elements.atomic_radii()
     np.testing.assert_allclose(radii[[1, 6, 8, 26, 78]], [0.25, 0.70, 0.60, 1.40, 1.35])
     assert sorted(np.flatnonzero(~elements.radius_support()).tolist()) == [
-        0, 36, 54, 85, 86, 87, 96, 97, 98, 99, 100,
-    ]  # fmt: skip
+        0,
+        36,
+        54,
+        85,
+        86,
+        87,
+        96,
+        97,
+        98,
+        99,
+        100,
+    ]
 
 
 def _with_element(record: dict, z: int) -> dict:

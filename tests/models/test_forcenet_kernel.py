@@ -66,8 +66,12 @@ def test_fused_edge_pass_applies_only_to_its_form(slabs) -> None:
     fusable = lambda m: [blk._fused_tail(h) is not None for blk in m.interactions]  # noqa: E731
     assert all(fusable(_tiny()))
     assert all(fusable(_tiny(ablation="noself")))
-    for kw in ({"activation": "ssp"}, {"ablation": "edgelinear"}, {"ablation": "nocond"},
-               {"ablation": "nofilter"}):  # fmt: skip
+    for kw in (
+        {"activation": "ssp"},
+        {"ablation": "edgelinear"},
+        {"ablation": "nocond"},
+        {"ablation": "nofilter"},
+    ):
         assert not any(fusable(_tiny(**kw))), kw
     block = _tiny().interactions[0]
     assert isinstance(block, InteractionBlock)
