@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ from forcenet.models import MODELS, ModelConfigError, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden.json")
-ROTATION_REPORT = ROOT / "reports" / "rotation_covariance_untrained.json"
 
 F64 = {"rtol": 1e-7, "atol": 1e-9}  # float64 agreement up to summation order
 
@@ -205,13 +203,6 @@ def _covariance_error(model, batch: dict, rotations: list[torch.Tensor]) -> floa
     return float(np.mean(errors))
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 @pytest.mark.parametrize("name", FORCE_MODELS)
 def test_rotation_covariance_measured(name, slabs, float64) -> None:
     """Force-centric models are not covariant by construction: measure and report how far
@@ -222,17 +213,10 @@ def test_rotation_covariance_measured(name, slabs, float64) -> None:
     so3 = _covariance_error(model, batch, [random_rotation(gen, dtype=float64) for _ in range(8)])
     angles = torch.rand(8, generator=gen, dtype=float64) * 2 * math.pi
     z_axis = _covariance_error(model, batch, [_z_rotation(float(a)) for a in angles])
-    assert math.isfinite(so3) and math.isfinite(z_axis)
+    # relative error mean |F(x) R - F(x R)| / mean |F(x)| in float64: far above round-off,
+    # for any rotation and for rotations about the slab normal alike
     print(f"\n{name}: rotation covariance error (untrained) SO(3) {so3:.3f}, z-axis {z_axis:.3f}")
-    report = json.loads(ROTATION_REPORT.read_text()) if ROTATION_REPORT.exists() else {}
-    report[name] = {
-        "metric": "mean |F(x) R - F(x R)| / mean |F(x)|, float64, mean over 8 rotations",
-        "so3": so3,
-        "z_axis": z_axis,
-        "kwargs": TINY_KWARGS[name],
-        "structures": len(slabs),
-    }
-    _write_json_atomic(ROTATION_REPORT, report)
+    assert 1e-2 < so3 < 10 and 1e-2 < z_axis < 10
 
 
 @pytest.mark.parametrize("name", ENERGY_MODELS)
