@@ -12,6 +12,7 @@ from ase.build import add_adsorbate, fcc111, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.io import read
+from tiny import tiny_kwargs
 
 from forcenet.calculator import ForceNetCalculator
 from forcenet.checkpoint import build_scaled_model, load_model, save_checkpoint
@@ -21,25 +22,7 @@ from forcenet.data.dataset import sample_from_atoms
 
 OC20_JSON = Path(__file__).resolve().parent / "fixtures" / "oc20-slab-co-alcuse.json"
 CUTOFF, MAX_NEIGHBORS = 4.5, 12  # 12 < the fcc coordination + images: truncation is exercised
-TINY = {
-    "gns": {"hidden_channels": 16, "num_interactions": 2, "cutoff": CUTOFF},
-    "schnet": {
-        "hidden_channels": 16,
-        "num_filters": 16,
-        "num_interactions": 2,
-        "num_gaussians": 16,
-        "cutoff": CUTOFF,
-    },
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (2 contended threads are ~10x slower here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+TINY = {name: tiny_kwargs(name, cutoff=CUTOFF) for name in ("gns", "schnet")}
 
 
 def write_tiny_checkpoint(path: Path, name: str, *, seed: int = 0, force_scale: float = 1.0):

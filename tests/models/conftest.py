@@ -16,6 +16,7 @@ import torch
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
 from ase.calculators.emt import EMT
+from tiny import CUTOFF, MAX_NEIGHBORS, TINY_KWARGS  # noqa: F401 (re-exported to the model tests)
 from torch import Tensor, nn
 
 from forcenet.data import keys as K
@@ -23,39 +24,6 @@ from forcenet.data.batch import Batch, collate
 from forcenet.data.frame import Frame
 from forcenet.data.neighbors import neighbor_list
 from forcenet.models import MODELS, build_model
-
-CUTOFF = 4.5  # Å, graph radius of every fixture and every tiny model
-MAX_NEIGHBORS = 50
-
-#: Tiny constructor kwargs of every model (fast on 2 CPU cores, still every code path).
-TINY_KWARGS: dict[str, dict] = {
-    "forcenet": {
-        "hidden_channels": 16,
-        "num_interactions": 2,
-        "cutoff": CUTOFF,
-        "num_freqs": 8,
-        "decoder_hidden_channels": 16,
-    },
-    "schnet": {
-        "hidden_channels": 16,
-        "num_filters": 16,
-        "num_interactions": 2,
-        "num_gaussians": 16,
-        "cutoff": CUTOFF,
-    },
-    "dimenetpp": {
-        "hidden_channels": 16,
-        "out_emb_channels": 16,
-        "num_blocks": 2,
-        "int_emb_size": 8,
-        "basis_emb_size": 4,
-        "num_spherical": 3,
-        "num_radial": 4,
-        "cutoff": CUTOFF,
-    },
-    # width 32: at 16, GNS needs many more Adam steps to overfit a batch
-    "gns": {"hidden_channels": 32, "num_interactions": 2, "cutoff": CUTOFF},
-}
 
 #: Models under test: every registered model (each must have tiny kwargs above).
 MODEL_NAMES = sorted(MODELS)
@@ -79,15 +47,6 @@ def float64() -> Iterator[torch.dtype]:
     """Run a test with float64 as the default dtype (restored after the test)."""
     with default_dtype(torch.float64):
         yield torch.float64
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; avoids oversubscribing the shared CPU cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def build_tiny(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
