@@ -150,6 +150,8 @@ class ForceNetCalculator(Calculator):
                 f"{missing} not available: this model predicts {self.implemented_properties}"
             )
         super().calculate(atoms, properties, system_changes)  # sets self.atoms
+        if self.atoms is None:
+            raise ValueError("calculate() needs an Atoms object: none given and none attached")
         (result,) = self.predict_many([self.atoms], batch_size=1)
         self.results = result
 

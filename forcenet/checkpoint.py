@@ -53,6 +53,10 @@ class ScaledModel(nn.Module):
     of the energy. The constants are buffers, so they travel in the state dict.
     """
 
+    force_scale: Tensor  # [] buffer, eV/Å
+    energy_scale: Tensor  # [] buffer, eV
+    energy_shift: Tensor  # [] buffer, eV
+
     def __init__(
         self,
         model: nn.Module,

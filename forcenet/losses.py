@@ -44,7 +44,7 @@ def atom_weights(
     """Per-atom loss weights [N].
 
     ``"tag_weighted"``: ``tag_weights[tag]`` for every atom, fixed ones included (ForceNet,
-    reference §3.1). ``"free"``: 1 for free atoms, 0 for fixed ones (OCP energy models).
+    Hu et al. 2021). ``"free"``: 1 for free atoms, 0 for fixed ones (OCP energy models).
     """
     if atoms == "free":
         return (~fixed).to(torch.float32)
@@ -172,7 +172,8 @@ class TrainLoss:
 
         An energy term with coefficient 0 still enters as ``0 * term`` so every parameter of
         the energy head gets a (zero) gradient: DDP fails on parameters that take part in
-        the forward pass but receive no gradient (ecosystem.md gotcha).
+        the forward pass but receive no gradient (PyTorch's DistributedDataParallel
+        reducer expects a gradient for every parameter it tracks).
         """
         coefs = {"force": self.force_coef, "energy": self.energy_coef}
         loss = torch.zeros((), device=terms["force"].total.device)

@@ -1,6 +1,6 @@
 """OC20 S2EF metrics over free atoms, accumulated exactly as running sums and counts.
 
-Follows the OCP evaluator (reference §7): every force metric is taken over the free atoms
+Follows the OCP evaluator (Chanussot et al. 2021): every force metric is taken over the free atoms
 (``fixed == False``) only; dataset-level values are running totals divided by running
 counts, so the result does not depend on how the data were split into batches. The sums
 live in one float64 vector (:meth:`OC20Metrics.state`) that DDP ranks can all-reduce.

@@ -35,7 +35,7 @@ ActivationName = Literal[
 ScalarBasisName = Literal["powersine", "powercosine", "fouriersine", "gauss", "linact", "raw"]
 SphParity = Literal["all", "sine", "cosine"]
 
-#: Negative-side slope added by the ``leaky_*`` activations (as in the ForceNet reference).
+#: Negative-side slope added by the ``leaky_*`` activations (as in the OCP ForceNet code).
 LEAKY_SLOPE = 0.05
 
 
@@ -109,8 +109,10 @@ class SinusoidalBasis(nn.Module):
     ``powersine``: frequencies 1.1^0 ... 1.1^(F-1), sin; ``powercosine``: same, cos;
     ``fouriersine``: frequencies 0, 1, ..., F-1, sin. Inputs [M, k] (dimensionless,
     typically in [0, 1]) -> [M, F*k], frequency-major (all k inputs at frequency 0, then
-    at frequency 1, ...), as in the ForceNet reference.
+    at frequency 1, ...), as in the OCP ForceNet code.
     """
+
+    freqs: Tensor  # [F] buffer
 
     def __init__(
         self,
@@ -135,6 +137,8 @@ class GaussianBasis(nn.Module):
 
     exp(-(x - mu)^2 / (2 spacing^2)); inputs [M, k] -> [M, F*k], centre-major.
     """
+
+    centres: Tensor  # [F] buffer
 
     def __init__(self, in_features: int, num_freqs: int) -> None:
         super().__init__()
@@ -165,9 +169,13 @@ class IdentityBasis(nn.Identity):
         self.out_features = in_features
 
 
+#: The modules :func:`scalar_basis` builds; each has an ``out_features: int``.
+ScalarBasis = SinusoidalBasis | GaussianBasis | LinearActivationBasis | IdentityBasis
+
+
 def scalar_basis(
     kind: ScalarBasisName, in_features: int, num_freqs: int, act: ActivationName
-) -> nn.Module:
+) -> ScalarBasis:
     """The scalar basis module called ``kind`` for ``in_features`` inputs."""
     check_choice("basis", kind, ScalarBasisName)
     if kind == "gauss":
@@ -189,7 +197,7 @@ class RealSphericalHarmonics(nn.Module):
     differentiable everywhere and run on the input's device. With the complex
     Y_n^m (Condon-Shortley phase, as scipy), the outputs are, in this order:
     Y_n^0 for each kept n; then sqrt(2) Re Y_n^m for m > 0; then sqrt(2) Im Y_n^m for
-    m > 0 (pairs (n, m) in increasing n, then m). This is the ForceNet reference
+    m > 0 (pairs (n, m) in increasing n, then m). This is the OCP ForceNet code's
     layout; the sqrt(2) makes the set orthonormal on the unit sphere.
     ``parity``: ``all`` degrees, only odd (``sine``) or only even (``cosine``) degrees.
     Input [E, 3] unit vectors -> [E, out_features] (``max_n**2`` for ``all``).
@@ -255,7 +263,7 @@ class UnitInterval(nn.Module):
 class ScalarEdgeBasis(nn.Module):
     """A scalar basis applied to the raw edge attributes [direction, distances]."""
 
-    def __init__(self, basis: nn.Module, direction_map: nn.Module) -> None:
+    def __init__(self, basis: ScalarBasis, direction_map: nn.Module) -> None:
         super().__init__()
         self.basis, self.direction_map = basis, direction_map
         self.out_features: int = basis.out_features
@@ -267,7 +275,7 @@ class ScalarEdgeBasis(nn.Module):
 class DistanceEdgeBasis(nn.Module):
     """A scalar basis of the distance features only (``onlydist`` ablation)."""
 
-    def __init__(self, basis: nn.Module) -> None:
+    def __init__(self, basis: ScalarBasis) -> None:
         super().__init__()
         self.basis = basis
         self.out_features: int = basis.out_features
@@ -352,14 +360,14 @@ class _GatherMulScatter(torch.autograd.Function):
     the gathered x is multiplied in place and not saved (it is re-gathered in backward)."""
 
     @staticmethod
-    def forward(ctx, x, w, src, dst, w_index, num_nodes):  # type: ignore[override]
+    def forward(ctx, x, w, src, dst, w_index, num_nodes):
         ctx.save_for_backward(x, w, src, dst, w_index)
         w_e = w if w_index is None else w.index_select(0, w_index)  # [E, F]
         msg = x.index_select(0, src).mul_(w_e)  # [E, F]
         return x.new_zeros(num_nodes, x.shape[1]).index_add_(0, dst, msg)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, w, src, dst, w_index = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # grad_x[src] += grad[dst] * w: the same pattern reversed

@@ -1,4 +1,4 @@
-"""Scoring ML relaxations against the EMT oracle (OC20's IS2RS metrics, reference §7).
+"""Scoring ML relaxations against the EMT oracle (OC20's IS2RS metrics, Chanussot et al. 2021).
 
 :func:`evaluate_relaxations` relaxes the IS2RS initial structures written by the data
 generator (``<is2rs_dir>/<split>_initial.extxyz``) with :func:`forcenet.relax.relax_structures`
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,8 @@ def _read_images(path: Path) -> list[Atoms]:
         raise FileNotFoundError(f"{path}: IS2RS file not found (run the data generation stage)")
     if path.stat().st_size == 0:
         return []
-    return read(str(path), index=":", format="extxyz")
+    # index=":" always gives a list; ase's hint is Atoms | list[Atoms]
+    return cast(list[Atoms], read(str(path), index=":", format="extxyz"))
 
 
 def read_is2rs(is2rs_dir: Path, split: str) -> tuple[list[Atoms], list[Atoms]]:

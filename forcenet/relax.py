@@ -1,7 +1,7 @@
 """ML structure relaxations with a trained model.
 
 * :func:`relax_structures` relaxes ASE structures with a :class:`ForceNetCalculator` and an
-  ASE optimizer (LBFGS with the OCP settings of reference §7: maxstep 0.04 Å, memory 50,
+  ASE optimizer (LBFGS with the settings of OCP's ML relaxations: maxstep 0.04 Å, memory 50,
   damping 1, alpha 70; or FIRE with ASE's defaults). ``FixAtoms`` atoms never move. The
   loop is driven here, not by ``Optimizer.run``: ASE's run loop asks for an energy at
   every step, which force-only models (ForceNet, GNS) do not have, and driving it lets a
@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 import numpy as np
 import pandas as pd
 from ase import Atoms
 from ase.io import Trajectory, read
 from ase.io import write as ase_write
+from ase.io.trajectory import TrajectoryWriter
 from ase.optimize import FIRE, LBFGS
 from ase.optimize.optimize import Optimizer
 
@@ -36,8 +37,18 @@ from forcenet.tables import write_table
 
 OptimizerName = Literal["lbfgs", "fire"]
 
-#: LBFGS settings of OCP's ML relaxations (reference §7).
-LBFGS_SETTINGS = {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}
+
+class LbfgsSettings(TypedDict):
+    """Keyword arguments of ASE's ``LBFGS`` that we set."""
+
+    maxstep: float  # Å
+    memory: int
+    damping: float
+    alpha: float
+
+
+#: LBFGS settings of OCP's ML relaxations (the Open Catalyst Project's IS2RS runs).
+LBFGS_SETTINGS: LbfgsSettings = {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}
 
 SUMMARY_COLUMNS = [
     "name",
@@ -58,7 +69,8 @@ SUMMARY_COLUMNS = [
 def make_optimizer(name: OptimizerName, atoms: Atoms) -> Optimizer:
     """The ASE optimizer ``name`` on ``atoms``, silent (no log file, no ASE trajectory)."""
     if name == "lbfgs":
-        return LBFGS(atoms, logfile=None, **LBFGS_SETTINGS)
+        # ase hints logfile as IO | str but opens None as os.devnull (no log)
+        return LBFGS(atoms, logfile=None, **LBFGS_SETTINGS)  # type: ignore[arg-type]
     if name == "fire":
         return FIRE(atoms, logfile=None)
     raise ValueError(f"optimizer must be 'lbfgs' or 'fire', got {name!r}")
@@ -73,7 +85,7 @@ class _Run:
     free: np.ndarray  # [N] bool
     optimizer: Optimizer
     traj_path: Path  # final name; the trajectory is written under a temporary one
-    traj: Trajectory
+    traj: TrajectoryWriter
     steps: int = 0
     fmax: float = float("nan")
     converged: bool = False
@@ -234,7 +246,9 @@ def read_structures(inputs: Sequence[Path]) -> tuple[list[Atoms], list[str]]:
     A structure's name is its ``info["sid"]`` when every sid is an integer and unique,
     else ``<file stem>-<index in file>``.
     """
-    structures, sids, fallback = [], [], []
+    structures: list[Atoms] = []
+    sids: list[str | None] = []
+    fallback: list[str] = []
     for path in map(Path, inputs):
         try:
             images = read(str(path), index=":")
@@ -245,8 +259,9 @@ def read_structures(inputs: Sequence[Path]) -> tuple[list[Atoms], list[str]]:
             sid = atoms.info.get("sid")
             sids.append(str(sid) if isinstance(sid, int | np.integer) else None)
             fallback.append(f"{path.stem}-{k}")
-    if None not in sids and len(set(sids)) == len(sids):
-        return structures, sids
+    int_sids = [s for s in sids if s is not None]
+    if len(int_sids) == len(sids) and len(set(int_sids)) == len(int_sids):
+        return structures, int_sids
     if len(set(fallback)) != len(fallback):
         raise ValueError(f"input files with the same name: {[str(p) for p in inputs]}")
     return structures, fallback

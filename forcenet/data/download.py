@@ -283,7 +283,10 @@ def safe_extract(tar_path: Path, dest: Path) -> list[Path]:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as out:
+                src = tar.extractfile(member)  # None only for non-files, refused above
+                if src is None:
+                    raise UnsafeArchiveError(f"{tar_path}: cannot read member {member.name!r}")
+                with src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 written.append(dest / member.name)
     except tarfile.TarError as exc:

@@ -59,9 +59,9 @@ def _shared_env(key: str) -> lmdb.Environment:
     """
     global _ENVS_PID
     if _ENVS_PID != os.getpid():
-        for env in _ENVS.values():
+        for stale in _ENVS.values():
             try:
-                env.close()
+                stale.close()
             except lmdb.Error:
                 pass
         _ENVS.clear()
@@ -128,7 +128,7 @@ class LmdbShard:
             )
         return meta
 
-    def _decode(self, index: int, raw: bytes | None) -> dict[str, np.ndarray]:
+    def _decode(self, index: int, raw: bytes | memoryview | None) -> dict[str, np.ndarray]:
         if raw is None:
             raise StoreError(f"{self.path}: record {index} is missing")
         try:

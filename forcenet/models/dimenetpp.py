@@ -10,8 +10,9 @@ no torch-sparse is needed and triplets across periodic images are right.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache, partial
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import sympy as sym
 import torch
@@ -109,7 +110,7 @@ class TripletInteraction(InteractionPPBlock):
     edge j -> i by :func:`gather_mul_scatter` (no [T, int_emb] copy of x_kj kept).
     """
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, x: Tensor, rbf: Tensor, sbf_emb: Tensor, idx_kj: Tensor, idx_ji: Tensor
     ) -> Tensor:
         x_ji = self.act(self.lin_ji(x))
@@ -255,7 +256,9 @@ class DimeNetPlusPlus(nn.Module):
         i, j = edge_index[1], edge_index[0]
         x = self.emb(z, rbf, i, j)  # [E, hidden]
         atomic = self.output_blocks[0](x, rbf, i, num_nodes=n_atoms)  # [N, 1]
-        sbf_lins = [block.lin_sbf1.weight for block in self.interaction_blocks]
+        # nn.ModuleList is not generic in torch's stubs; every item is a TripletInteraction
+        blocks = cast("Iterable[TripletInteraction]", self.interaction_blocks)
+        sbf_lins = [block.lin_sbf1.weight for block in blocks]
         sbf_emb = (sbf @ torch.cat(sbf_lins).t()).split(sbf_lins[0].shape[0], dim=-1)
         for interaction, output, sbf_block in zip(
             self.interaction_blocks, self.output_blocks[1:], sbf_emb, strict=True

@@ -214,9 +214,10 @@ def check_elements(atomic_numbers: Tensor, supported: Tensor, what: str) -> None
 def _ranges(values: list[int]) -> str:
     """'1-35, 37-53' style summary of a sorted list of integers."""
     parts: list[str] = []
-    start = prev = None
-    for v in values + [None]:
-        if start is not None and (v is None or v != prev + 1):
+    start: int | None = None
+    prev: int | None = None
+    for v in [*values, None]:
+        if start is not None and (v is None or prev is None or v != prev + 1):
             parts.append(f"{start}" if start == prev else f"{start}-{prev}")
             start = None
         if v is not None and start is None:

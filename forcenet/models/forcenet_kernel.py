@@ -9,6 +9,7 @@ the module path up to rounding (tests/models/test_forcenet_kernel.py).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 #: Bytes per [chunk, H] buffer of the fused CPU edge pass, per intra-op thread (at most 8),
 #: so that a chunk's whole filter MLP and message stay in cache (measured best at 1 and 2
@@ -36,13 +37,13 @@ class FusedFilterMessage(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, basis, envelope, node_j, node_i, w_fused, x, j, i, *tail):  # type: ignore[override]
+    def forward(ctx, basis, envelope, node_j, node_i, w_fused, x, j, i, *tail):
         weights, biases = tail[0::2], tail[1::2]
         depth, (num_edges, hidden) = len(weights), (j.numel(), x.shape[1])
         save = any(ctx.needs_input_grad)
         # kept for backward: sigmoid(pre-activation) 2k and activation 2k + 1 of tail layer k,
         # the filter f before the envelope last
-        store = x.new_empty(2 * depth + 1, num_edges, hidden) if save else None
+        store: Tensor | None = x.new_empty(2 * depth + 1, num_edges, hidden) if save else None
         rows = _fused_chunk_rows(hidden, x.element_size())
         buf_a, buf_b = (x.new_empty(min(rows, num_edges), hidden) for _ in range(2))
         agg = x.new_zeros(x.shape[0], hidden)
@@ -53,15 +54,15 @@ class FusedFilterMessage(torch.autograd.Function):
             pre.add_(torch.index_select(node_i, 0, ic, out=buf_a[:n]))
             pre.addmm_(basis[c0:c1], w_fused.t())
             for k in range(depth):
-                if save:  # act = pre * sigmoid(pre), the sigmoid kept for backward
+                if store is not None:  # act = pre * sigmoid(pre), the sigmoid kept for backward
                     sig = torch.sigmoid(pre, out=store[2 * k, c0:c1])
                     act = torch.mul(pre, sig, out=store[2 * k + 1, c0:c1])
                 else:
                     act = torch.ops.aten.silu.out(pre, out=buf_a[:n])
-                last = save and k == depth - 1
-                pre = torch.addmm(
-                    biases[k], act, weights[k].t(), out=store[-1, c0:c1] if last else buf_b[:n]
-                )
+                # the last tail layer writes the filter f straight into the kept store
+                last = store is not None and k == depth - 1
+                out = store[-1, c0:c1] if store is not None and last else buf_b[:n]
+                pre = torch.addmm(biases[k], act, weights[k].t(), out=out)
             w = torch.mul(pre, envelope[c0:c1], out=buf_a[:n])  # the filter W_ij
             msg = torch.index_select(x, 0, jc, out=buf_b[:n])
             agg.index_add_(0, ic, msg.mul_(w))
@@ -71,7 +72,7 @@ class FusedFilterMessage(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         basis, envelope, node_j, node_i, w_fused, x, j, i, store, *tail = ctx.saved_tensors
         weights, biases = tail[0::2], tail[1::2]
         depth, (num_edges, hidden) = len(weights), (j.numel(), x.shape[1])

@@ -3,12 +3,13 @@
 Sanchez-Gonzalez, Godwin, Pfaff, Ying, Leskovec, Battaglia, "Learning to Simulate Complex
 Physics with Graph Networks", ICML 2020 (arXiv 2002.09405). The ForceNet paper uses it as a
 force-centric baseline; its OC20 adaptation was never released, so this module follows the
-original design (reference §5.4) with the per-atom force as the decoded quantity.
+original design of Sanchez-Gonzalez et al. with the per-atom force as the decoded quantity.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +83,8 @@ class InteractionNetwork(nn.Module):
         self.lin_src = nn.Linear(h, h, bias=False)
         self.lin_dst = nn.Linear(h, h, bias=False)
         self._split_first(first)
-        self.edge_rest = edge_mlp[1:]
+        # a slice of a Sequential is a Sequential (keys kept); torch's stub says Sequential | Module
+        self.edge_rest = cast(nn.Sequential, edge_mlp[1:])
         self.edge_norm = nn.LayerNorm(h)
         self.node_mlp = mlp(2 * h, h, h, layers=mlp_layers, activation=activation)
         self.node_norm = nn.LayerNorm(h)
@@ -229,7 +231,9 @@ class GNS(nn.Module):
         for mod in self.modules():
             if isinstance(mod, nn.Linear | nn.LayerNorm | nn.Embedding | nn.BatchNorm1d):
                 mod.reset_parameters()
-        for block in self.processor:  # restores the 3H fan-in scale of the split edge Linear
+        # restores the 3H fan-in scale of the split edge Linear; nn.ModuleList is not generic
+        # in torch's stubs, every item is an InteractionNetwork
+        for block in cast("Iterable[InteractionNetwork]", self.processor):
             block.reset_parameters()
         self._init_decoder()
 

@@ -9,6 +9,9 @@ periodic graph instead of PyG's radius graph.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn.models.schnet import GaussianSmearing, InteractionBlock, ShiftedSoftplus
@@ -101,11 +104,15 @@ class SchNet(nn.Module):
     def reset_parameters(self) -> None:
         """PyG/SchNetPack initialisation: Xavier weights, zero biases."""
         self.embedding.reset_parameters()
-        for block in self.interactions:
+        for block in self._blocks():
             block.reset_parameters()
         for lin in (self.lin1, self.lin2):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
+
+    def _blocks(self) -> Iterable[InteractionBlock]:
+        # nn.ModuleList is not generic in torch's stubs; every item is an InteractionBlock
+        return cast("Iterable[InteractionBlock]", self.interactions)
 
     def energy(self, batch: dict[str, Tensor], pos: Tensor) -> Tensor:
         """Referenced energy [G] (eV) as a differentiable function of ``pos`` [N, 3]."""
@@ -121,7 +128,7 @@ class SchNet(nn.Module):
         envelope = smooth_cosine_cutoff(dist, self.cutoff).unsqueeze(-1)  # [P, 1]
         j, i = edge_index[0], edge_index[1]
         h = self.embedding(z)  # [N, hidden]
-        for block in self.interactions:
+        for block in self._blocks():
             # PyG's InteractionBlock/CFConv forward (message x_j * W_ij, summed at i), with
             # the filter computed once per pair and looked up per edge inside the fused
             # gather-multiply-scatter (no [E, num_filters] filter copy).
