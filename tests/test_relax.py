@@ -8,13 +8,14 @@ import pytest
 import torch
 from ase.calculators.emt import EMT
 from ase.io import Trajectory, read, write
-from test_calculator import OC20_JSON, one_thread, slab, write_tiny_checkpoint  # noqa: F401
+from test_calculator import OC20_JSON, slab, write_tiny_checkpoint
 from torch import Tensor, nn
 
 from forcenet import relax
 from forcenet.calculator import ForceNetCalculator
 from forcenet.data import keys as K
 from forcenet.data.frame import fixed_mask
+from forcenet.data.graphs import GraphSettings
 from forcenet.geometry import edge_vectors, gradient_forces, smooth_cosine_cutoff
 
 # --------------------------------------------------------------------------- relaxations
@@ -157,7 +158,7 @@ def test_relax_command_with_a_checkpoint(tmp_path):
         relax.relax_command(ckpt, [tmp_path / "missing.xyz"], out)
 
 
-def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path, one_thread):  # noqa: F811
+def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path):
     """The whole path a user takes: train a tiny model with ``fit`` on EMT-labelled slabs,
     rebuild it from its checkpoint as an ASE calculator, relax a new slab with it."""
     from test_calculator import TINY
@@ -204,7 +205,7 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path, one_t
         train_set=data,
         dev_set=[],
         out_dir=tmp_path / "model",
-        graph={"cutoff": TINY["schnet"]["cutoff"], "max_neighbors": 24},
+        graph=GraphSettings(cutoff=TINY["schnet"]["cutoff"], max_neighbors=24),
     )
     calc = ForceNetCalculator.from_checkpoint(ckpt, device="cpu")
     atoms = slab()
