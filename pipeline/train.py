@@ -79,7 +79,7 @@ class History:
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.rows = [r for r in self.rows if int(r["step"]) < step]
-        self.rows.append({"step": int(step), **metrics})
+        self.rows.append({"step": int(step), **{k: v for k, v in metrics.items() if k != "step"}})
         with atomic_write(self.path) as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
 
@@ -101,7 +101,7 @@ def train_model(
 
     cfg = train_config(params, name)
     kwargs = model_kwargs(params, name)
-    settings = check_graphs(params, graphs / "train")
+    check_graphs(params, graphs / "train")  # before any work: graphs built with params.graph
     snap = snapshot(params, name)
     run = tracking.start_training_run(model=name, params=snap, out_dir=out)
     history = History(out, resume=resume) if tracking.is_rank_zero() else None
@@ -119,7 +119,6 @@ def train_model(
             train_dir=frames / "train",
             graphs_dir=graphs / "train",
             out_dir=out,
-            graph=settings.as_dict(),
             resume=resume,
             params_snapshot=snap,
             on_epoch_end=on_eval,
