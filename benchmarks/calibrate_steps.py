@@ -43,6 +43,8 @@ from forcenet.data.batch import collate  # noqa: E402
 from forcenet.data.dataset import FrameDataset  # noqa: E402
 from forcenet.geometry import random_rotations, rotate_batch  # noqa: E402
 from forcenet.runtime import tune_malloc  # noqa: E402
+from forcenet.train_config import make_loss  # noqa: E402
+from forcenet.train_data import label_stats, set_scales  # noqa: E402
 from pipeline.params import MODEL_NAMES, Params, load_params, params_from_mapping  # noqa: E402
 from pipeline.train import model_kwargs, train_config  # noqa: E402
 
@@ -57,8 +59,8 @@ def time_model(name: str, params: Params, dataset: FrameDataset, *, timed: int) 
     torch.manual_seed(cfg.seed)
     model = C.build_scaled_model(name, model_kwargs(params, name))
     samples = [dataset[i] for i in range(min(len(dataset), 512))]
-    T._set_scales(model, T.label_stats(samples))
-    loss_fn = T._make_loss(cfg, model)
+    set_scales(model, label_stats(samples))
+    loss_fn = make_loss(cfg, model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(samples), generator=gen).tolist()

@@ -81,7 +81,6 @@ def main() -> None:
             train_dir=args.frames,
             graphs_dir=args.graphs,
             out_dir=Path(tmp),
-            graph={"cutoff": typed.graph.cutoff, "max_neighbors": typed.graph.max_neighbors},
             on_epoch_end=lambda step, m: evals.append({"step": step, **m}),
         )
     rows = []

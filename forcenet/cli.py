@@ -272,7 +272,6 @@ def train(
         train_dir=frames,
         graphs_dir=graphs,
         out_dir=out,
-        graph=settings.as_dict(),
         resume=resume,
         params_snapshot={"model": {model: kwargs}, "train": vars(cfg), "graph": settings.as_dict()},
     )

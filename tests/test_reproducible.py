@@ -20,7 +20,7 @@ TINY_FORCENET = {
     "num_interactions": 2,
     "decoder_hidden_channels": 16,
     "num_freqs": 8,
-    "cutoff": GRAPH["cutoff"],
+    "cutoff": GRAPH.cutoff,
     "zero_init_decoder": True,
     "basis_init_gain": 30.0,
 }
@@ -84,7 +84,7 @@ def test_wall_clock_cap_is_opt_in(samples, tmp_path, monkeypatch):
     T.fit_datasets(
         tiny_config(max_steps=6),
         "gns",
-        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH["cutoff"]},
+        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH.cutoff},
         train_set=samples[:20],
         dev_set=samples[20:],
         out_dir=tmp_path / "steps",
@@ -95,7 +95,7 @@ def test_wall_clock_cap_is_opt_in(samples, tmp_path, monkeypatch):
     T.fit_datasets(
         capped,
         "gns",
-        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH["cutoff"]},
+        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH.cutoff},
         train_set=samples[:20],
         dev_set=samples[20:],
         out_dir=tmp_path / "capped",
@@ -126,11 +126,11 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
     preprocess.preprocess(root / "raw", root / "lmdb")
     build_graphs(
-        root / "lmdb", root / "graphs", cutoff=GRAPH["cutoff"], max_neighbors=GRAPH["max_neighbors"]
+        root / "lmdb", root / "graphs", cutoff=GRAPH.cutoff, max_neighbors=GRAPH.max_neighbors
     )
     params = yaml.safe_load(open("params.yaml"))
     params = copy.deepcopy(params)
-    params["graph"] = dict(GRAPH)
+    params["graph"] = GRAPH.as_dict()
     params["model"]["forcenet"].update(
         hidden_channels=16, num_interactions=2, decoder_hidden_channels=16, num_freqs=8
     )

@@ -24,11 +24,13 @@ from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import Frame
+from forcenet.data.graphs import GraphSettings
 from forcenet.losses import TrainLoss
+from forcenet.train_data import dev_split, label_stats
 
 CUTOFF = 4.0
 MAX_NEIGHBORS = 16
-GRAPH = {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS}
+GRAPH = GraphSettings(cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
 TINY_GNS = {"hidden_channels": 16, "num_interactions": 2, "mlp_layers": 1, "cutoff": CUTOFF}
 
 
@@ -113,21 +115,21 @@ def plain_loss(**overrides) -> TrainLoss:
 
 def test_dev_split_holds_out_whole_systems_deterministically():
     sids = [s for s in range(200) for _ in range(3)]
-    train, dev = T.dev_split(sids, 0.1, seed=0)
+    train, dev = dev_split(sids, 0.1, seed=0)
     assert sorted(train + dev) == list(range(len(sids)))
     dev_sids, train_sids = {sids[i] for i in dev}, {sids[i] for i in train}
     assert not dev_sids & train_sids
     assert 8 <= len(dev_sids) <= 35  # ~10 % of 200 systems
-    assert T.dev_split(sids, 0.1, seed=0) == (train, dev)
-    assert T.dev_split(sids, 0.1, seed=1)[1] != dev
+    assert dev_split(sids, 0.1, seed=0) == (train, dev)
+    assert dev_split(sids, 0.1, seed=1)[1] != dev
     # a system's membership does not depend on the other systems present
     half = [s for s in sids if s < 100]
-    assert {half[i] for i in T.dev_split(half, 0.1, 0)[1]} == {s for s in dev_sids if s < 100}
-    assert T.dev_split([5, 5, 7], 0.01, 0)[1]  # at least one system held out
+    assert {half[i] for i in dev_split(half, 0.1, 0)[1]} == {s for s in dev_sids if s < 100}
+    assert dev_split([5, 5, 7], 0.01, 0)[1]  # at least one system held out
 
 
 def test_label_stats_match_numpy(samples):
-    stats = T.label_stats(samples)
+    stats = label_stats(samples)
     forces = np.concatenate([s[K.FORCES][~s[K.FIXED]] for s in samples]).astype(np.float64)
     energies = np.array([float(s[K.ENERGY]) for s in samples])
     assert stats["force_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)), rel=1e-6)
@@ -227,7 +229,7 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
     assert seen[-1][1]["forces_mae"] < seen[0][1]["zero_forces_mae"]  # learned something
     assert not list(tmp_path.glob("*.tmp"))
     model, ckpt = C.load_model(tmp_path / "last.pt")
-    assert ckpt["step"] == 15 and ckpt["epoch"] == 3 and ckpt["graph"] == GRAPH
+    assert ckpt["step"] == 15 and ckpt["epoch"] == 3 and ckpt["graph"] == GRAPH.as_dict()
     assert ckpt["params"] == {"train": {"lr": 5e-3}}
     assert ckpt["best_metric"] == min(m["forces_mae"] for _, m in seen)
     # the rebuilt model predicts physical units: same dev MAE as measured during training
@@ -235,7 +237,7 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
         model, DataLoader(samples[20:], batch_size=3, collate_fn=collate), device="cpu"
     )
     assert dev["forces_mae"] == pytest.approx(seen[-1][1]["forces_mae"], rel=1e-5)
-    rms = T.label_stats(samples[:20])["force_rms"]
+    rms = label_stats(samples[:20])["force_rms"]
     assert float(model.force_scale) == pytest.approx(rms, rel=1e-6)
 
 
@@ -283,7 +285,7 @@ def test_energy_model_trains_with_energy_and_force_loss(samples, tmp_path):
     model, ckpt = C.load_model(tmp_path / "last.pt")
     assert model.energy_from_gradient
     assert float(model.force_scale) == float(model.energy_scale)  # F = -dE/dx stays exact
-    stats = T.label_stats(samples[:8])
+    stats = label_stats(samples[:8])
     assert float(model.energy_shift) == pytest.approx(stats["energy_mean"], rel=1e-6)
     metrics = T.evaluate(
         model, DataLoader(samples[20:], batch_size=4, collate_fn=collate), device="cpu"
@@ -336,7 +338,7 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
 
 def test_save_checkpoint_is_atomic(tmp_path):
     path = tmp_path / "last.pt"
-    good = {k: 0 for k in C.REQUIRED_KEYS} | {"format_version": 1, "graph": GRAPH}
+    good = {k: 0 for k in C.REQUIRED_KEYS} | {"format_version": 1, "graph": GRAPH.as_dict()}
     C.save_checkpoint(path, good)
     before = path.read_bytes()
     bad = dict(good, model_state=lambda: None)  # not serialisable: torch.save raises

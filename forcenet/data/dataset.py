@@ -21,7 +21,7 @@ from forcenet.data import keys as K
 from forcenet.data import store
 from forcenet.data.batch import collate
 from forcenet.data.frame import Frame, fixed_mask
-from forcenet.data.graphs import graph_record
+from forcenet.data.graphs import GraphSettings, graph_record, read_graph_settings
 from forcenet.data.manifest import MANIFEST, read_manifest
 
 Sample = dict[str, np.ndarray]
@@ -75,7 +75,8 @@ class FrameDataset(Dataset):
     ``frames_dir``: a frame split folder (``<lmdb_root>/<split>``). ``graphs_dir``: the
     matching graph split folder; its shards must pair up with the frame shards (same
     names and counts, built from the same frames) or a :class:`store.StoreError` names
-    the files. Rotation augmentation is applied to whole batches by the training loop
+    the files. ``graph_settings``: the cutoff and neighbor count those graphs were built
+    with (from the graph store; None without ``graphs_dir``). Rotation augmentation is applied to whole batches by the training loop
     (:func:`forcenet.geometry.rotate_batch`), not here.
     """
 
@@ -85,10 +86,12 @@ class FrameDataset(Dataset):
         entries = _shard_entries(self.frames_dir, store.KIND_FRAMES)
         self.frames = [store.LmdbShard(self.frames_dir / e["name"]) for e in entries]
         self.graphs: list[store.LmdbShard] | None = None
+        self.graph_settings: GraphSettings | None = None
         if self.graphs_dir is not None:
             g_entries = _shard_entries(self.graphs_dir, store.KIND_GRAPHS)
             _check_pairing(self.frames_dir, entries, self.graphs_dir, g_entries)
             self.graphs = [store.LmdbShard(self.graphs_dir / e["name"]) for e in g_entries]
+            self.graph_settings = read_graph_settings(self.graphs_dir)
         counts = np.array([int(e["count"]) for e in entries], dtype=np.int64)
         self.counts = counts
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # [S + 1] first global index

@@ -18,7 +18,7 @@ from forcenet.data import preprocess, raw, store
 from forcenet.data.batch import collate
 from forcenet.data.dataset import FrameDataset, make_loader, sample_from_atoms
 from forcenet.data.frame import Frame
-from forcenet.data.graphs import build_graphs
+from forcenet.data.graphs import GraphSettings, build_graphs
 from forcenet.data.neighbors import neighbor_list
 from forcenet.geometry import edge_vectors
 
@@ -83,6 +83,11 @@ def test_index_maps_to_shard_and_key(stores):
     clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
     for name, value in ds[6].items():
         np.testing.assert_array_equal(clone[6][name], value)
+
+
+def test_dataset_exposes_the_settings_of_its_graph_store(stores):
+    assert _dataset(stores).graph_settings == GraphSettings(CUTOFF, MAX_NEIGHBORS)
+    assert FrameDataset(stores / "lmdb" / "train").graph_settings is None  # frames only
 
 
 def test_loader_with_0_and_2_workers_gives_identical_batches(stores):

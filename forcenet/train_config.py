@@ -1,0 +1,96 @@
+"""The training hyperparameters (:class:`TrainConfig`, params.yaml ``train.<model>``) and
+the loss they define for a model (:func:`make_loss`, in the model's normalised units)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forcenet import checkpoint as C
+from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
+from forcenet.schedule import LrDecay
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters (params.yaml ``train.<model>``); units in brackets.
+
+    Optimiser AdamW(``lr``, ``weight_decay``). Schedule: linear warm-up over
+    ``warmup_steps`` from ``warmup_start * lr``, then ``lr_decay`` (cosine to
+    ``min_lr_factor * lr``, or x ``gamma`` at each of ``milestones``, fractions of the
+    budget). Budget: ``max_steps`` optimizer steps (0 = none), capped by ``max_epochs``
+    and by the opt-in wall-clock cap ``time_budget_s`` [s] (0 = none), whichever ends
+    first; only a step or epoch budget is reproducible. ``eval_every``: dev evaluation
+    (and ``last.pt``) every that many steps, besides each epoch end (0 = epoch ends only). Loss: ``force_loss`` on forces divided by the force scale, per-atom weights
+    from ``loss_atoms`` (``tag_weights`` for tags 0/1/2, or free atoms only; ``loss_beta``
+    is the smooth_l1/berhu transition in normalised units; ``adsorbate_loss``, when set, is
+    the loss of adsorbate atoms, tag 2, instead of ``force_loss``, and ``adsorbate_beta``
+    its transition), plus
+    ``energy_coef`` x L1 on normalised energies for models with an energy.
+    ``clip_grad`` [normalised units] 0 = off. ``rotation_augment``: a random SO(3) rotation
+    of every training structure (pos, cell, forces) at each draw. ``amp``: bf16 autocast,
+    CUDA and direct-force models only. ``dev_fraction``: share of training systems held out.
+    """
+
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    warmup_start: float = 0.1
+    lr_decay: LrDecay = "cosine"
+    milestones: tuple[float, ...] = (0.6, 0.85)
+    gamma: float = 0.1
+    min_lr_factor: float = 0.02
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    max_epochs: int = 100
+    max_steps: int = 0
+    eval_every: int = 0
+    time_budget_s: float = 0.0
+    force_loss: ForceLossKind = "l1"
+    adsorbate_loss: ForceLossKind | None = None
+    loss_beta: float = 1.0
+    adsorbate_beta: float | None = None
+    loss_atoms: LossAtoms = "tag_weighted"
+    tag_weights: tuple[float, ...] = (0.05, 1.0, 1.0)
+    force_coef: float = 1.0
+    energy_coef: float = 0.0
+    clip_grad: float = 10.0
+    rotation_augment: bool = True
+    amp: bool = True
+    dev_fraction: float = 0.1
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr > 0": self.lr > 0,
+            "batch_size >= 1": self.batch_size >= 1,
+            "max_epochs >= 1": self.max_epochs >= 1,
+            "max_steps >= 0": self.max_steps >= 0,
+            "eval_every >= 0": self.eval_every >= 0,
+            "time_budget_s >= 0": self.time_budget_s >= 0,
+            "0 <= dev_fraction < 1": 0 <= self.dev_fraction < 1,
+            "warmup_steps >= 0": self.warmup_steps >= 0,
+            "loss_beta > 0": self.loss_beta > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid TrainConfig: need {', '.join(bad)}")
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        object.__setattr__(self, "tag_weights", tuple(float(w) for w in self.tag_weights))
+
+
+def make_loss(cfg: TrainConfig, model: C.ScaledModel) -> TrainLoss:
+    """The loss in the model's normalised units (the wrapper's scales)."""
+    return TrainLoss(
+        kind=cfg.force_loss,
+        atoms=cfg.loss_atoms,
+        tag_weights=cfg.tag_weights,
+        force_coef=cfg.force_coef,
+        energy_coef=cfg.energy_coef,
+        force_scale=float(model.get_buffer("force_scale")),
+        energy_shift=float(model.get_buffer("energy_shift")),
+        energy_scale=float(model.get_buffer("energy_scale")),
+        beta=cfg.loss_beta,
+        adsorbate_kind=cfg.adsorbate_loss,
+        adsorbate_beta=cfg.adsorbate_beta,
+    )
