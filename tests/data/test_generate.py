@@ -25,13 +25,8 @@ from forcenet.data.adsorbates import (
     gas_references,
     place_adsorbate,
 )
-from forcenet.data.generate import (
-    SPLIT_POOLS,
-    _Settings,
-    generate_emt,
-    plan_systems,
-    run_system,
-)
+from forcenet.data.emt_system import SystemSettings, run_system
+from forcenet.data.generate import SPLIT_POOLS, generate_emt, plan_systems
 from forcenet.data.raw import iter_split
 from forcenet.data.slabs import (
     ADSORBATE_ZONE,
@@ -192,7 +187,7 @@ def test_reference_energy_is_clean_slab_plus_gas_references(first_system):
     refs = gas_references()
     # OC20 scheme: the C and O references add up to the CO molecule, H2O = 2 H + O.
     assert refs["C"] + refs["O"] == pytest.approx(adsorbate_reference(["C", "O"]))
-    settings = _Settings(
+    settings = SystemSettings(
         seed=3,
         frames_per_system=2,
         md_frames_per_system=1,
@@ -214,7 +209,7 @@ def test_reference_energy_is_clean_slab_plus_gas_references(first_system):
 
 def test_rejected_frames_are_counted(first_system):
     spec, pos, e_slab = first_system
-    strict = _Settings(
+    strict = SystemSettings(
         seed=3,
         frames_per_system=4,
         md_frames_per_system=2,
