@@ -1,42 +1,36 @@
 """ForceNet (Hu et al. 2021, arXiv:2103.01436): a GNN that predicts per-atom forces directly.
 
 Layout: per-forward edge features (radius-aware distances and a direction basis, shared by
-all blocks) -> atom embedding -> residual interaction blocks with a conditional filter ->
-Linear + activation -> force decoder (and an optional energy head).
-
-Speed: the filter MLP's first layer acts on [e_ij, h_j, h_i] (3H inputs per edge). We keep
-that Linear(3H -> H) as one parameter (same parameters and initialisation as the reference)
-but apply it in three slices: the h_j and h_i slices once per *node* and then gathered, and
-the e_ij slice fused with the preceding basis Linear into one (B -> H) map. This is the same
-function as the concatenated form, at a fraction of the per-edge cost.
+all blocks) -> atom embedding -> residual interaction blocks with a conditional filter
+(:mod:`forcenet.models.forcenet_blocks`) -> Linear + activation -> force decoder (and an
+optional energy head).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forcenet.data import keys as K
 from forcenet.geometry import cosine_envelope, edge_vectors
 from forcenet.models import elements
-from forcenet.models.forcenet_kernel import FusedFilterMessage
+from forcenet.models.forcenet_blocks import InteractionBlock, interaction_block
 from forcenet.nn import (
     ActivationName,
     DistanceEdgeBasis,
     RealSphericalHarmonics,
+    ScalarBasis,
+    ScalarBasisName,
     ScalarEdgeBasis,
     SinusoidalBasis,
     SphericalConcatBasis,
     SphericalOuterBasis,
+    SphParity,
     UnitInterval,
-    act_linear_stack,
     check_choice,
-    gather_mul_scatter,
-    norm_act_linear_stack,
     scalar_basis,
     xavier_linears_,
     zero_linear_,
@@ -72,6 +66,9 @@ DecoderType = Literal["mlp", "linear"]
 #: Lower clamp of the (cutoff-scaled) distance features, as in the reference.
 MIN_SCALED_DISTANCE = 1e-3
 
+#: The modules :func:`edge_basis` builds; each has an ``out_features: int``.
+EdgeBasis = DistanceEdgeBasis | ScalarEdgeBasis | SphericalConcatBasis | SphericalOuterBasis
+
 
 # ----------------------------------------------------------------------------- edge features
 
@@ -81,6 +78,7 @@ class RadiusDistances(nn.Module):
     d, d - r(Z_j), d - r(Z_i), d - r(Z_j) - r(Z_i) (r = atomic radius in Å)."""
 
     out_features = 4
+    radii: Tensor  # [101] Å, a buffer
 
     def __init__(self, cutoff: float) -> None:
         super().__init__()
@@ -116,16 +114,17 @@ def edge_basis(
     num_freqs: int,
     max_n: int,
     act: ActivationName,
-) -> nn.Module:
+) -> EdgeBasis:
     """The edge-basis module (computed once per forward); ``out_features`` = its width B."""
     if only_dist:  # no direction: spherical bases fall back to powersine (reference)
-        kind = "powersine" if basis.startswith("sph") else basis
-        return DistanceEdgeBasis(scalar_basis(kind, num_dists, num_freqs, act))
+        return DistanceEdgeBasis(scalar_basis(_scalar_kind(basis), num_dists, num_freqs, act))
     if not basis.startswith("sph"):
         direction_map = UnitInterval() if basis == "gauss" else nn.Identity()
-        return ScalarEdgeBasis(scalar_basis(basis, 3 + num_dists, num_freqs, act), direction_map)
+        kind = _scalar_kind(basis)
+        return ScalarEdgeBasis(scalar_basis(kind, 3 + num_dists, num_freqs, act), direction_map)
     rest = basis.removeprefix("sph")
-    parity = next(p for p in ("all", "sine", "cosine") if rest.startswith(p))
+    parities: tuple[SphParity, ...] = ("all", "sine", "cosine")
+    parity = next(p for p in parities if rest.startswith(p))
     sph = RealSphericalHarmonics(max_n, parity)
     combine = rest.removeprefix(parity)
     sine = SinusoidalBasis(num_dists, num_freqs)
@@ -137,13 +136,21 @@ def edge_basis(
     return SphericalOuterBasis(sph, nn.Sequential(sine, nn.Linear(sine.out_features, width)), width)
 
 
+def _scalar_kind(basis: BasisName) -> ScalarBasisName:
+    """The scalar basis of ``basis``: itself, or powersine for a spherical one (reference)."""
+    # the non-"sph" names are exactly the scalar ones, a narrowing Literal cannot express
+    return "powersine" if basis.startswith("sph") else cast(ScalarBasisName, basis)
+
+
 # ----------------------------------------------------------------------------- atom embeddings
 
 
 class ContinuousAtomEmbedding(nn.Module):
     """h0 = Linear(basis(scaled 9 element features of Z)) -> [N, H] (``feat="full"``)."""
 
-    def __init__(self, hidden_channels: int, basis: nn.Module) -> None:
+    table: Tensor  # [101, 9] scaled element features, a buffer
+
+    def __init__(self, hidden_channels: int, basis: ScalarBasis) -> None:
         super().__init__()
         table = torch.from_numpy(elements.scaled_features()).nan_to_num(0.0)  # [101, 9]
         self.register_buffer("table", table.to(torch.get_default_dtype()), persistent=False)
@@ -164,183 +171,6 @@ class SimpleAtomEmbedding(nn.Embedding):
         return super().forward(z - 1)
 
 
-# ----------------------------------------------------------------------------- interaction
-
-
-def _edge_tail(hidden: int, depth: int, act: ActivationName) -> nn.Sequential:
-    """Layers after the filter's first Linear: depth x (act, Linear), or BatchNorm if 0."""
-    return nn.Sequential(*(act_linear_stack(hidden, depth, act) or [nn.BatchNorm1d(hidden)]))
-
-
-class ConditionalFilter(nn.Module):
-    """W_ij = MLP_edge([Linear_basis(b_ij), h_j, h_i]) * w(d_ij) -> [E, H].
-
-    The first Linear(3H -> H) is applied slice by slice (see module docstring).
-    """
-
-    #: Node-embedding slices of the first Linear's input (h_j, h_i).
-    node_slices = 2
-
-    def __init__(self, hidden: int, basis_features: int, depth: int, act: ActivationName):
-        super().__init__()
-        self.hidden = hidden
-        self.lin_basis = nn.Linear(basis_features, hidden)
-        self.first = nn.Linear((1 + self.node_slices) * hidden, hidden)
-        self.tail = _edge_tail(hidden, depth, act)
-
-    def node_terms(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(w_fused [H, B], node_j [N, H], node_i [N, H]): the first Linear is
-        ``node_j[j] + node_i[i] + basis @ w_fused^T`` per edge (bias inside node_j)."""
-        w_e, w_j, w_i = self.first.weight.split(self.hidden, dim=1)  # each [H, H]
-        # Linear_basis then the e-slice is one linear map B -> H: fuse the weights.
-        w_fused = w_e @ self.lin_basis.weight  # [H, B]
-        b_fused = torch.addmv(self.first.bias, w_e, self.lin_basis.bias)  # [H]
-        # The node slices once per node (not per edge); the bias rides on the j slice.
-        node_j = torch.addmm(b_fused, h, w_j.t())  # [N, H]
-        node_i = h @ w_i.t()  # [N, H]
-        return w_fused, node_j, node_i
-
-    def fused_tail(self) -> list[Tensor] | None:
-        """[weight, bias] * depth of a (SiLU, Linear) * depth tail: the form the fused CPU
-        edge pass implements; None for any other tail (activation, BatchNorm)."""
-        layers = list(self.tail)
-        if not layers or len(layers) % 2:
-            return None
-        acts, lins = layers[0::2], layers[1::2]
-        if not all(
-            type(a) is nn.SiLU and type(lin) is nn.Linear for a, lin in zip(acts, lins, strict=True)
-        ):
-            return None
-        return [t for lin in lins for t in (lin.weight, lin.bias)]
-
-    def first_layer(self, basis: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        w_fused, node_j, node_i = self.node_terms(h)
-        # index_select (not x[idx]): its backward is index_add, much faster on CPU
-        out = node_j.index_select(0, j).add_(node_i.index_select(0, i))  # [E, H]
-        return torch.addmm(out, basis, w_fused.t())
-
-    def forward(self, basis: Tensor, envelope: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        return self.tail(self.first_layer(basis, h, j, i)).mul_(envelope)  # [E, H]
-
-
-class EdgeOnlyFilter(ConditionalFilter):
-    """W_ij = MLP_edge(Linear_basis(b_ij)) * w(d_ij): the ``nocond`` ablation."""
-
-    node_slices = 0
-
-    def first_layer(self, basis: Tensor, h: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        w = self.first.weight @ self.lin_basis.weight  # [H, B]
-        b = torch.addmv(self.first.bias, self.first.weight, self.lin_basis.bias)
-        return F.linear(basis, w, b)
-
-
-#: Use the fused, chunked edge pass (:class:`forcenet.models.forcenet_kernel.FusedFilterMessage`)
-#: on CPU when it applies.
-FUSED_EDGE_PASS = True
-
-
-class FilteredMessage(nn.Module):
-    """sum_j x_j * W_ij + c * x_i with x = Linear(h): the reference message and self term."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(hidden, hidden)
-        self.center = nn.Parameter(torch.empty(1, hidden))
-
-    def add_self_term(self, agg: Tensor, x: Tensor) -> Tensor:
-        return torch.addcmul(agg, self.center, x)  # agg + c * x
-
-    def forward(self, h: Tensor, w: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        x = self.lin(h)  # [N, H]
-        agg = gather_mul_scatter(x, w, j, i, x.shape[0])  # sum_j x_j * W_ij -> [N, H]
-        return self.add_self_term(agg, x)
-
-
-class NoSelfMessage(FilteredMessage):
-    """sum_j x_j * W_ij without a self term (``noself``)."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__(hidden)
-        del self.center
-
-    def add_self_term(self, agg: Tensor, x: Tensor) -> Tensor:
-        return agg
-
-
-class FilterOnlyMessage(nn.Module):
-    """sum_j W_ij + c (``nofilter``: the filter itself is the message)."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.center = nn.Parameter(torch.empty(1, hidden))
-
-    def forward(self, h: Tensor, w: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        return torch.zeros_like(h).index_add_(0, i, w) + self.center
-
-
-class InteractionBlock(nn.Module):
-    """One ForceNet block; returns the update added to h by the residual connection."""
-
-    def __init__(self, filter_: nn.Module, message: nn.Module, node_mlp: nn.Sequential):
-        super().__init__()
-        self.filter, self.message, self.node_mlp = filter_, message, node_mlp
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        xavier_linears_(self)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm1d):
-                m.reset_parameters()
-        for name, p in self.message.named_parameters():
-            if name == "center":
-                nn.init.xavier_uniform_(p)
-
-    def forward(self, h: Tensor, basis: Tensor, envelope: Tensor, j: Tensor, i: Tensor) -> Tensor:
-        tail = self._fused_tail(h)
-        if tail is not None:  # same function, one cache-friendly pass over the edges
-            w_fused, node_j, node_i = self.filter.node_terms(h)
-            x = self.message.lin(h)  # [N, H]
-            agg = FusedFilterMessage.apply(basis, envelope, node_j, node_i, w_fused, x, j, i, *tail)
-            return self.node_mlp(self.message.add_self_term(agg, x))
-        w = self.filter(basis, envelope, h, j, i)  # [E, H]
-        return self.node_mlp(self.message(h, w, j, i))  # [N, H]
-
-    def _fused_tail(self, h: Tensor) -> list[Tensor] | None:
-        """The tail parameters when the fused CPU pass applies (conditional filter with a
-        SiLU tail, filtered message, CPU, no autocast), else None."""
-        if not (
-            FUSED_EDGE_PASS
-            and h.device.type == "cpu"
-            and type(self.filter) is ConditionalFilter
-            and isinstance(self.message, FilteredMessage)
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return None
-        return self.filter.fused_tail()
-
-
-def interaction_block(
-    *,
-    hidden: int,
-    basis_features: int,
-    depth_mlp_edge: int,
-    depth_mlp_node: int,
-    act: ActivationName,
-    ablation: AblationName,
-) -> InteractionBlock:
-    """One block with the filter and message variant that ``ablation`` selects."""
-    filter_cls = EdgeOnlyFilter if ablation == "nocond" else ConditionalFilter
-    message_cls = {"nofilter": FilterOnlyMessage, "noself": NoSelfMessage}.get(
-        ablation, FilteredMessage
-    )
-    node_tail = norm_act_linear_stack(hidden, depth_mlp_node, act) or [nn.BatchNorm1d(hidden)]
-    return InteractionBlock(
-        filter_cls(hidden, basis_features, depth_mlp_edge, act),
-        message_cls(hidden),
-        nn.Sequential(nn.Linear(hidden, hidden), *node_tail),
-    )
-
-
 # ----------------------------------------------------------------------------- heads
 
 
@@ -350,7 +180,8 @@ class EnergyHead(nn.Linear):
     def __init__(self, channels: int) -> None:
         super().__init__(channels, 1)
 
-    def forward(self, h: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+    # A Linear (its parameters keep the checkpoint keys) that pools first: another signature.
+    def forward(self, h: Tensor, batch: Tensor, num_graphs: int) -> Tensor:  # type: ignore[override]
         pooled = h.new_zeros(num_graphs, h.shape[1]).index_add(0, batch, h)  # [G, D]
         return super().forward(pooled).squeeze(-1)
 
@@ -424,6 +255,7 @@ class ForceNet(nn.Module):
     """
 
     energy_from_gradient = False
+    supported: Tensor  # bool [101], a buffer: the elements this configuration has data for
 
     def __init__(
         self,
@@ -465,7 +297,7 @@ class ForceNet(nn.Module):
             act=activation,
         )
         if feat == "full":
-            atom_kind = "powersine" if basis.startswith("sph") else basis
+            atom_kind = _scalar_kind(basis)
             atom_basis = scalar_basis(atom_kind, len(elements.FEATURE_NAMES), num_freqs, activation)
             self.atom_embedding: nn.Module = ContinuousAtomEmbedding(hidden, atom_basis)
         else:
@@ -497,17 +329,21 @@ class ForceNet(nn.Module):
             for m in part.modules() if part is not None else ():
                 if isinstance(m, nn.Linear | nn.Embedding):
                     m.reset_parameters()
-        for block in self.interactions:
+        # nn.ModuleList is not generic: its items are typed Module
+        blocks = cast(list[InteractionBlock], list(self.interactions))
+        for block in blocks:
             block.reset_parameters()
         xavier_linears_(self.decoder)
         for m in self.decoder.modules():
             if isinstance(m, nn.BatchNorm1d):
                 m.reset_parameters()
         with torch.no_grad():
-            for block in self.interactions:
+            for block in blocks:
                 block.filter.lin_basis.weight.mul_(self.basis_init_gain)
         if self.zero_init_decoder:
-            zero_linear_(self.decoder[-1])
+            last = self.decoder[-1]
+            assert isinstance(last, nn.Linear)  # force_decoder ends in Linear(D, 3)
+            zero_linear_(last)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         z = batch[K.ATOMIC_NUMBERS]  # [N]

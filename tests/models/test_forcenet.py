@@ -14,13 +14,8 @@ from conftest import make_batch
 from forcenet.data import keys as K
 from forcenet.geometry import edge_vectors
 from forcenet.models import elements
-from forcenet.models.forcenet import (
-    AblationName,
-    BasisName,
-    ConditionalFilter,
-    EdgeOnlyFilter,
-    ForceNet,
-)
+from forcenet.models.forcenet import AblationName, BasisName, ForceNet
+from forcenet.models.forcenet_blocks import ConditionalFilter, EdgeOnlyFilter
 
 TINY = {"hidden_channels": 8, "num_interactions": 2, "num_freqs": 4, "decoder_hidden_channels": 8}
 

@@ -8,10 +8,10 @@ import torch
 from conftest import make_batch
 from test_forcenet import TINY, _tiny
 
-import forcenet.models.forcenet as fn
+import forcenet.models.forcenet_blocks as fn
 from forcenet.data import keys as K
 from forcenet.models import forcenet_kernel as kernel
-from forcenet.models.forcenet import InteractionBlock
+from forcenet.models.forcenet_blocks import InteractionBlock
 
 
 def _fused_vs_unfused(monkeypatch, kw: dict, batch, *, pos_grad: bool) -> tuple[dict, dict]:
