@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_train import CUTOFF, GRAPH, TINY_GNS, make_samples, plain_loss, tiny_config
+from tiny import tiny_kwargs
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
@@ -25,14 +26,15 @@ from forcenet.data.batch import collate
 WORLD = 2
 STEPS = 3
 HALF = 3  # structures per rank per step
-TINY_FORCENET = {
-    "hidden_channels": 8,
-    "num_interactions": 1,
-    "cutoff": CUTOFF,
-    "num_freqs": 4,
-    "decoder_hidden_channels": 8,
-    "energy_head": True,
-}
+TINY_FORCENET = tiny_kwargs(
+    "forcenet",
+    hidden_channels=8,
+    num_interactions=1,
+    cutoff=CUTOFF,
+    num_freqs=4,
+    decoder_hidden_channels=8,
+    energy_head=True,
+)
 
 
 def _fresh_gns():

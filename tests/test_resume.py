@@ -20,14 +20,6 @@ def samples():
     return make_samples(n_systems=5, frames_per_system=4, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _fit(cfg, samples, out, *, resume=False, on_epoch_end=None):
     return T.fit_datasets(
         cfg,

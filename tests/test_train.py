@@ -15,6 +15,7 @@ import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
+from tiny import tiny_kwargs
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,7 +32,7 @@ from forcenet.train_data import dev_split, label_stats
 CUTOFF = 4.0
 MAX_NEIGHBORS = 16
 GRAPH = GraphSettings(cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
-TINY_GNS = {"hidden_channels": 16, "num_interactions": 2, "mlp_layers": 1, "cutoff": CUTOFF}
+TINY_GNS = tiny_kwargs("gns", hidden_channels=16, mlp_layers=1, cutoff=CUTOFF)
 
 
 def make_frames(n_systems: int = 6, frames_per_system: int = 4, seed: int = 0) -> list[Frame]:

@@ -1,7 +1,7 @@
 """ForceNet's fused CPU edge pass: the conditional filter and the filtered message of one
 interaction block in one chunked pass over the edges, with a hand-written backward.
 
-:class:`forcenet.models.forcenet.InteractionBlock` uses it on CPU when its filter and
+:class:`forcenet.models.forcenet_blocks.InteractionBlock` uses it on CPU when its filter and
 message have the form below (``FUSED_EDGE_PASS`` there switches it off); the result equals
 the module path up to rounding (tests/models/test_forcenet_kernel.py).
 """
@@ -27,7 +27,7 @@ class FusedFilterMessage(torch.autograd.Function):
     edges, chunk by chunk (CPU): ``agg[i] += x[j] * W_ij`` with
     ``W_ij = MLP_tail(node_j[j] + node_i[i] + basis @ w_fused^T) * envelope``, where the tail
     is ``depth`` x (SiLU, Linear). The same ops as
-    :class:`forcenet.models.forcenet.ConditionalFilter` +
+    :class:`forcenet.models.forcenet_blocks.ConditionalFilter` +
     :func:`forcenet.nn.gather_mul_scatter` on row blocks of the edges, so every [E, H]
     intermediate of a chunk is still in cache when the next op reads it; only the
     pre-activations' sigmoids, the activations and the filter are kept for backward, so the
