@@ -8,14 +8,10 @@ the commands so that ``forcenet --help`` stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
-
-if TYPE_CHECKING:
-    from forcenet.train import TrainConfig
 
 app = typer.Typer(
     help=(
@@ -261,8 +257,9 @@ def train(
     """
     from forcenet.data.graphs import read_graph_settings
     from forcenet.train import fit
+    from forcenet.train_config import load_run_config
 
-    kwargs, cfg = _run_config(model, config, set_ or ())
+    kwargs, cfg = load_run_config(model, config, set_ or ())
     settings = read_graph_settings(graphs)
     kwargs["cutoff"] = settings.cutoff
     best = fit(
@@ -412,47 +409,6 @@ def _optimizer(name: str):
     if name not in ("lbfgs", "fire"):
         raise typer.BadParameter(f"--optimizer must be lbfgs or fire, got {name!r}")
     return name
-
-
-def _parse_value(text: str) -> Any:
-    """A ``--set`` value as YAML reads it: ``3`` -> 3, ``0.5`` -> 0.5, ``true``, ``[1, 2]``."""
-    import yaml
-
-    return yaml.safe_load(text)
-
-
-def _run_config(
-    model_name: str, path: Path | None = None, overrides: Sequence[str] = ()
-) -> tuple[dict[str, Any], TrainConfig]:
-    """``(model kwargs, TrainConfig)`` of one training run.
-
-    ``path``: an optional YAML file ``{model: {<constructor arg>: value}, train:
-    {<TrainConfig field>: value}}``; missing entries take the defaults. ``overrides``:
-    ``"model.hidden_channels=128"`` or ``"train.max_steps=500"`` strings applied on top.
-    Unknown model arguments and training keys are refused, naming the key.
-    """
-    from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
-    from forcenet.models import hyperparameters
-    from forcenet.train import TrainConfig
-
-    data: dict[str, Any] = load_yaml(path) if path is not None else {}
-    where = str(path) if path is not None else "run config"
-    extra = sorted(set(data) - {"model", "train"})
-    if extra:
-        raise ConfigError(unknown_keys_message(where, extra, ("model", "train")))
-    model = dict(data.get("model") or {})
-    train = dict(data.get("train") or {})
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section_name, _, name = key.partition(".")
-        if not sep or not name or section_name not in ("model", "train"):
-            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
-        (model if section_name == "model" else train)[name] = _parse_value(value)
-    allowed = hyperparameters(model_name)
-    unknown = sorted(set(model) - allowed)
-    if unknown:
-        raise ConfigError(unknown_keys_message(f"{where}: model {model_name}", unknown, allowed))
-    return model, parse(TrainConfig, train, f"{where}: train")
 
 
 def main() -> None:

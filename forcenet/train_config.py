@@ -1,11 +1,18 @@
-"""The training hyperparameters (:class:`TrainConfig`, params.yaml ``train.<model>``) and
-the loss they define for a model (:func:`make_loss`, in the model's normalised units)."""
+"""The training hyperparameters (:class:`TrainConfig`, params.yaml ``train.<model>``), the
+loss they define for a model (:func:`make_loss`, in the model's normalised units), and the
+run-config file of ``forcenet train --config`` (:func:`load_run_config`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from forcenet import checkpoint as C
+from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
 from forcenet.schedule import LrDecay
 
@@ -94,3 +101,40 @@ def make_loss(cfg: TrainConfig, model: C.ScaledModel) -> TrainLoss:
         adsorbate_kind=cfg.adsorbate_loss,
         adsorbate_beta=cfg.adsorbate_beta,
     )
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML reads it: ``3`` -> 3, ``0.5`` -> 0.5, ``true``, ``[1, 2]``."""
+    return yaml.safe_load(text)
+
+
+def load_run_config(
+    model_name: str, path: Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], TrainConfig]:
+    """``(model kwargs, TrainConfig)`` of one training run.
+
+    ``path``: an optional YAML file ``{model: {<constructor arg>: value}, train:
+    {<TrainConfig field>: value}}``; missing entries take the defaults. ``overrides``:
+    ``"model.hidden_channels=128"`` or ``"train.max_steps=500"`` strings applied on top.
+    Unknown model arguments and training keys are refused, naming the key.
+    """
+    from forcenet.models import hyperparameters
+
+    data: dict[str, Any] = load_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "run config"
+    extra = sorted(set(data) - {"model", "train"})
+    if extra:
+        raise ConfigError(unknown_keys_message(where, extra, ("model", "train")))
+    model = dict(data.get("model") or {})
+    train = dict(data.get("train") or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section_name, _, name = key.partition(".")
+        if not sep or not name or section_name not in ("model", "train"):
+            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+        (model if section_name == "model" else train)[name] = parse_value(value)
+    allowed = hyperparameters(model_name)
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        raise ConfigError(unknown_keys_message(f"{where}: model {model_name}", unknown, allowed))
+    return model, parse(TrainConfig, train, f"{where}: train")
