@@ -249,29 +249,45 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT/last.pt (same weights as no interruption).")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier run in OUT instead of refusing it.")
+    ] = False,
 ) -> None:
-    """Train one model. The cutoff and neighbor count come from the graph store.
+    """Train one model. The cutoff and neighbor count come from the graph store. One run
+    at a time may write into OUT; an earlier run there is continued with --resume or
+    replaced with --overwrite.
 
     Runs on the GPU when there is one. For several GPUs or nodes launch it with
     torchrun (e.g. `torchrun --standalone --nproc_per_node=8 -m forcenet.cli train ...`).
     """
+    import contextlib
+    import os
+
     from forcenet.data.graphs import read_graph_settings
+    from forcenet.outdir import exclusive_folder, prepare_run_folder
     from forcenet.train import fit
     from forcenet.train_config import load_run_config
 
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other")
     kwargs, cfg = load_run_config(model, config, set_ or ())
     settings = read_graph_settings(graphs)
     kwargs["cutoff"] = settings.cutoff
-    best = fit(
-        cfg,
-        model,
-        kwargs,
-        train_dir=frames,
-        graphs_dir=graphs,
-        out_dir=out,
-        resume=resume,
-        params_snapshot={"model": {model: kwargs}, "train": vars(cfg), "graph": settings.as_dict()},
-    )
+    rank_zero = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns OUT
+    with exclusive_folder(out) if rank_zero else contextlib.nullcontext(out):
+        if rank_zero:
+            prepare_run_folder(out, resume=resume, overwrite=overwrite)
+        snapshot = {"model": {model: kwargs}, "train": vars(cfg), "graph": settings.as_dict()}
+        best = fit(
+            cfg,
+            model,
+            kwargs,
+            train_dir=frames,
+            graphs_dir=graphs,
+            out_dir=out,
+            resume=resume,
+            params_snapshot=snapshot,
+        )
     typer.echo(f"train {model}: done; checkpoint to evaluate: {best}")
 
 

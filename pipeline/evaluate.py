@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = str(load_checkpoint(args.checkpoint)["model_name"])
     run_id = tracking.read_run_id(args.checkpoint.parent)
     run = tracking.attach_run(model=name, run_id=run_id)
+    outputs = [args.predictions, args.out, args.metrics_json]
     try:
         table = evaluate_checkpoint(
             args.checkpoint,
@@ -46,12 +47,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             predictions=args.predictions,
         )
         table["run_id"] = run.run_id if run is not None else (run_id or "")
+        tracking.log_split_metrics(run, table)  # before the tables: MLflow may refuse
         write_table(table, args.out)
         write_metrics_json(table, args.metrics_json)
-        tracking.log_split_metrics(run, table)
         artifacts = [args.out, args.predictions, args.checkpoint]
         tracking.log_artifacts(run, artifacts, artifact_path="evaluation")
     except BaseException:
+        for path in outputs:  # nothing that looks complete is left behind
+            path.unlink(missing_ok=True)
         tracking.finish_run(run, status="FAILED")
         raise
     tracking.finish_run(run)

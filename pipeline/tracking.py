@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,13 +167,15 @@ def start_training_run(
     model: str,
     params: Mapping,
     out_dir: Path,
+    resume: bool = False,
     experiment: str = DEFAULT_EXPERIMENT,
     tracking_uri: str | None = None,
 ) -> TrackedRun | None:
     """Open the run of ``model`` for the train stage (rank 0 only, else None).
 
-    Reopens the run named in ``out_dir/run_id.txt`` when it exists in the store (a
-    resumed training keeps its curves), otherwise creates one and writes its id there.
+    ``resume``: reopen the run named in ``out_dir/run_id.txt`` when it exists in the store
+    (a resumed training keeps its curves). Otherwise, or when there is no such run, create
+    a fresh run and write its id there.
     Logs the flattened ``params`` and the tags model, stage, git commit and DVC
     experiment name.
     """
@@ -179,7 +183,7 @@ def start_training_run(
         return None
     client = _client(tracking_uri)
     exp_id = _experiment_id(client, experiment, None)
-    found = _existing_run(client, read_run_id(out_dir))
+    found = _existing_run(client, read_run_id(out_dir)) if resume else None
     if found is not None and found.info.experiment_id == exp_id:
         run = TrackedRun(client, found.info.run_id, exp_id)
         client.update_run(run.run_id, status="RUNNING")
@@ -255,11 +259,23 @@ def log_epoch(run: TrackedRun | None, step: int, metrics: Mapping[str, float]) -
     log_metrics(run, metrics, step=step)
 
 
+def mlflow_key(name: str) -> str:
+    """``name`` as MLflow accepts it in a metric or param key: ASCII letters, digits and
+    ``_ - . / space``; accents are dropped (``"val_ïd (2)"`` -> ``"val_id _2_"``), anything else
+    becomes ``_``."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", ascii_name) or "_"
+
+
 def log_split_metrics(run: TrackedRun | None, table: pd.DataFrame) -> None:
-    """Final metrics of a long table (columns split, metric, value) as ``<split>/<metric>``."""
+    """Final metrics of a long table (columns split, metric, value) as ``<split>/<metric>``
+    (split names, which may come from file names, made safe with :func:`mlflow_key`)."""
     if run is None:
         return
-    metrics = {f"{r.split}/{r.metric}": float(r.value) for r in table.itertuples(index=False)}
+    metrics = {
+        f"{mlflow_key(str(r.split))}/{mlflow_key(str(r.metric))}": float(r.value)
+        for r in table.itertuples(index=False)
+    }
     log_metrics(run, metrics, step=0)
 
 

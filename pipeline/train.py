@@ -23,6 +23,7 @@ from forcenet.atomic import atomic_write
 from forcenet.config import ConfigError, parse, unknown_keys_message
 from forcenet.data.graphs import GraphSettings, read_graph_settings
 from forcenet.models import hyperparameters
+from forcenet.outdir import exclusive_folder, prepare_run_folder
 from forcenet.train import TrainConfig
 from pipeline import stage, tracking
 from pipeline.params import MODEL_NAMES, SHARED_TRAIN_KEYS, Params, load_params, model_name
@@ -93,17 +94,43 @@ def check_graphs(params: Params, graphs_dir: Path) -> GraphSettings:
 
 
 def train_model(
-    name: str, params: Params, *, frames: Path, graphs: Path, out: Path, resume: bool
+    name: str,
+    params: Params,
+    *,
+    frames: Path,
+    graphs: Path,
+    out: Path,
+    resume: bool,
+    overwrite: bool = False,
 ) -> Path:
-    """Train model ``name`` on ``frames/train`` + ``graphs/train``; checkpoints in ``out``.
-    Returns the checkpoint to evaluate (``best.pt``)."""
-    from forcenet.train import fit
-
+    """Train model ``name`` on ``frames/train`` + ``graphs/train``; checkpoints in ``out``,
+    which one run at a time may use (rank 0 holds its lock). Returns the checkpoint to
+    evaluate (``best.pt``). A fresh run (not ``resume``) starts a fresh MLflow run and
+    refuses a folder holding an earlier run unless ``overwrite``."""
     cfg = train_config(params, name)
     kwargs = model_kwargs(params, name)
     check_graphs(params, graphs / "train")  # before any work: graphs built with params.graph
+    if not tracking.is_rank_zero():
+        return _train(name, params, cfg, kwargs, frames, graphs, out, resume)
+    with exclusive_folder(out):
+        prepare_run_folder(out, resume=resume, overwrite=overwrite)
+        return _train(name, params, cfg, kwargs, frames, graphs, out, resume)
+
+
+def _train(
+    name: str,
+    params: Params,
+    cfg: TrainConfig,
+    kwargs: dict[str, Any],
+    frames: Path,
+    graphs: Path,
+    out: Path,
+    resume: bool,
+) -> Path:
+    from forcenet.train import fit
+
     snap = snapshot(params, name)
-    run = tracking.start_training_run(model=name, params=snap, out_dir=out)
+    run = tracking.start_training_run(model=name, params=snap, out_dir=out, resume=resume)
     history = History(out, resume=resume) if tracking.is_rank_zero() else None
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
@@ -136,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--frames", type=Path, required=True, help="LMDB frame root holding train/")
     p.add_argument("--graphs", type=Path, required=True, help="graph root holding train/")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    mode.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in OUT (fresh run)"
+    )
     args = p.parse_args(argv)
     params = load_params(args.params)
     best = train_model(
@@ -146,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         graphs=args.graphs,
         out=args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
     )
     print(f"train {args.model}: done; checkpoint to evaluate: {best}")
 

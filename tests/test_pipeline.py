@@ -119,3 +119,125 @@ def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypa
         train_stage(args)
     assert not (tmp_path / "out").exists()  # no run, no checkpoint folder
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# ------------------------------------------------------------- one run per output folder
+
+
+def _tiny_stores(root: Path) -> None:
+    from test_train import make_frames
+
+    from forcenet.data import raw
+    from forcenet.data.graphs import build_graphs
+    from forcenet.data.preprocess import preprocess
+
+    raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
+    preprocess(root / "raw", root / "lmdb")
+    build_graphs(root / "lmdb", root / "graphs", cutoff=4.0, max_neighbors=12)
+
+
+def _tiny_params(tmp_path: Path) -> Path:
+    params = copy.deepcopy(PARAMS)
+    params["graph"] = {"cutoff": 4.0, "max_neighbors": 12}
+    params["model"]["gns"].update(hidden_channels=8, num_interactions=1, num_radial=4)
+    params["train"]["gns"].update(max_steps=3, eval_every=0, batch_size=4)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_a_fresh_run_never_reopens_or_mixes_with_an_earlier_one(tmp_path, monkeypatch):
+    """A second fresh run into the same folder is refused (it used to fail inside MLflow
+    with "Changing param values is not allowed"); --overwrite starts a fresh MLflow run;
+    --resume continues the same one."""
+    from pipeline.tracking import read_run_id
+    from pipeline.train import main as train_stage
+
+    root = tmp_path / "data"
+    _tiny_stores(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "out"
+    base = [
+        "gns",
+        "--out",
+        str(out),
+        "--frames",
+        str(root / "lmdb"),
+        "--graphs",
+        str(root / "graphs"),
+        "--params",
+        str(_tiny_params(tmp_path)),
+    ]
+    train_stage(base)
+    first = read_run_id(out)
+    with pytest.raises(FileExistsError, match=r"holds an earlier run .*--resume.*--overwrite"):
+        train_stage(base)
+    train_stage([*base, "--overwrite"])
+    second = read_run_id(out)
+    assert second != first
+    train_stage([*base, "--resume"])
+    assert read_run_id(out) == second
+
+
+def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """A split named after a file with non-ASCII characters reaches MLflow under a safe
+    key; when anything fails, no output that looks complete is left."""
+    import pandas as pd
+
+    import forcenet.checkpoint
+    import forcenet.evaluate
+    from pipeline import evaluate as stage
+    from pipeline import tracking
+
+    table = pd.DataFrame(
+        {
+            "model": "gns",
+            "split": ["vål_ïd", "vål_ïd"],
+            "metric": ["forces_mae", "forces_cos"],
+            "value": [0.1, 0.5],
+            "run_id": "",
+        }
+    )
+
+    def fake_evaluate(checkpoint, inputs, *, graphs, batch_size, predictions):
+        predictions.write_bytes(b"predictions")
+        return table.copy()
+
+    monkeypatch.setattr(forcenet.evaluate, "evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr(forcenet.checkpoint, "load_checkpoint", lambda p: {"model_name": "gns"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ckpt = tmp_path / "models" / "best.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"checkpoint")
+    outs = {k: tmp_path / f"out.{k}" for k in ("parquet", "json", "pred")}
+    args = [
+        str(ckpt),
+        str(tmp_path),
+        "--graphs",
+        str(tmp_path),
+        "--out",
+        str(outs["parquet"]),
+        "--metrics-json",
+        str(outs["json"]),
+        "--predictions",
+        str(outs["pred"]),
+        "--params",
+        str(ROOT / "params.yaml"),
+    ]
+    stage.main(args)
+    assert all(p.is_file() for p in outs.values())
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert runs[0].data.metrics["val_id/forces_mae"] == pytest.approx(0.1)
+
+    for p in outs.values():
+        p.unlink()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("artifact store unavailable")
+
+    monkeypatch.setattr(tracking, "log_artifacts", refuse)
+    with pytest.raises(RuntimeError, match="artifact store"):
+        stage.main(args)
+    assert not any(p.exists() for p in outs.values())
