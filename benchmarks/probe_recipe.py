@@ -53,7 +53,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a params key, e.g. model.forcenet.hidden_channels=128",
+        help="override a params key, e.g. model.hidden=128",
     )
     ap.add_argument("--name", required=True, help="the probe's name in the output")
     ap.add_argument("--threads", type=int, default=2)

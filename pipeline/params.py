@@ -98,10 +98,11 @@ class GraphConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``model``: constructor arguments per model. ``hidden`` (null = unset) is the short
-    alias of ForceNet's ``hidden_channels`` (``dvc exp run -S model.hidden=512``)."""
+    """``model``: constructor arguments per model. ``hidden`` is ForceNet's width, its
+    ``hidden_channels`` (``dvc exp run -S model.hidden=512``), kept out of
+    ``model.forcenet`` so that one key, shown by ``dvc exp show``, says the width."""
 
-    hidden: int | None
+    hidden: int
     forcenet: dict[str, Any]
     schnet: dict[str, Any]
     dimenetpp: dict[str, Any]

@@ -31,15 +31,23 @@ from pipeline.stage import HISTORY_FILE
 
 
 def model_kwargs(params: Params, name: str) -> dict[str, Any]:
-    """Constructor kwargs of model ``name``: ``model.<name>`` (with the ``model.hidden``
-    alias for ForceNet) plus ``graph.cutoff``; unknown arguments refused."""
+    """Constructor kwargs of model ``name``: ``model.<name>`` (for ForceNet with its width
+    ``model.hidden`` as ``hidden_channels``) plus ``graph.cutoff``; unknown arguments
+    refused."""
     kwargs = dict(getattr(params.model, model_name(name)))
     allowed = hyperparameters(name) - {"cutoff"}
+    if name == "forcenet":
+        allowed -= {"hidden_channels"}
+        if "hidden_channels" in kwargs:
+            raise ConfigError(
+                "model.forcenet.hidden_channels: ForceNet's width is model.hidden "
+                "(e.g. dvc exp run -S model.hidden=512)"
+            )
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ConfigError(unknown_keys_message(f"model.{name}", unknown, allowed))
-    if name == "forcenet" and params.model.hidden is not None:
-        kwargs["hidden_channels"] = int(params.model.hidden)
+    if name == "forcenet":
+        kwargs = {"hidden_channels": int(params.model.hidden), **kwargs}
     kwargs["cutoff"] = float(params.graph.cutoff)
     return kwargs
 

@@ -73,8 +73,10 @@ def test_wrong_values_name_their_key(dotted, value, message):
 
 
 def test_model_and_training_typos_are_refused_by_the_train_stage():
-    params = params_from_mapping(_with("model.forcenet.hiden_channels", 8))
-    with pytest.raises(ConfigError, match=r"'hiden_channels' \(did you mean 'hidden_channels'\?\)"):
+    params = params_from_mapping(_with("model.forcenet.num_interaction", 2))
+    with pytest.raises(
+        ConfigError, match=r"'num_interaction' \(did you mean 'num_interactions'\?\)"
+    ):
         model_kwargs(params, "forcenet")
     params = params_from_mapping(_with("train.gns.max_step", 8))
     with pytest.raises(ConfigError, match=r"train\.gns.*'max_step' \(did you mean 'max_steps'\?\)"):
