@@ -14,7 +14,7 @@ from ase.constraints import FixAtoms
 from ase.io import read
 from tiny import tiny_kwargs
 
-from forcenet.calculator import ForceNetCalculator
+from forcenet.calculator import ForceNetCalculator, ForcesOnlyError
 from forcenet.checkpoint import build_scaled_model, load_model, save_checkpoint
 from forcenet.data import keys as K
 from forcenet.data.batch import collate
@@ -22,13 +22,27 @@ from forcenet.data.dataset import sample_from_atoms
 
 OC20_JSON = Path(__file__).resolve().parent / "fixtures" / "oc20-slab-co-alcuse.json"
 CUTOFF, MAX_NEIGHBORS = 4.5, 12  # 12 < the fcc coordination + images: truncation is exercised
-TINY = {name: tiny_kwargs(name, cutoff=CUTOFF) for name in ("gns", "schnet")}
+TINY = {
+    name: tiny_kwargs(name, cutoff=CUTOFF) for name in ("forcenet", "gns", "schnet", "dimenetpp")
+}
 
 
-def write_tiny_checkpoint(path: Path, name: str, *, seed: int = 0, force_scale: float = 1.0):
-    """A tiny randomly initialised model saved as a real forcenet checkpoint."""
+def write_tiny_checkpoint(
+    path: Path, name: str, *, seed: int = 0, force_scale: float = 1.0, **overrides
+):
+    """A tiny randomly initialised model saved as a real forcenet checkpoint.
+
+    ``overrides`` change its constructor kwargs (e.g. ``energy_head=True`` for ForceNet).
+    Weight matrices initialised to zero (DimeNet++'s output layers) are redrawn from
+    N(0, 1/fan_in), so that every model predicts non-zero forces.
+    """
     torch.manual_seed(seed)
-    model = build_scaled_model(name, TINY[name])
+    kwargs = {**TINY[name], **overrides}
+    model = build_scaled_model(name, kwargs)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2 and not param.any():
+                param.normal_(0.0, param.shape[1] ** -0.5)
     model.force_scale.fill_(force_scale)
     model.energy_scale.fill_(force_scale)  # gradient models need equal scales
     model.energy_shift.fill_(-1.5)
@@ -37,7 +51,7 @@ def write_tiny_checkpoint(path: Path, name: str, *, seed: int = 0, force_scale: 
         {
             "format_version": 1,
             "model_name": name,
-            "model_kwargs": TINY[name],
+            "model_kwargs": kwargs,
             "model_state": model.state_dict(),
             "step": 0,
             "epoch": 0,
@@ -122,9 +136,33 @@ def test_force_only_model_has_no_energy(gns_ckpt: Path):
     assert calc.implemented_properties == ["forces"] and not calc.has_energy
     atoms = slab()
     atoms.calc = calc
-    with pytest.raises(PropertyNotImplementedError):
-        atoms.get_potential_energy()
+    # The project's error, not ASE's generic one: it names the checkpoint and the opt-in.
+    for force_consistent in (False, True):
+        with pytest.raises(ForcesOnlyError, match="predicts forces only") as err:
+            atoms.get_potential_energy(force_consistent=force_consistent)
+        assert str(gns_ckpt) in str(err.value) and "energy='zero'" in str(err.value)
+    assert issubclass(ForcesOnlyError, PropertyNotImplementedError)  # ASE's probes catch it
     assert atoms.get_forces().shape == (len(atoms), 3)
+
+
+def test_zero_energy_stand_in_is_explicit_and_only_for_force_only_models(
+    gns_ckpt: Path, tmp_path: Path
+):
+    calc = ForceNetCalculator.from_checkpoint(gns_ckpt, device="cpu", energy="zero")
+    atoms = slab()
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == 0.0 and not calc.has_energy
+    default = ForceNetCalculator.from_checkpoint(gns_ckpt, device="cpu")
+    forces = atoms.get_forces(apply_constraint=False)
+    np.testing.assert_array_equal(forces, default.get_forces(atoms))  # untouched by the mode
+    calc.set_results(atoms, {"forces": np.zeros((len(atoms), 3))})  # relax's batched path
+    assert calc.results["energy"] == 0.0
+    schnet = tmp_path / "schnet.pt"
+    write_tiny_checkpoint(schnet, "schnet")
+    with pytest.raises(ValueError, match="predicts an energy"):
+        ForceNetCalculator.from_checkpoint(schnet, device="cpu", energy="zero")
+    with pytest.raises(ValueError, match="energy must be one of"):
+        ForceNetCalculator.from_checkpoint(gns_ckpt, device="cpu", energy="head")  # type: ignore[arg-type]
 
 
 def test_predict_many_equals_one_by_one(gns_ckpt: Path):
