@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         table["run_id"] = run.run_id if run is not None else (run_id or "")
         tracking.log_split_metrics(run, table)  # before the tables: MLflow may refuse
         write_table(table, args.out)
-        write_metrics_json(table, args.metrics_json)
+        write_metrics_json(stage.dvc_metrics(table), args.metrics_json)
         artifacts = [args.out, args.predictions, args.checkpoint]
         tracking.log_artifacts(run, artifacts, artifact_path="evaluation")
     except BaseException:

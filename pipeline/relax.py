@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_id = tracking.read_run_id(args.checkpoint.parent)
     long = metrics_long_table(aggregate, run_id)
     write_table(long, args.table)
-    write_metrics_json(long, args.metrics_json)
+    write_metrics_json(stage.dvc_metrics(long), args.metrics_json)
     name = str(aggregate["model"].iloc[0])
     run = tracking.attach_run(model=name, run_id=run_id, stage="relax")
     tracking.log_split_metrics(run, long)

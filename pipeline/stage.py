@@ -10,10 +10,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline.params import PARAMS_FILE
 
 #: The learning curve the train stage writes into its output folder (read by the report).
 HISTORY_FILE = "history.csv"
+#: The few figures per split that the DVC metrics files hold, for `dvc exp show` and
+#: `dvc metrics diff` (the full tables, throughput and counts included, are the Parquet
+#: files under reports/eval and reports/relax).
+DVC_METRICS = (
+    "forces_mae",
+    "forces_mae_surface",
+    "forces_mae_adsorbate",
+    "forces_cos",
+    "energy_mae",
+    "train_steps",
+    "train_seconds",
+    "adwt",
+    "fbt_oracle",
+    "oracle_delta_e_median",
+)
+
+
+def dvc_metrics(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a long metrics table that go into its DVC metrics JSON."""
+    return table[table.metric.isin(DVC_METRICS)]
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ before they start work."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -194,9 +195,9 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     table = pd.DataFrame(
         {
             "model": "gns",
-            "split": ["vål_ïd", "vål_ïd"],
-            "metric": ["forces_mae", "forces_cos"],
-            "value": [0.1, 0.5],
+            "split": ["vål_ïd"] * 3,
+            "metric": ["forces_mae", "forces_cos", "inference_graphs_per_s"],
+            "value": [0.1, 0.5, 1234.0],
             "run_id": "",
         }
     )
@@ -228,6 +229,11 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     ]
     stage.main(args)
     assert all(p.is_file() for p in outs.values())
+    # the DVC metrics file holds the figures a user compares, not throughput or counts
+    assert json.loads(outs["json"].read_text()) == {
+        "vål_ïd": {"forces_mae": 0.1, "forces_cos": 0.5}
+    }
+    assert len(pd.read_parquet(outs["parquet"])) == 3
     import mlflow
 
     runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])

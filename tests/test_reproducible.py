@@ -131,9 +131,8 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     params = yaml.safe_load(open("params.yaml"))
     params = copy.deepcopy(params)
     params["graph"] = GRAPH.as_dict()
-    params["model"]["forcenet"].update(
-        hidden_channels=16, num_interactions=2, decoder_hidden_channels=16, num_freqs=8
-    )
+    params["model"]["hidden"] = 16  # ForceNet's width
+    params["model"]["forcenet"].update(num_interactions=2, decoder_hidden_channels=16, num_freqs=8)
     params["train"]["forcenet"].update(max_steps=9, eval_every=4, batch_size=4)
     params["train"]["time_budget_s"] = 0
     path = tmp_path / "params.yaml"

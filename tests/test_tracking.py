@@ -108,16 +108,26 @@ def test_train_then_evaluate_share_one_run(store, in_repo, monkeypatch):
     assert list((in_repo / "mlartifacts").rglob("last.pt"))
 
 
-def test_resumed_training_reopens_the_same_run(store, in_repo):
+def test_resumed_training_reopens_the_same_run_and_a_fresh_one_does_not(store, in_repo):
     out_dir = in_repo / "ckpt"
     first = tracking.start_training_run(
         model="gns", params={"a": 1}, out_dir=out_dir, experiment="t2", tracking_uri=store
     )
     tracking.finish_run(first, status="KILLED")
     again = tracking.start_training_run(
-        model="gns", params={"a": 1}, out_dir=out_dir, experiment="t2", tracking_uri=store
+        model="gns",
+        params={"a": 1},
+        out_dir=out_dir,
+        resume=True,
+        experiment="t2",
+        tracking_uri=store,
     )
     assert again.run_id == first.run_id
+    fresh = tracking.start_training_run(
+        model="gns", params={"a": 2}, out_dir=out_dir, experiment="t2", tracking_uri=store
+    )
+    assert fresh.run_id != first.run_id  # a fresh run never reopens (or changes) the old one
+    assert tracking.read_run_id(out_dir) == fresh.run_id
 
 
 def test_non_zero_rank_logs_nothing(store, in_repo, monkeypatch):
