@@ -144,6 +144,12 @@ def test_model_list_is_one_list():
     assert dvc_models == list(MODEL_NAMES)
     assert [m for m in params["model"] if m != "hidden"] == list(MODEL_NAMES)
     assert list(params["train"])[-len(MODEL_NAMES) :] == list(MODEL_NAMES)
+    # the learning-curve plots show every model's history, against optimizer steps
+    for plot in _dvc()["plots"]:
+        if isinstance(plot, dict):
+            (spec,) = plot.values()
+            assert spec["x"] == "step"
+            assert list(spec["y"]) == [f"data/models/{m}/history.csv" for m in MODEL_NAMES]
 
 
 if __name__ == "__main__":  # print the deps each stage needs, for dvc.yaml
