@@ -1,14 +1,16 @@
 """Training as plain functions: ``train_step``, ``evaluate``, ``fit``.
 
 ``fit`` trains one model on the training split minus a *dev slice* (a deterministic
-fraction of the training systems, by ``sid``) that drives model selection (``best.pt``)
-and diagnostics; the validation splits are never touched here. It checkpoints every epoch
+fraction of the training systems, by ``sid``, or of the frames when there are fewer than
+``MIN_DEV_SYSTEMS`` systems) that drives model selection (``best.pt``) and diagnostics; the validation splits are never touched here. It checkpoints every epoch
 and at the end of the budget (``out_dir/last.pt``; ``best.pt`` by dev force MAE,
 ``forces_mae``), resumes exactly (step counter, epoch, position inside the epoch, RNG
 states) and runs under torchrun (DDP). The budget is a number of optimizer steps
 (``max_steps``), so that the same params, seed and thread count give the same weights
 whatever else the machine is doing; an epoch cap and an opt-in wall-clock cap end a run
-earlier if they bind first.
+earlier if they bind first. A NaN or infinite training loss, gradient norm or dev MAE
+stops the run with a :class:`NonFiniteError` naming the step and the metric; ``last.pt``
+then still holds the last good evaluation's state.
 
 The hyperparameters are a :class:`forcenet.train_config.TrainConfig`; the dev slice and
 the label normalisation (buffers of the :class:`forcenet.checkpoint.ScaledModel` wrapper,
@@ -18,6 +20,7 @@ so the saved model predicts physical units) are in :mod:`forcenet.train_data`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,12 +43,35 @@ from forcenet.metrics import OC20Metrics
 from forcenet.runtime import tune_malloc
 from forcenet.schedule import budget_progress, lr_factor, total_steps
 from forcenet.train_config import TrainConfig, make_loss
-from forcenet.train_data import dataset_size, dev_split, read_sids
+from forcenet.train_data import (
+    MIN_DEV_SYSTEMS,
+    dataset_size,
+    describe_element_energies,
+    dev_split,
+    dev_split_by_frame,
+    read_sids,
+)
 from forcenet.train_state import Progress, start_training
 
-__all__ = ["EpochCallback", "TrainConfig", "evaluate", "fit", "fit_datasets", "train_step"]
+__all__ = [
+    "EpochCallback",
+    "NonFiniteError",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "fit_datasets",
+    "train_step",
+]
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+#: Dev metrics that must stay finite (a NaN here means the model or the data diverged).
+CHECKED_METRICS = ("forces_mae", "energy_mae", "train_loss")
+
+
+class NonFiniteError(FloatingPointError, RuntimeError):
+    """A NaN or infinite training loss or dev metric; the message names the step (and the
+    metric). A RuntimeError too, so the CLI and the pipeline stages print it as one line."""
 
 
 def train_step(
@@ -62,6 +88,8 @@ def train_step(
     Under DDP the loss denominators (total atom weight, number of structures) are summed
     over ranks, so the averaged gradient equals that of one global weighted mean.
     ``amp``: bf16 autocast (CUDA only). ``clip_grad`` > 0 clips the global gradient norm.
+    A non-finite loss or gradient norm raises :class:`NonFiniteError` before the optimizer
+    step, so the weights stay those of the last good step.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -75,11 +103,13 @@ def train_step(
     weights = D.all_reduce_sum(local) / world  # DDP averages gradients over ranks
     loss = loss_fn.combine(terms, {n: weights[k].float() for k, n in enumerate(names)})
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss {loss.item()}")
+        raise NonFiniteError(f"non-finite training loss {loss.item()}")
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = clip_grad if clip_grad > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not torch.isfinite(grad_norm):  # a finite loss can still have a NaN gradient
+        raise NonFiniteError(f"non-finite gradient norm {float(grad_norm)}")
     optimizer.step()
     diag = {"loss": float(loss.detach())}
     for k, n in enumerate(names):
@@ -130,7 +160,9 @@ def fit(
 ) -> Path:
     """Train ``model_name`` on the frame store ``train_dir`` (+ graphs ``graphs_dir``).
 
-    The dev slice (``cfg.dev_fraction`` of the training systems) is carved out here. The
+    The dev slice (``cfg.dev_fraction`` of the training systems, or of the frames when
+    there are fewer than ``MIN_DEV_SYSTEMS`` systems, said in one log line) is carved out
+    here. The
     settings the graphs were built with (read from the graph store) are recorded in the
     checkpoint. Returns the path of ``best.pt`` (lowest dev force MAE; ``last.pt`` when
     there is no dev slice). See :func:`fit_datasets` for the rest.
@@ -139,6 +171,11 @@ def fit(
 
     sids = read_sids(Path(train_dir))
     train_idx, dev_idx = dev_split(sids, cfg.dev_fraction, cfg.seed)
+    if cfg.dev_fraction > 0 and dev_split_by_frame(sids) and os.environ.get("RANK", "0") == "0":
+        tqdm.write(
+            f"train {model_name}: {len(set(sids))} system(s) < {MIN_DEV_SYSTEMS}: the dev "
+            f"slice holds out {len(dev_idx)} of {len(sids)} frames, drawn by frame (seed {cfg.seed})"
+        )
     full = FrameDataset(Path(train_dir), Path(graphs_dir))
     if full.graph_settings is None:  # not reached: a dataset with graphs has their settings
         raise ValueError(f"{graphs_dir}: no graph settings")
@@ -199,6 +236,9 @@ def fit_datasets(
     steps_per_epoch = math.ceil(n_train / info.world_size) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"training set of {n_train} frames < batch_size {cfg.batch_size}")
+    if info.is_main:
+        tqdm.write(_start_line(model_name, cfg, model, n_train, n_dev, resumed=progress.step > 0))
+    saved_step: list[int] = []  # the step of the last.pt on disk (the last good state)
 
     def save(metrics: dict[str, float]) -> None:
         state = C.training_state(
@@ -213,6 +253,7 @@ def fit_datasets(
             base_lr=cfg.lr,
         )
         C.save_checkpoint(last, state)
+        saved_step[:] = [progress.step]
         if progress.best_metric is not None and metrics.get("forces_mae") == progress.best_metric:
             C.save_checkpoint(out_dir / "best.pt", state)
 
@@ -230,23 +271,39 @@ def fit_datasets(
     def out_of_time() -> bool:
         return cfg.time_budget_s > 0 and D.sync_max(_now() - clock0) >= cfg.time_budget_s
 
+    def kept() -> str:
+        """What a stop leaves on disk: last.pt is written only at good evaluations."""
+        if saved_step:
+            return f"{last} keeps the last good state (step {saved_step[0]})"
+        if last.is_file():
+            return f"{last} is unchanged (written before this run's first evaluation)"
+        return "no last.pt was written"
+
     while progress.step < budget and not out_of_time():
-        done = _train_epoch(
-            cfg,
-            net,
-            optimizer,
-            loss_fn,
-            train_set,
-            progress,
-            info,
-            steps_per_epoch,
-            budget,
-            clock0,
-            bar,
-        )
+        try:
+            done = _train_epoch(
+                cfg,
+                net,
+                optimizer,
+                loss_fn,
+                train_set,
+                progress,
+                info,
+                steps_per_epoch,
+                budget,
+                clock0,
+                bar,
+            )
+        except NonFiniteError as exc:
+            raise NonFiniteError(
+                f"train {model_name}: {exc} at step {progress.step + 1}; {kept()}"
+            ) from exc
         metrics = evaluate(model, dev_loader, device=info.device) if n_dev else {}
         metrics.update(done)
-        _record_eval(model_name, progress, metrics, steps_per_epoch)
+        try:
+            _record_eval(progress, metrics, steps_per_epoch)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"train {model_name}: {exc}; {kept()}") from exc
         if info.is_main:
             save(metrics)
         D.barrier()
@@ -256,22 +313,27 @@ def fit_datasets(
             bar.write(_progress_line(model_name, progress, budget, metrics))
     bar.close()
     best = out_dir / "best.pt"
-    return best if best.is_file() else last
+    if best.is_file():
+        return best
+    if n_dev:  # not reached: every finite dev force MAE is tracked and saved
+        raise RuntimeError(f"train {model_name}: a dev slice but no {best} was written")
+    if info.is_main:
+        tqdm.write(f"train {model_name}: no dev slice, so no best.pt: {last} is the checkpoint")
+    return last
 
 
-def _record_eval(
-    model_name: str, progress: Progress, metrics: dict[str, float], steps_per_epoch: int
-) -> None:
+def _record_eval(progress: Progress, metrics: dict[str, float], steps_per_epoch: int) -> None:
     """Close the epoch if it is complete, add ``epoch`` (fractional) to ``metrics`` and
-    track the best dev force MAE; a non-finite one stops training."""
+    track the best dev force MAE; a non-finite :data:`CHECKED_METRICS` one raises
+    :class:`NonFiniteError` naming it and the step, before anything is saved."""
+    bad = [k for k in CHECKED_METRICS if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        what = ", ".join(f"{'' if k == 'train_loss' else 'dev '}{k} is {metrics[k]}" for k in bad)
+        raise NonFiniteError(f"{what} at step {progress.step}")
     if progress.batches_in_epoch == steps_per_epoch:
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
     metrics["epoch"] = progress.epoch + progress.batches_in_epoch / steps_per_epoch
     mae = metrics.get("forces_mae")
-    if mae is not None and not math.isfinite(mae):
-        raise FloatingPointError(
-            f"train {model_name}: dev force MAE is {mae} at step {progress.step}"
-        )
     if mae is not None and (progress.best_metric is None or mae < progress.best_metric):
         progress.best_metric = mae
 
@@ -358,6 +420,25 @@ def _train_epoch(
         "graphs_per_s": n_graphs / max(_now() - t_start, 1e-9),
         "lr": lr if n_steps else 0.0,
     }
+
+
+def _start_line(
+    name: str, cfg: TrainConfig, model: C.ScaledModel, n_train: int, n_dev: int, *, resumed: bool
+) -> str:
+    """One plain line at the start: data sizes and the label normalisation in use."""
+    refs = {z: float(v) for z, v in enumerate(model.element_energies.tolist()) if v != 0.0}
+    parts = [
+        f"train {name}: {'resumed, ' if resumed else ''}{n_train} training frames, {n_dev} dev",
+        f"force scale {float(model.force_scale):.4g} eV/Å",
+        f"energy reference {cfg.energy_reference}",
+    ]
+    if refs:
+        source = "given" if cfg.element_energies else "fitted"
+        parts.append(f"e_Z ({source}) {describe_element_energies(refs)}")
+    parts.append(
+        f"energy shift {float(model.energy_shift):.6g} eV, scale {float(model.energy_scale):.4g} eV"
+    )
+    return ", ".join(parts)
 
 
 def _progress_line(name: str, progress: Progress, budget: int, metrics: dict) -> str:

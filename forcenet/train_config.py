@@ -5,16 +5,20 @@ run-config file of ``forcenet train --config`` (:func:`load_run_config`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from ase.data import atomic_numbers
 
 from forcenet import checkpoint as C
 from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
 from forcenet.schedule import LrDecay
+
+#: How energies are referenced before normalisation (see :class:`TrainConfig`).
+EnergyReference = Literal["mean", "per_element"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,14 @@ class TrainConfig:
     ``energy_coef`` x L1 on normalised energies for models with an energy.
     ``clip_grad`` [normalised units] 0 = off. ``rotation_augment``: a random SO(3) rotation
     of every training structure (pos, cell, forces) at each draw. ``amp``: bf16 autocast,
-    CUDA and direct-force models only. ``dev_fraction``: share of training systems held out.
+    CUDA and direct-force models only. ``dev_fraction``: share of training systems held out
+    (of frames when there are fewer than ``forcenet.train_data.MIN_DEV_SYSTEMS`` systems).
+    ``energy_reference``: how energies are referenced before normalisation: ``"mean"``
+    (one per-structure mean, for energies already referenced, e.g. adsorption energies)
+    or ``"per_element"`` (E ~ sum_Z n_Z e_Z fitted on the training split by least squares,
+    then the residual's mean/std, for raw total energies of mixed compositions).
+    ``element_energies`` [eV by element symbol]: given e_Z, used instead of the fit
+    (``per_element`` only; every training element needs one).
     """
 
     lr: float = 2e-3
@@ -66,6 +77,8 @@ class TrainConfig:
     dev_fraction: float = 0.1
     num_workers: int = 0
     seed: int = 0
+    energy_reference: EnergyReference = "per_element"
+    element_energies: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = {
@@ -82,6 +95,22 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid TrainConfig: need {', '.join(bad)}")
+        if self.energy_reference not in ("mean", "per_element"):
+            raise ValueError(
+                f"invalid TrainConfig: energy_reference {self.energy_reference!r}, "
+                "expected 'mean' or 'per_element'"
+            )
+        if self.element_energies and self.energy_reference != "per_element":
+            raise ValueError(
+                "invalid TrainConfig: element_energies are given but energy_reference is "
+                f"{self.energy_reference!r} (they need 'per_element')"
+            )
+        unknown = sorted(set(self.element_energies) - set(atomic_numbers))
+        if unknown:
+            raise ValueError(f"invalid TrainConfig: element_energies: unknown elements {unknown}")
+        object.__setattr__(
+            self, "element_energies", {str(k): float(v) for k, v in self.element_energies.items()}
+        )
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         object.__setattr__(self, "tag_weights", tuple(float(w) for w in self.tag_weights))
 

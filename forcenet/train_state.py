@@ -38,14 +38,18 @@ def start_training(
     device: torch.device,
 ) -> tuple[C.ScaledModel, torch.optim.Optimizer, Progress]:
     """The model (on ``device``), optimizer and progress to train from: new ones (seeded
-    by ``cfg.seed``, label scales from ``train_set``), or with ``resume`` those of the
+    by ``cfg.seed``, label scales and energy references (``cfg.energy_reference``) from
+    ``train_set``), or with ``resume`` those of the
     checkpoint ``last`` when it exists (with its RNG states restored)."""
     ckpt = C.load_checkpoint(last) if resume and last.is_file() else None
     torch.manual_seed(cfg.seed)
     model = C.build_scaled_model(model_name, model_kwargs)
     progress = Progress()
     if ckpt is None:
-        set_scales(model, label_stats(train_set))
+        stats = label_stats(
+            train_set, reference=cfg.energy_reference, element_energies=cfg.element_energies
+        )
+        set_scales(model, stats)
     else:
         check_same_model(last, ckpt, model_name, model_kwargs)
         model.load_state_dict(ckpt["model_state"])

@@ -21,6 +21,45 @@ def fixed_mask(atoms: Atoms) -> np.ndarray:
     return fixed
 
 
+#: Highest atomic number a frame may hold: the models' per-element tables (embeddings,
+#: ForceNet's element properties) cover Z = 1..100.
+MAX_Z = 100
+#: Closest two atoms may be (Å). Closer pairs (duplicate positions, unit mix-ups) are
+#: refused: a neighbor list would drop a zero-length edge silently, and the models'
+#: radial bases are singular or meaningless there.
+MIN_DISTANCE = 0.1
+
+
+def close_pair(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[int, int, float] | None:
+    """A pair of atoms (i < j, distance in Å) closer than :data:`MIN_DISTANCE`,
+    periodic images included (minimum image along periodic directions), or None.
+
+    Exact for cells whose widths exceed 2 * MIN_DISTANCE (an atom's own images are not
+    checked); done in blocks of rows, so a large structure needs O(N) memory per block.
+    """
+    pos = np.asarray(pos, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    cell = np.asarray(cell, dtype=np.float64)
+    periodic = bool(pbc.any())
+    # fractional coordinates along the cell when periodic (the cell has volume: validated)
+    coords = np.linalg.solve(cell.T, pos.T).T if periodic else pos  # [N, 3]
+    n, block = len(pos), 128
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))  # [B]
+        diff = coords[None, :] - coords[rows, None]  # [B, N, 3]
+        if periodic:
+            diff[..., pbc] -= np.round(diff[..., pbc])
+            diff = diff @ cell
+        d2 = np.einsum("bnk,bnk->bn", diff, diff)  # [B, N]
+        d2[np.arange(len(rows)), rows] = np.inf  # not an atom with itself
+        k = int(np.argmin(d2))
+        r, c = divmod(k, n)
+        if d2[r, c] < MIN_DISTANCE**2:
+            i, j = sorted((int(rows[r]), c))
+            return i, j, float(np.sqrt(d2[r, c]))
+    return None
+
+
 class FrameError(ValueError):
     """A frame that is not physically usable; the message names the file and record."""
 
@@ -79,12 +118,22 @@ class Frame:
             if not np.isfinite(getattr(self, name)):
                 raise FrameError(f"{where}: {name} is not finite")
         z = self.atomic_numbers
-        if np.any(z < 1) or np.any(z > 118):
-            raise FrameError(f"{where}: atomic number outside 1..118: {sorted(set(z.tolist()))}")
+        if np.any(z < 1) or np.any(z > MAX_Z):
+            bad = sorted(set(z[(z < 1) | (z > MAX_Z)].tolist()))
+            raise FrameError(
+                f"{where}: atomic number outside 1..{MAX_Z} (the models' element range): {bad}"
+            )
         if np.any(self.pbc):
             vol = abs(float(np.linalg.det(self.cell)))
             if vol < 1e-6:
                 raise FrameError(f"{where}: periodic cell has zero volume")
+        pair = close_pair(self.pos, self.cell, self.pbc)
+        if pair is not None:
+            i, j, d = pair
+            raise FrameError(
+                f"{where}: atoms {i} and {j} are {d:.3g} Å apart, closer than the minimum "
+                f"distance {MIN_DISTANCE} Å (duplicate positions?)"
+            )
 
     def to_record(self) -> dict[str, np.ndarray]:
         """The LMDB frame record (see :mod:`forcenet.data.keys`)."""

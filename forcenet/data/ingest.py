@@ -11,6 +11,11 @@ same as for OC20. Conventions for what the files may lack:
   (a file is taken to be one structure sequence, e.g. a relaxation trajectory);
 * ``fid``: ``atoms.info["fid"]`` if present, else the structure's index in its file;
 * molecules (``pbc`` all False) may have a zero cell.
+
+Refused, naming the file and structure index (:meth:`forcenet.data.frame.Frame.validate`):
+missing labels, non-finite numbers, atomic numbers outside 1..100 (the models' element
+tables), two atoms closer than 0.1 Å (``MIN_DISTANCE``: duplicate positions), a periodic
+cell without volume.
 """
 
 from __future__ import annotations

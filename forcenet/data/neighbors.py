@@ -6,6 +6,10 @@ Rules (tested against ASE's neighbor list in ``tests/data/test_neighbors.py``):
   periodic images along every periodic direction are found, however many cell
   repeats the cutoff spans (small and skewed cells included). Self-pairs at zero
   distance are dropped; an atom's own periodic images are kept.
+* Two distinct atoms (or an atom and another's periodic image) closer than
+  :data:`forcenet.data.frame.MIN_DISTANCE` (0.1 Å) are refused with a
+  :class:`NeighborListError` naming both atoms (duplicate positions would otherwise be
+  a zero-length edge, dropped silently); callers add the file and record.
 * Non-periodic directions (``pbc`` False) get no images; ``pbc`` all False is a
   molecule in free space.
 * Truncation: for each centre i, edges are sorted by distance and the first
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import vesin
+
+from forcenet.data.frame import MIN_DISTANCE
 
 
 class NeighborListError(ValueError):
@@ -53,7 +59,16 @@ def neighbor_list(
     i = i.astype(np.int64)
     j = j.astype(np.int64)
     shifts = np.asarray(shifts, dtype=np.int64).reshape(-1, 3)
-    keep = dist > 1e-8
+    self_pair = (i == j) & ~shifts.any(axis=1)
+    close = (dist < MIN_DISTANCE) & ~self_pair
+    if close.any():
+        k = int(np.argmax(close))
+        a, b = sorted((int(i[k]), int(j[k])))
+        raise NeighborListError(
+            f"atoms {a} and {b} are {float(dist[k]):.3g} Å apart, closer than the minimum "
+            f"distance {MIN_DISTANCE} Å (duplicate positions?)"
+        )
+    keep = ~self_pair
     i, j, shifts, dist = i[keep], j[keep], shifts[keep], dist[keep]
     if not pbc.all():
         shifts[:, ~pbc] = 0  # offsets along non-periodic directions are zero by construction

@@ -17,14 +17,13 @@ memory at a time, whatever the shard size (OC20 shards hold ~5000 frames).
 
 from __future__ import annotations
 
-import io
+import contextlib
 import itertools
 import lzma
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO
 
 from forcenet.atomic import atomic_write
 from forcenet.data.extxyz import (
@@ -98,22 +97,70 @@ def write_shard(directory: Path, k: int, frames: Iterable[Frame]) -> int:
 # --------------------------------------------------------------------------- reading
 
 
-class _Lines:
-    """Numbered line reader over a decompressing stream; decoder errors name the file."""
+_CHUNK = 1 << 20  # compressed bytes read at a time
 
-    def __init__(self, stream: IO[bytes], path: Path) -> None:
-        self.stream, self.path, self.lineno = stream, path, 0  # lineno = lines consumed
+
+def _xz_lines(path: Path) -> Generator[bytes, None, None]:
+    """The lines of an xz file (multi-stream too), every intact line before a defect.
+
+    ``lzma.open`` behind a read buffer can lose what it had decoded when the stream
+    ends early (a truncated file reported as broken at its first frame); decoding
+    chunk by chunk here yields each complete line first, then raises ``EOFError``
+    (truncated) or ``lzma.LZMAError`` (corrupt) where the data stop making sense. A
+    final line without its newline is kept only when the stream ended properly.
+    """
+    decoder, pending, data, fresh = lzma.LZMADecompressor(), b"", b"", False
+    with open(path, "rb") as fh:
+        while True:
+            if decoder.eof:  # a stream ended: another may follow (xz allows concatenation)
+                data = decoder.unused_data or fh.read(_CHUNK)
+                if not data:
+                    break
+                decoder, fresh = lzma.LZMADecompressor(), True
+            if decoder.needs_input and not data:
+                data = fh.read(_CHUNK)
+                if not data:
+                    raise EOFError("the file ends before the end-of-stream marker")
+            try:
+                text = decoder.decompress(data, _CHUNK * 8)
+            except lzma.LZMAError:
+                if fresh:  # padding or garbage after a complete stream: ignored, as lzma.open
+                    break
+                raise
+            data, fresh = b"", False
+            lines = (pending + text).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line + b"\n"
+    if pending:
+        yield pending
+
+
+class _Lines:
+    """Numbered line reader over an xz file; decoder errors name the file and line, and
+    the callers' ``what`` says which record was being read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.lineno = path, 0  # lineno = lines consumed
+        self._lines = _xz_lines(path)
 
     def read(self, count: int, what: str) -> list[bytes]:
         """Up to ``count`` lines (fewer at end of file)."""
+        lines: list[bytes] = []
         try:
-            lines = list(itertools.islice(self.stream, count))
+            lines.extend(itertools.islice(self._lines, count))
         except (EOFError, lzma.LZMAError) as exc:
+            self.lineno += len(lines)
             raise RawFormatError(
-                f"{self.path}: {what}: corrupt or truncated xz data after line {self.lineno} ({exc})"
+                f"{self.path}: {what}, line {self.lineno + 1}: corrupt or truncated xz data "
+                f"({exc}); the {self.lineno} lines before it are intact"
             ) from exc
         self.lineno += len(lines)
         return lines
+
+    def close(self) -> None:
+        """Close the file now (a reader abandoned mid-shard does not wait for the GC)."""
+        self._lines.close()
 
 
 def sidecar_path(xyz_path: Path) -> Path:
@@ -145,10 +192,17 @@ def _sidecar_row(txt: _Lines, xyz_path: Path, index: int) -> tuple[int, int, flo
         ) from None
 
 
+def _frame_what(index: int) -> str:
+    """What is being read, for a decoder error: the frame and the last intact one."""
+    last = f"the last good frame is {index - 1}" if index else "no frame before it"
+    return f"frame {index} ({last})"
+
+
 def _read_frame(xyz: _Lines, index: int) -> tuple[dict, dict, str] | None:
     """Header info, per-atom arrays and location of the next frame; None at end of file."""
+    what = _frame_what(index)
     while True:
-        head = xyz.read(1, f"frame {index}")
+        head = xyz.read(1, what)
         if not head:
             return None
         if head[0].strip():
@@ -161,8 +215,8 @@ def _read_frame(xyz: _Lines, index: int) -> tuple[dict, dict, str] | None:
         raise RawFormatError(f"{where}: expected an atom count, got {head[0][:80]!r}") from None
     if n < 1:
         raise RawFormatError(f"{where}: atom count {n} must be positive")
-    comment = xyz.read(1, f"frame {index}")
-    lines = xyz.read(n, f"frame {index}")
+    comment = xyz.read(1, what)
+    lines = xyz.read(n, what)
     if not comment or len(lines) < n:
         raise RawFormatError(f"{where}: file ends inside the frame (expected {n} atom rows)")
     info = parse_comment(comment[0].decode("utf-8", "replace"), where)
@@ -181,12 +235,9 @@ def iter_shard(xyz_path: Path) -> Iterator[Frame]:
     txt_path = sidecar_path(xyz_path)
     if not txt_path.is_file():
         raise RawFormatError(f"{xyz_path}: sidecar {txt_path.name} is missing")
-    with (
-        io.BufferedReader(lzma.open(xyz_path, "rb"), buffer_size=1 << 20) as xyz_stream,
-        lzma.open(txt_path, "rb") as txt_stream,
-    ):
-        xyz, txt = _Lines(xyz_stream, xyz_path), _Lines(txt_stream, txt_path)
-        index = 0
+    xyz, txt = _Lines(xyz_path), _Lines(txt_path)
+    index = 0
+    with contextlib.closing(xyz), contextlib.closing(txt):
         while (parsed := _read_frame(xyz, index)) is not None:
             info, atoms, where = parsed
             sid, fid, reference = _sidecar_row(txt, xyz_path, index)

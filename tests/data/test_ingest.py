@@ -127,3 +127,28 @@ def test_failure_keeps_previous_output(tmp_path: Path) -> None:
     assert count_frames(out / "train") == 3
     with pytest.raises(IngestError, match=r"missing\.xyz: ASE cannot read"):
         ingest_files({"train": [tmp_path / "missing.xyz"]}, out)
+
+
+def test_atomic_number_above_100_names_file_and_structure(tmp_path: Path) -> None:
+    """Z > 100 used to pass ingest and fail only inside a model, naming no file."""
+    rng = np.random.default_rng(3)
+    heavy = water(rng, -3.0)
+    heavy.numbers[0] = 101  # mendelevium: beyond the models' element tables
+    path = tmp_path / "heavy.extxyz"
+    ase.io.write(path, [water(rng, -1.0), heavy])
+    with pytest.raises(IngestError, match=r"heavy\.extxyz: structure 1: atomic number .*\[101\]"):
+        ingest_files({"train": [path]}, tmp_path / "raw")
+    assert not (tmp_path / "raw" / "train").exists()
+
+
+def test_atoms_at_one_position_name_file_structure_and_atoms(tmp_path: Path) -> None:
+    """Two atoms at one position used to be dropped silently as a zero-length edge."""
+    rng = np.random.default_rng(4)
+    dup = water(rng, -3.0)
+    dup.positions[2] = dup.positions[0]
+    path = tmp_path / "dup.extxyz"
+    ase.io.write(path, [water(rng, -1.0), water(rng, -2.0), dup])
+    with pytest.raises(
+        IngestError, match=r"dup\.extxyz: structure 2: atoms 0 and 2 are 0 Å apart.*0\.1 Å"
+    ):
+        ingest_files({"train": [path]}, tmp_path / "raw")

@@ -151,3 +151,26 @@ def test_bad_cutoff_rejected(cutoff):
 def test_bad_max_neighbors_rejected(max_neighbors):
     with pytest.raises(NeighborListError, match="max_neighbors"):
         neighbor_list(np.zeros((2, 3)), np.eye(3) * 5, [True] * 3, 3.0, max_neighbors)
+
+
+@pytest.mark.parametrize(
+    ("pos", "pbc", "distance"),
+    [
+        ([[1.0, 1.0, 1.0], [3.0, 1.0, 1.0], [1.0, 1.0, 1.0]], [True] * 3, "0"),  # duplicate
+        ([[0.02, 1.0, 1.0], [3.0, 1.0, 1.0], [4.98, 1.0, 1.0]], [True] * 3, "0.04"),  # image
+        ([[1.0, 1.0, 1.0], [3.0, 1.0, 1.0], [1.0, 1.05, 1.0]], [False] * 3, "0.05"),  # molecule
+    ],
+)
+def test_atoms_closer_than_minimum_distance_rejected(pos, pbc, distance):
+    """A duplicate position used to vanish as a dropped zero-length edge; now both atoms
+    are named (the callers add the file and record)."""
+    with pytest.raises(
+        NeighborListError, match=rf"atoms 0 and 2 are {distance} Å apart.*minimum distance 0\.1 Å"
+    ):
+        neighbor_list(np.array(pos), np.eye(3) * 5, pbc, 3.0, 10)
+
+
+def test_atom_own_periodic_image_is_kept_and_self_pair_dropped():
+    edge_index, offsets = neighbor_list(np.zeros((1, 3)), np.eye(3) * 2.5, [True] * 3, 3.0, 50)
+    assert edge_index.shape[1] == 6 and (edge_index == 0).all()  # the 6 images at 2.5 Å
+    assert not (offsets == 0).all(axis=1).any()

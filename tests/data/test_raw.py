@@ -185,8 +185,30 @@ def test_truncated_xz(tmp_path: Path, frames: list[Frame]) -> None:
     write_shard(tmp_path, 0, frames)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(RawFormatError, match=r"0\.extxyz\.xz: frame \d+: corrupt or truncated"):
+    with pytest.raises(RawFormatError, match=r"0\.extxyz\.xz: frame \d+ .*corrupt or truncated"):
         list(iter_shard(path))
+
+
+def test_truncated_xz_names_last_good_frame_and_line(tmp_path: Path) -> None:
+    """A cut shard yields every intact frame, then names the last good one and the line
+    (it used to blame frame 0: the read-ahead buffer dropped what had been decoded)."""
+    rng = np.random.default_rng(2)
+    frames = [make_frame(rng, i) for i in range(400)]
+    path = tmp_path / "0.extxyz.xz"
+    write_shard(tmp_path, 0, frames)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    read: list[Frame] = []
+    with pytest.raises(RawFormatError) as err:
+        read.extend(iter_shard(path))
+    good = len(read)
+    assert 100 < good < 300  # the frames before the cut came through
+    lines_per_frame = 7 + 2
+    message = str(err.value)
+    assert f"frame {good} (the last good frame is {good - 1})" in message
+    line = int(message.split(", line ")[1].split(":")[0])
+    assert good * lines_per_frame < line <= (good + 1) * lines_per_frame
+    assert "corrupt or truncated xz data" in message
 
 
 def test_sidecar_with_fewer_rows(tmp_path: Path) -> None:
@@ -232,6 +254,33 @@ def test_unknown_element(tmp_path: Path) -> None:
 def test_empty_file(tmp_path: Path) -> None:
     path = write_text(tmp_path, 0, "", [])
     with pytest.raises(RawFormatError, match=r"0\.extxyz\.xz: empty shard"):
+        list(iter_shard(path))
+
+
+def test_atomic_number_above_100_names_file_and_frame(tmp_path: Path) -> None:
+    """Z > 100 has no row in the models' element tables: refused when reading, not in a model."""
+    path = write_text(tmp_path, 0, frame_text() + frame_text("Md"), ["random1,frame0,0.0"] * 2)
+    with pytest.raises(RawFormatError, match=r"0\.extxyz\.xz: frame 1 .*outside 1\.\.100.*\[101\]"):
+        list(iter_shard(path))
+    rng = np.random.default_rng(0)
+    heavy = dataclasses.replace(make_frame(rng, 0), atomic_numbers=np.array([29] * 6 + [104]))
+    with pytest.raises(ValueError, match=r"frame 0: atomic number outside 1\.\.100"):
+        write_shard(tmp_path / "w", 0, [heavy])
+
+
+def test_atoms_at_the_same_position_name_frame_and_atoms(tmp_path: Path) -> None:
+    """Two atoms at one position (here through the periodic image: x = 0 and x = 4) are
+    refused naming the frame and both atoms, not dropped as a zero-length edge later."""
+    path = write_text(
+        tmp_path, 0, frame_text() + frame_text(pos="5 1 1"), ["random1,frame0,0.0"] * 2
+    )
+    with pytest.raises(
+        RawFormatError, match=r"0\.extxyz\.xz: frame 1 .*atoms 0 and 1 are 0 Å apart.*0\.1 Å"
+    ):
+        list(iter_shard(path))
+    close = frame_text(pos="1.05 1 1")  # 0.05 Å from atom 1: under the minimum distance
+    path = write_text(tmp_path, 1, close, ["random1,frame0,0.0"])
+    with pytest.raises(RawFormatError, match=r"frame 0 .*atoms 0 and 1 are 0\.05 Å apart"):
         list(iter_shard(path))
 
 
