@@ -22,33 +22,15 @@ from forcenet.data import store
 from forcenet.data.batch import collate
 from forcenet.data.frame import Frame, fixed_mask
 from forcenet.data.graphs import GraphSettings, graph_record, read_graph_settings
-from forcenet.data.manifest import MANIFEST, read_manifest
+from forcenet.data.manifest import require_manifest
 
 Sample = dict[str, np.ndarray]
 
 
 def _shard_entries(split_dir: Path, kind: str) -> list[dict[str, Any]]:
-    """``[{"name", "count", "digest", ("source_digest")}]`` from the manifest or shard metas."""
-    manifest = read_manifest(split_dir)
-    if manifest is not None:
-        if manifest.get("kind") != kind:
-            raise store.StoreError(
-                f"{split_dir / MANIFEST}: kind {manifest.get('kind')!r}, expected {kind!r}"
-            )
-        return list(manifest["shards"])
-    paths = store.list_lmdb(split_dir)
-    if not paths:
-        raise store.StoreError(f"{split_dir}: no {store.SUFFIX} shards and no manifest")
-    entries = []
-    for path in paths:
-        meta = store.read_meta(path)
-        if meta.get("kind") != kind:
-            raise store.StoreError(f"{path}: kind {meta.get('kind')!r}, expected {kind!r}")
-        entry = {"name": path.name, "count": int(meta["count"]), "digest": store.meta_digest(meta)}
-        if kind == store.KIND_GRAPHS:
-            entry["source_digest"] = meta["source"]["digest"]
-        entries.append(entry)
-    return entries
+    """``[{"name", "count", "digest", ("source_digest")}]`` from the split's current manifest
+    (a split without one is incomplete and refused, see :func:`require_manifest`)."""
+    return list(require_manifest(split_dir, kind)["shards"])
 
 
 def _check_pairing(frames_dir: Path, frames: list[dict], graphs_dir: Path, graphs: list[dict]):
@@ -72,12 +54,15 @@ def _check_pairing(frames_dir: Path, frames: list[dict], graphs_dir: Path, graph
 class FrameDataset(Dataset):
     """All frames of one split folder, optionally with their neighbor lists.
 
-    ``frames_dir``: a frame split folder (``<lmdb_root>/<split>``). ``graphs_dir``: the
-    matching graph split folder; its shards must pair up with the frame shards (same
+    ``frames_dir``: a frame split folder (``<lmdb_root>/<split>``), with a current
+    manifest (else :class:`forcenet.data.manifest.IncompleteSplitError` names the folder
+    and the file). ``graphs_dir``: the matching graph split folder, likewise with a
+    current manifest; its shards must pair up with the frame shards (same
     names and counts, built from the same frames) or a :class:`store.StoreError` names
     the files. ``graph_settings``: the cutoff and neighbor count those graphs were built
-    with (from the graph store; None without ``graphs_dir``). Rotation augmentation is applied to whole batches by the training loop
-    (:func:`forcenet.geometry.rotate_batch`), not here.
+    with (from the graph store; None without ``graphs_dir``). Rotation augmentation is
+    applied to whole batches by the training loop (:func:`forcenet.geometry.rotate_batch`),
+    not here.
     """
 
     def __init__(self, frames_dir: Path, graphs_dir: Path | None = None) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from forcenet.data import keys as K
 from forcenet.data import neighbors, store
 from forcenet.data.jobs import is_current, run_jobs, select_shards, split_dirs
-from forcenet.data.manifest import MANIFEST, read_manifest, summarise
+from forcenet.data.manifest import MANIFEST, read_manifest, require_manifest, summarise
 
 
 def graph_record(
@@ -76,8 +76,10 @@ def build_graphs(
     """Neighbor lists (``cutoff`` Å, at most ``max_neighbors`` per centre) for every frame shard.
 
     ``splits``: split folders of ``lmdb_root`` (default: every folder with ``.lmdb``
-    shards). ``workers``: parallel processes (1 = in this process). ``shard=(i, n)``: only
-    shards with ``k % n == i``; the manifest is written once all shards exist. Shards
+    shards), each refused unless its manifest is current (a preprocess run that was
+    killed, failed or is an unmerged job array leaves none). ``workers``: parallel
+    processes (1 = in this process). ``shard=(i, n)``: only shards with ``k % n == i``;
+    the graph manifest is written once all shards exist. Shards
     already built from the same frames with the same settings are skipped. Returns, per
     split, ``{"shards", "written", "skipped", "frames", "manifest"}``.
     """
@@ -85,9 +87,9 @@ def build_graphs(
     cutoff, max_neighbors = float(cutoff), int(max_neighbors)
     summary: dict[str, dict[str, Any]] = {}
     for split_dir in split_dirs(lmdb_root, splits, lambda d: bool(store.list_lmdb(d))):
-        inputs = store.list_lmdb(split_dir)
-        if not inputs:
-            raise store.StoreError(f"{split_dir}: no frame shards")
+        # the frame shards of a complete split only: never graphs of a partial one
+        frames = require_manifest(split_dir, store.KIND_FRAMES)
+        inputs = [split_dir / entry["name"] for entry in frames["shards"]]
         out_dir = Path(out_root) / split_dir.name
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST).unlink(missing_ok=True)

@@ -4,7 +4,8 @@ Accepts a raw split folder (``<k>.extxyz.xz`` shards), a raw root (several split
 folders), an LMDB split folder (frames or graphs) or an LMDB root. For each split it
 reports frames, atoms per frame, elements, tags, the fixed fraction, force statistics on
 free atoms, the energy range and, where a neighbor list exists, edges per atom: the
-numbers one checks before spending GPU hours on a dataset.
+numbers one checks before spending GPU hours on a dataset. An LMDB split without a
+current manifest (an interrupted or unmerged run) is refused, not summarised.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def _lmdb_samples(split_dir: Path, graphs_dir: Path | None) -> tuple[str, Iterat
     if not first:
         raise store.StoreError(f"{split_dir}: no {store.SUFFIX} shards")
     meta = store.read_meta(first[0])
+    # FrameDataset refuses a split (frames or graphs) without a current manifest
     if meta["kind"] == store.KIND_GRAPHS:
         dataset = FrameDataset(Path(meta["source"]["dir"]), split_dir)
     else:

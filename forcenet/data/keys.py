@@ -90,5 +90,6 @@ TRAIN = "train"
 VAL_SPLITS = ("val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
 SPLITS = (TRAIN, *VAL_SPLITS)
 
-#: Version of the on-disk record schema; bump when a field changes meaning.
-SCHEMA_VERSION = 1
+#: Version of the on-disk record schema; bump when a field or the record layout changes
+#: (2: a CRC-32 per record, see :mod:`forcenet.data.codec`).
+SCHEMA_VERSION = 2

@@ -1,7 +1,13 @@
 """Split manifests: ``<split>/manifest.json`` lists every shard (name, count, digest of
 its meta) once all of them exist and are current; the dataset reads it to map a global
-index to (shard, key) without opening every file. :func:`write_manifest` is also the
-"merge" step after a cluster job array.
+index to (shard, key). :func:`write_manifest` is also the "merge" step after a cluster
+job array.
+
+The manifest is what makes a split complete: preprocess and neighbors delete it before
+they start and write it last, so a run that was killed or failed leaves none, and every
+reader (:func:`require_manifest`: the graph stage, the dataset, training, evaluation,
+``data inspect``) refuses such a split instead of using the shards that happen to exist.
+A graph manifest is written only for a frame split that has a current manifest itself.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from forcenet.data.store import (
     meta_digest,
     read_meta,
     release,
+    writing,
 )
 
 MANIFEST = "manifest.json"
@@ -33,6 +40,60 @@ class MissingShardError(StoreError):
 
 class StaleShardError(StoreError):
     """A shard was built from an input that has changed since."""
+
+
+class IncompleteSplitError(StoreError):
+    """A split folder without a manifest: its run was interrupted, failed, or is unmerged."""
+
+
+class StaleManifestError(StoreError):
+    """A manifest that no longer lists exactly the shards in its folder."""
+
+
+_STAGE = {KIND_FRAMES: "forcenet preprocess", KIND_GRAPHS: "forcenet neighbors"}
+
+
+def _merge_command(split_dir: Path, kind: str) -> str:
+    return f"forcenet manifest {split_dir}" + (" --kind graphs" if kind == KIND_GRAPHS else "")
+
+
+def require_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
+    """The manifest of ``split_dir``, checked to be of ``kind`` and current: it lists
+    exactly the shards in the folder, each with the digest of its meta.
+
+    Raises :class:`IncompleteSplitError` without a manifest (naming the folder, the
+    file, and both ways out: rerun the stage, or merge a job array with
+    ``forcenet manifest``), :class:`StaleManifestError` if the shards changed since.
+    """
+    split_dir = Path(split_dir)
+    manifest = read_manifest(split_dir)
+    if manifest is None:
+        raise IncompleteSplitError(
+            f"{split_dir}: no {MANIFEST} ({split_dir / MANIFEST} is missing), so this {kind} "
+            f"split is incomplete: a `{_STAGE.get(kind, kind)}` run was interrupted or failed "
+            f"(rerun it), or a `--shard i/n` job array has not been merged (once every task "
+            f"has finished, run `{_merge_command(split_dir, kind)}`)"
+        )
+    if manifest.get("kind") != kind:
+        raise StoreError(
+            f"{split_dir / MANIFEST}: kind {manifest.get('kind')!r}, expected {kind!r}"
+        )
+    listed = [s["name"] for s in manifest["shards"]]
+    present = [p.name for p in list_lmdb(split_dir)]
+    if sorted(listed) != sorted(present):
+        raise StaleManifestError(
+            f"{split_dir / MANIFEST} does not match the shards in {split_dir} (missing: "
+            f"{sorted(set(listed) - set(present))[:10]}, not listed: "
+            f"{sorted(set(present) - set(listed))[:10]}); rerun `{_STAGE.get(kind, kind)}` "
+            f"or `{_merge_command(split_dir, kind)}`"
+        )
+    for entry in manifest["shards"]:
+        if meta_digest(read_meta(split_dir / entry["name"])) != entry["digest"]:
+            raise StaleManifestError(
+                f"{split_dir / entry['name']}: changed since {split_dir / MANIFEST} was "
+                f"written; rerun `{_STAGE.get(kind, kind)}` or `{_merge_command(split_dir, kind)}`"
+            )
+    return manifest
 
 
 def summarise(results, out_dir: Path, kind: str, shard) -> dict[str, Any]:
@@ -55,12 +116,16 @@ def summarise(results, out_dir: Path, kind: str, shard) -> dict[str, Any]:
 
 
 def _expected_names(meta: dict[str, Any], kind: str) -> list[str] | None:
-    """Output names the split should have, from the inputs still on disk (None if gone)."""
+    """Output names the split should have, from the inputs still on disk (None if gone).
+
+    For graphs, the shards of the frame split's (current) manifest: graphs of a frame
+    split that is itself incomplete get no manifest.
+    """
     src_dir = Path(meta["source"]["dir"])
+    if kind == KIND_GRAPHS:
+        return [s["name"] for s in require_manifest(src_dir, KIND_FRAMES)["shards"]]
     if not src_dir.is_dir():
         return None
-    if kind == KIND_GRAPHS:
-        return [p.name for p in list_lmdb(src_dir)]
     from forcenet.data import raw
 
     inputs = raw.list_shards(src_dir)
@@ -109,6 +174,9 @@ def write_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
         if meta.get("kind") != kind:
             raise StoreError(f"{path}: kind {meta.get('kind')!r}, expected {kind!r}")
         _check_current(path, meta, kind)
+    sources = {m["source"]["dir"] for m in metas}
+    if len(sources) != 1:
+        raise StoreError(f"{split_dir}: shards built from different folders {sorted(sources)}")
     names = [p.name for p in paths]
     _check_complete(split_dir, names, metas[0], kind)
     manifest: dict[str, Any] = {
@@ -129,7 +197,8 @@ def write_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
                 f"{split_dir}: shards built with different (cutoff, max_neighbors) {settings}"
             )
         manifest["cutoff"], manifest["max_neighbors"] = settings.pop()
-    write_text(split_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    with writing(split_dir / MANIFEST):
+        write_text(split_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
@@ -144,6 +213,8 @@ def read_manifest(split_dir: Path) -> dict[str, Any] | None:
         raise StoreError(f"{path}: corrupt manifest: {exc}") from exc
     if manifest.get("schema_version") != K.SCHEMA_VERSION:
         raise StoreError(
-            f"{path}: schema version {manifest.get('schema_version')}, expected {K.SCHEMA_VERSION}"
+            f"{path}: schema version {manifest.get('schema_version')}, expected "
+            f"{K.SCHEMA_VERSION}; rebuild the store: rerun `forcenet preprocess` and "
+            "`forcenet neighbors`, or `dvc repro`"
         )
     return manifest

@@ -4,8 +4,13 @@ Layout: ``<root>/<split>/<k>.lmdb`` (single file, ``subdir=False``), record keys
 ASCII integers ``"0", "1", ...`` in input order, values encoded by
 :mod:`forcenet.data.codec`, plus a ``__meta__`` key holding JSON::
 
-    {"kind": "frames" | "graphs", "schema_version": 1, "count": n,
+    {"kind": "frames" | "graphs", "schema_version": K.SCHEMA_VERSION, "count": n,
      "source": {...identity of the input...}, "split_shards": number of inputs in the split}
+
+Every record carries a checksum and is refused if damaged or not finite, at write and at
+read (:mod:`forcenet.data.codec`); errors name the file and the record. LMDB and disk
+errors become :class:`StoreError` (reading) or :class:`StoreWriteError` (writing; a
+full disk is :class:`DiskFullError`), naming the file, so the CLI prints one line.
 
 A shard is written to ``<k>.lmdb.tmp`` and renamed when complete, so a crash never
 leaves a file that looks finished (the fixed temporary name also lets the next run
@@ -20,10 +25,12 @@ parent's handle); reader objects pickle without the handle.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +48,23 @@ _INITIAL_MAP_SIZE = 64 << 20  # bytes; doubled on MapFullError
 _TXN_RECORDS = 256  # records per write transaction
 
 
+#: How to replace a damaged or outdated shard (a rerun skips shards whose meta is current).
+REBUILD_HINT = (
+    "delete it and rerun `forcenet preprocess` (frames) or `forcenet neighbors` (graphs), "
+    "or `dvc repro`"
+)
+
+
 class StoreError(ValueError):
     """A store file that cannot be used; the message names the file (and record)."""
+
+
+class StoreWriteError(OSError):
+    """A shard that could not be written (LMDB or disk error); the message names the file."""
+
+
+class DiskFullError(StoreWriteError):
+    """A shard that could not be written because the disk is full."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -110,8 +132,20 @@ class LmdbShard:
         state["_pid"] = -1
         return state
 
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn an LMDB error (e.g. ``MDB_CORRUPTED`` on a trashed page) into a
+        :class:`StoreError` naming this file and ``what`` was being read."""
+        try:
+            yield
+        except lmdb.Error as exc:
+            raise StoreError(
+                f"{self.path}: LMDB error reading {what}: {exc}; the file is damaged: "
+                f"{REBUILD_HINT}"
+            ) from exc
+
     def meta(self) -> dict[str, Any]:
-        with self._handle().begin() as txn:
+        with self._reading(META_KEY.decode()), self._handle().begin() as txn:
             raw = txn.get(META_KEY)
         if raw is None:
             raise StoreError(
@@ -124,7 +158,8 @@ class LmdbShard:
         if meta.get("schema_version") != K.SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: schema version {meta.get('schema_version')}, "
-                f"this code reads {K.SCHEMA_VERSION}; rebuild the store"
+                f"this code reads {K.SCHEMA_VERSION}; rebuild the store: rerun "
+                "`forcenet preprocess` and `forcenet neighbors`, or `dvc repro`"
             )
         return meta
 
@@ -133,19 +168,24 @@ class LmdbShard:
             raise StoreError(f"{self.path}: record {index} is missing")
         try:
             return codec.decode(raw)
+        except codec.RecordChecksumError as exc:
+            raise StoreError(f"{self.path}: record {index}: {exc}; {REBUILD_HINT}") from exc
         except codec.RecordDecodeError as exc:
             raise StoreError(f"{self.path}: record {index}: {exc}") from exc
 
     def get(self, index: int) -> dict[str, np.ndarray]:
-        """Record ``index`` as a dict of numpy arrays."""
-        with self._handle().begin(buffers=True) as txn:
-            return self._decode(index, txn.get(str(index).encode()))
+        """Record ``index`` as a dict of numpy arrays (checksum and finiteness verified)."""
+        with self._reading(f"record {index}"), self._handle().begin(buffers=True) as txn:
+            raw = txn.get(str(index).encode())
+            return self._decode(index, raw)
 
     def iter_records(self, count: int) -> Iterator[dict[str, np.ndarray]]:
         """Records 0 .. count-1 in order, in one read transaction."""
-        with self._handle().begin(buffers=True) as txn:
+        with self._reading("records"), self._handle().begin(buffers=True) as txn:
             for index in range(count):
-                yield self._decode(index, txn.get(str(index).encode()))
+                with self._reading(f"record {index}"):
+                    raw = txn.get(str(index).encode())
+                yield self._decode(index, raw)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -169,6 +209,49 @@ def list_lmdb(split_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- writing
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, lmdb.DiskError | lmdb.MapFullError)
+        or getattr(exc, "errno", None) == errno.ENOSPC
+        or "No space left on device" in str(exc)
+    )
+
+
+def _write_error(path: Path, exc: BaseException) -> StoreWriteError:
+    """The error to raise for ``exc`` (LMDB or OS) while writing ``path``."""
+    if _is_disk_full(exc):
+        return DiskFullError(f"{path}: the disk is full (no space left on device): {exc}")
+    if getattr(exc, "errno", None) == errno.EIO or "Input/output error" in str(exc):
+        return StoreWriteError(
+            f"{path}: input/output error while writing ({exc}); the disk may be full "
+            "or failing: check its free space"
+        )
+    return StoreWriteError(f"{path}: cannot write: {exc}")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn LMDB and OS errors inside the block into a :class:`StoreWriteError` naming
+    ``path`` (:class:`DiskFullError` when the disk is full)."""
+    try:
+        yield
+    except StoreWriteError:
+        raise
+    except (lmdb.Error, OSError) as exc:
+        raise _write_error(Path(path), exc) from exc
+
+
+def _encode(path: Path, index: int, record: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """``record`` encoded; a non-finite value names the shard, the record and its frame."""
+    try:
+        return codec.encode(record)
+    except codec.RecordEncodeError as exc:
+        frame = f"input {meta.get('source', {}).get('name', '?')}, entry {index}"
+        if K.SID in record and K.FID in record:
+            frame += f", sid {int(record[K.SID])} fid {int(record[K.FID])}"
+        raise StoreError(f"{path}: record {index} ({frame}): {exc}; nothing written") from exc
+
+
 def _put_all(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
     """Write ``items`` in one transaction, doubling the map size until they fit."""
     while True:
@@ -186,27 +269,32 @@ def write_shard(path: Path, records: Iterable[dict[str, np.ndarray]], meta: dict
 
     The file is built as ``<path>.tmp`` and renamed only after the last record and the
     meta are committed and synced; on any error the temporary file is removed and the
-    exception re-raised. Returns the number of records.
+    exception re-raised (LMDB and OS errors of the writing as :class:`StoreWriteError`
+    naming ``path``; a record with NaN/inf as :class:`StoreError`). Returns the number
+    of records.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    env = lmdb.open(str(tmp), subdir=False, map_size=_INITIAL_MAP_SIZE, lock=False, sync=False)
+    with writing(path):
+        tmp.unlink(missing_ok=True)
+        env = lmdb.open(str(tmp), subdir=False, map_size=_INITIAL_MAP_SIZE, lock=False, sync=False)
     try:
         count, pending = 0, []
         for record in records:
-            pending.append((str(count).encode(), codec.encode(record)))
+            pending.append((str(count).encode(), _encode(path, count, record, meta)))
             count += 1
             if len(pending) >= _TXN_RECORDS:
-                _put_all(env, pending)
+                with writing(path):
+                    _put_all(env, pending)
                 pending = []
         full_meta = {**meta, "count": count, "schema_version": K.SCHEMA_VERSION}
         pending.append((META_KEY, json.dumps(full_meta, sort_keys=True).encode()))
-        _put_all(env, pending)
-        env.sync(True)
-        env.close()
-        release(path)
-        os.replace(tmp, path)
+        with writing(path):
+            _put_all(env, pending)
+            env.sync(True)
+            env.close()
+            release(path)
+            os.replace(tmp, path)
     except BaseException:
         env.close()
         tmp.unlink(missing_ok=True)

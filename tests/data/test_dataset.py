@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from ase.build import fcc100
 from torch.utils.data import SequentialSampler
 
 from forcenet.data import keys as K
-from forcenet.data import preprocess, raw, store
+from forcenet.data import manifest, preprocess, raw, store
 from forcenet.data.batch import collate
 from forcenet.data.dataset import FrameDataset, make_loader, sample_from_atoms
 from forcenet.data.frame import Frame
@@ -134,6 +135,20 @@ def test_collate_offsets_edges_into_each_graphs_atoms(stores):
     assert float(vec.norm(dim=1).max()) <= CUTOFF + 1e-5
 
 
+def _hand_manifest(split_dir: Path, kind: str) -> None:
+    """A manifest listing whatever shards ``split_dir`` holds, as a hand-assembled store
+    would have (write_manifest refuses these incomplete or mixed folders)."""
+    metas = {p.name: store.read_meta(p) for p in store.list_lmdb(split_dir)}
+    shards = [
+        {"name": n, "count": m["count"], "digest": store.meta_digest(m)}
+        | ({"source_digest": m["source"]["digest"]} if kind == store.KIND_GRAPHS else {})
+        for n, m in metas.items()
+    ]
+    listing = {"kind": kind, "schema_version": K.SCHEMA_VERSION, "shards": shards}
+    listing |= {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS} if kind == "graphs" else {}
+    (split_dir / manifest.MANIFEST).write_text(json.dumps(listing))
+
+
 def test_graphs_of_other_frames_are_rejected(stores, tmp_path):
     with pytest.raises(store.StoreError, match="different shards"):
         FrameDataset(stores / "lmdb" / "train", stores / "graphs" / "val_id")
@@ -141,6 +156,7 @@ def test_graphs_of_other_frames_are_rejected(stores, tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     shutil.copy(stores / "graphs" / "train" / "0.lmdb", mixed / "0.lmdb")
+    _hand_manifest(mixed, store.KIND_GRAPHS)
     with pytest.raises(
         store.StoreError, match=r"val_id/0\.lmdb vs .*mixed/0\.lmdb: 3 frames but 5"
     ):
@@ -150,6 +166,7 @@ def test_graphs_of_other_frames_are_rejected(stores, tmp_path):
     frames.mkdir()
     meta = {"kind": "frames", "source": {"dir": "x", "name": "0", "files": []}, "split_shards": 1}
     store.write_shard(frames / "0.lmdb", [f.to_record() for f in _frames(5, 99, 0)], meta)
+    manifest.write_manifest(frames, store.KIND_FRAMES)
     with pytest.raises(store.StoreError, match="built from other frames"):
         FrameDataset(frames, mixed)
     with pytest.raises(store.StoreError, match="kind 'frames', expected 'graphs'"):

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from forcenet.data import keys as K
-from forcenet.data import store
+from forcenet.data import manifest, store
 from forcenet.data.batch import collate
 from forcenet.data.dataset import FrameDataset, sample_from_atoms
 from forcenet.data.frame import Frame
@@ -65,6 +65,7 @@ def _stored_sample(tmp_path: Path, frame: Frame, cutoff: float, max_neighbors: i
     source = {"dir": str(tmp_path / "nowhere"), "name": "0.extxyz.xz", "files": []}
     meta = {"kind": store.KIND_FRAMES, "source": source, "split_shards": 1}
     store.write_shard(frames_dir / "0.lmdb", [frame.to_record()], meta)
+    manifest.write_manifest(frames_dir, store.KIND_FRAMES)
     build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=cutoff, max_neighbors=max_neighbors)
     return FrameDataset(frames_dir, graphs_dir)[0]
 
