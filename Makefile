@@ -8,7 +8,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test lint bench clean-venv
+.PHONY: setup repro test lint bench exp show plots compare mlflow dvc clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,30 @@ lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+
+# The DVC and MLflow commands of the README, run inside the environment (so a stage never
+# starts without it), e.g. `make exp ARGS="-S model.hidden=128"`.
+ARGS ?=
+exp: setup
+	$(VENV)/bin/dvc exp run $(ARGS)
+
+# A screen-sized `dvc exp show`: ForceNet's width and its in-domain force MAE, overall and
+# on adsorbate atoms (`make compare` tabulates every model, experiment and split).
+show: setup
+	$(VENV)/bin/dvc exp show --no-pager --drop '.*' \
+	  --keep 'Experiment|model\.hidden|.*forcenet\.json:val_id\.forces_mae(_adsorbate)?$$' $(ARGS)
+
+plots: setup
+	$(VENV)/bin/dvc plots show $(ARGS)
+
+compare: setup
+	$(VENV)/bin/python -m pipeline.compare $(ARGS)
+
+mlflow: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db $(ARGS)
+
+dvc: setup
+	$(VENV)/bin/dvc $(ARGS)
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_data.py

@@ -52,12 +52,26 @@ def model_kwargs(params: Params, name: str) -> dict[str, Any]:
     return kwargs
 
 
+#: Data sources whose energies are already referenced (adsorption energies): the embedded
+#: EMT data (clean slab + gas-phase references) and OC20 S2EF (its reference energies).
+REFERENCED_SOURCES = ("emt", "oc20")
+
+
 def train_config(params: Params, name: str) -> TrainConfig:
-    """``train.<name>`` plus the shared keys, as a checked :class:`TrainConfig`."""
+    """``train.<name>`` plus the shared keys, as a checked :class:`TrainConfig`.
+
+    ``energy_reference: auto`` (the default when absent) picks ``mean`` for data whose
+    energies are already referenced (:data:`REFERENCED_SOURCES`) and ``per_element``
+    (least-squares e_Z on the training split) for your own files, whose raw total
+    energies differ by hundreds of eV between compositions.
+    """
     own = dict(getattr(params.train, model_name(name)))
     clash = sorted(set(own) & set(SHARED_TRAIN_KEYS))
     if clash:
         raise ConfigError(f"train.{name}: {clash} are shared keys; set them under train")
+    if own.get("energy_reference", "auto") == "auto":
+        referenced = params.data.source in REFERENCED_SOURCES
+        own["energy_reference"] = "mean" if referenced else "per_element"
     shared = {k: getattr(params.train, k) for k in SHARED_TRAIN_KEYS}
     return parse(TrainConfig, {**shared, **own}, f"train.{name}")
 

@@ -249,3 +249,13 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     with pytest.raises(RuntimeError, match="artifact store"):
         stage.main(args)
     assert not any(p.exists() for p in outs.values())
+
+
+def test_energy_reference_follows_the_data_source():
+    """Referenced adsorption energies (emt, oc20) keep the mean shift; your own files,
+    raw totals, get per-element reference energies; an explicit value wins."""
+    assert train_config(params_from_mapping(PARAMS), "schnet").energy_reference == "mean"
+    own = _with("data.source", "files")
+    assert train_config(params_from_mapping(own), "schnet").energy_reference == "per_element"
+    own["train"]["schnet"]["energy_reference"] = "mean"
+    assert train_config(params_from_mapping(own), "schnet").energy_reference == "mean"
