@@ -15,6 +15,7 @@ It returns the long table of :mod:`forcenet.tables`; the caller writes it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -230,30 +231,35 @@ def evaluate_checkpoint(
     )
     training = training_summary(Path(checkpoint), ckpt)
     if training:
+        training["parameters"] = float(sum(p.numel() for p in model.parameters()))
         table = pd.concat([table, long_table(name, TRAINING_ROWS, training, None)])
     return table.reset_index(drop=True)
 
 
 def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:
     """What the training run behind ``checkpoint`` spent: ``train_steps``,
-    ``train_seconds``, ``train_graphs_seen`` (from ``last.pt`` beside it, the end of the
-    run, when there is one) and ``selected_step`` (the step of ``checkpoint`` itself, e.g.
-    the best dev MAE). Empty for a checkpoint without training progress."""
+    ``train_seconds``, ``train_graphs_seen``, ``train_epochs`` (passes over the training
+    frames; below 1 the model never saw all its data) from ``last.pt`` beside it, the end
+    of the run, when there is one; ``selected_step`` (the step of ``checkpoint`` itself,
+    e.g. the best dev MAE). Empty for a checkpoint without training progress."""
     from forcenet.checkpoint import CheckpointError, load_checkpoint
 
-    progress = dict(ckpt.get("train_info", {}).get("progress", {}))
+    info = dict(ckpt.get("train_info", {}))
+    progress = dict(info.get("progress", {}))
     if not progress:
         return {}
-    end = progress
+    end, end_info = progress, info
     last = Path(checkpoint).with_name("last.pt")
     if last.is_file() and last.resolve() != Path(checkpoint).resolve():
         try:
-            end = dict(load_checkpoint(last).get("train_info", {}).get("progress", {})) or end
+            end_info = dict(load_checkpoint(last).get("train_info", {})) or info
+            end = dict(end_info.get("progress", {})) or progress
         except CheckpointError:
-            end = progress
+            end, end_info = progress, info
     return {
         "train_steps": float(end.get("step", 0)),
         "train_seconds": float(end.get("elapsed_s", 0.0)),
         "train_graphs_seen": float(end.get("graphs_seen", 0)),
+        "train_epochs": float(dict(end_info.get("metrics", {})).get("epoch", math.nan)),
         "selected_step": float(progress.get("step", 0)),
     }

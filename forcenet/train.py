@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -258,14 +259,7 @@ def fit_datasets(
             C.save_checkpoint(out_dir / "best.pt", state)
 
     budget = total_steps(steps_per_epoch, cfg.max_epochs, cfg.max_steps)
-    bar = tqdm(
-        total=budget,
-        initial=progress.step,
-        disable=not info.is_main,
-        desc=f"train {model_name}",
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
+    bar = StepLog(model_name, budget, progress.step, enabled=info.is_main)
     clock0 = _now() - progress.elapsed_s
 
     def out_of_time() -> bool:
@@ -309,9 +303,15 @@ def fit_datasets(
         D.barrier()
         if info.is_main and on_epoch_end is not None:
             on_epoch_end(progress.step, metrics)
-        if info.is_main and not bar.disable:
-            bar.write(_progress_line(model_name, progress, budget, metrics))
+        bar.write(_progress_line(model_name, progress, budget, metrics))
     bar.close()
+    if info.is_main and progress.graphs_seen < n_train:
+        tqdm.write(
+            f"WARNING: train {model_name}: {progress.step} steps saw {progress.graphs_seen} "
+            f"structures, {progress.graphs_seen / n_train:.2f} of one pass over the "
+            f"{n_train} training frames: the model is under-trained (raise "
+            "train.<model>.max_steps, or lower the model's size)"
+        )
     best = out_dir / "best.pt"
     if best.is_file():
         return best
@@ -349,7 +349,7 @@ def _train_epoch(
     steps_per_epoch: int,
     budget: int,
     clock0: float,
-    bar: tqdm,
+    bar: StepLog,
 ) -> dict[str, float]:
     """Train the rest of the current epoch, or up to the next dev evaluation
     (``cfg.eval_every``), the step budget ``budget`` or the wall-clock cap."""
@@ -407,8 +407,7 @@ def _train_epoch(
         n_graphs += len(batch[K.NATOMS]) * info.world_size
         progress.graphs_seen += len(batch[K.NATOMS]) * info.world_size
         rate = n_graphs / max(_now() - t_start, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{diag['loss']:.4f}", graphs_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+        bar.step(progress.step, loss=diag["loss"], graphs_per_s=rate, lr=lr)
         if progress.step >= budget or (cfg.eval_every and progress.step % cfg.eval_every == 0):
             break
     progress.elapsed_s = D.sync_max(_now() - clock0)
@@ -439,6 +438,42 @@ def _start_line(
         f"energy shift {float(model.energy_shift):.6g} eV, scale {float(model.energy_scale):.4g} eV"
     )
     return ", ".join(parts)
+
+
+class StepLog:
+    """The training loop's progress: on a terminal a tqdm bar toward the step budget; in a
+    log file (no terminal) a plain line every ``budget / 20`` steps instead of a bar
+    redrawn at every step. Evaluation lines (:meth:`write`) go to both."""
+
+    def __init__(self, name: str, budget: int, initial: int, *, enabled: bool) -> None:
+        self.name, self.budget, self.enabled = name, budget, enabled
+        self.interactive = sys.stderr.isatty()
+        self.every = max(1, budget // 20)
+        self.bar = tqdm(
+            total=budget,
+            initial=initial,
+            disable=not (enabled and self.interactive),
+            desc=f"train {name}",
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+
+    def step(self, step: int, *, loss: float, graphs_per_s: float, lr: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", graphs_s=f"{graphs_per_s:.1f}", lr=f"{lr:.2e}")
+        if self.enabled and not self.interactive and step % self.every == 0:
+            print(
+                f"train {self.name}: step {step}/{self.budget}, loss {loss:.4f}, "
+                f"{graphs_per_s:.1f} graphs/s, lr {lr:.2e}",
+                flush=True,
+            )
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _progress_line(name: str, progress: Progress, budget: int, metrics: dict) -> str:

@@ -66,11 +66,15 @@ RELAX_METRICS = {
 #: Rows of the training run (forcenet.evaluate.TRAINING_ROWS) and their headers.
 TRAINING_SPLIT = "training"
 TRAINING_METRICS = {
+    "parameters": "parameters",
     "train_steps": "optimizer steps",
+    "train_epochs": "epochs",
     "train_seconds": "seconds",
     "train_graphs_seen": "graphs seen",
     "selected_step": "step of the evaluated checkpoint",
 }
+#: Below one pass over the training frames a model is flagged as under-trained.
+MIN_EPOCHS = 1.0
 _LONG_COLUMNS = ("model", "split", "metric", "value")
 
 
@@ -181,12 +185,26 @@ def per_element_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def training_table(training: pd.DataFrame) -> pd.DataFrame:
-    """Steps, seconds and graphs seen per model (from the ``training`` rows)."""
+    """Size, steps, epochs, seconds and graphs seen per model (from the ``training`` rows),
+    as display strings; a model that saw less than one epoch is flagged."""
     if training.empty:
         return pd.DataFrame()
     wide = training.pivot_table(index="model", columns="metric", values="value", aggfunc="last")
     cols = [m for m in TRAINING_METRICS if m in wide.columns]
-    return wide[cols].reset_index()
+    shown = wide[cols].map(lambda v: f"{v:,.0f}" if math.isfinite(v) else "–")
+    if "train_epochs" in cols:
+        epochs = wide["train_epochs"]
+        shown["train_epochs"] = [
+            f"{e:.2f}" + (" ⚠ under-trained" if e < MIN_EPOCHS else "") if math.isfinite(e) else "–"
+            for e in epochs
+        ]
+    return shown.reset_index()
+
+
+def under_trained(training: pd.DataFrame) -> list[str]:
+    """Models whose training saw less than one pass over the training frames."""
+    rows = training[(training.metric == "train_epochs") & (training.value < MIN_EPOCHS)]
+    return sorted(rows.model.unique())
 
 
 def results_markdown(
@@ -203,11 +221,17 @@ def results_markdown(
             "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
             "machine is doing. The seconds are this run's wall clock.",
             "",
-            markdown_table(
-                train.map(lambda v: f"{v:,.0f}" if isinstance(v, float) else v), TRAINING_METRICS
-            ),
+            markdown_table(train, TRAINING_METRICS),
             "",
         ]
+        weak = under_trained(training if training is not None else pd.DataFrame())
+        if weak:
+            budget += [
+                f"**Warning: {', '.join(weak)} saw less than one pass over the training data;** "
+                "its metrics describe an under-trained model. Raise `train.<model>.max_steps` "
+                "(or lower the model's size) before comparing it.",
+                "",
+            ]
     tags = per_tag_table(table)
     by_tag = []
     if not tags.empty:

@@ -42,6 +42,8 @@ def _long(model: str, run_id: str) -> pd.DataFrame:
         "train_seconds": 150.0,
         "train_graphs_seen": 16000.0,
         "selected_step": 900.0,
+        "train_epochs": 0.5 if model == "gns" else 3.0,
+        "parameters": 12345.0,
     }
     rows += [(model, "training", m, v, run_id) for m, v in training.items()]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -138,7 +140,10 @@ def test_build_report_tables_and_plots(inputs, tmp_path):
     assert f"{ads:.4f} ({ads / (2.0 * ZERO['val_id']):.2f}×)" in md
     assert "### Adsorbate atoms by element" in md and "0.300 (0.50×)" in md
     # training budget: steps, seconds and graphs per model; not a split of the tables
-    assert "## Training budget" in md and "| gns | 1,003 | 150 | 16,000 | 900 |" in md
+    assert "## Training budget" in md
+    assert "| gns | 12,345 | 1,003 | 0.50 ⚠ under-trained | 150 | 16,000 | 900 |" in md
+    assert "| schnet | 12,345 | 1,006 | 3.00 | 150 | 16,000 | 900 |" in md
+    assert "**Warning: gns saw less than one pass over the training data;**" in md
     assert "training" not in set(table.split)
 
     for name in [

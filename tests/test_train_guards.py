@@ -293,3 +293,27 @@ def test_checkpoint_without_element_energies_still_loads(samples, tmp_path):
     batch = collate(samples[20:])
     new, _ = C.load_model(tmp_path / "last.pt")
     torch.testing.assert_close(model(batch)[K.OUT_FORCES], new(batch)[K.OUT_FORCES])
+
+
+# ------------------------------------------------------------------ readable progress
+
+
+def test_under_trained_model_gets_a_loud_warning(samples, tmp_path, capsys):
+    """3 steps of 4 structures over 20 training frames: 0.6 of one pass."""
+    _fit(tiny_config(max_steps=3, batch_size=4), samples, tmp_path)
+    out = capsys.readouterr().out
+    assert "WARNING: train gns: 3 steps saw 12 structures, 0.60 of one pass" in out
+    assert "under-trained" in out
+
+
+def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(samples, tmp_path, capsys):
+    """Without a terminal (as in a log file) the loop prints one line every budget/20
+    steps and one per evaluation, and no carriage-return bar."""
+    _fit(tiny_config(max_steps=40, max_epochs=8, batch_size=4), samples, tmp_path)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("train gns: step ")]
+    assert [line.split(",")[0] for line in lines if "graphs/s" in line] == [
+        f"train gns: step {k}/40" for k in range(2, 41, 2)
+    ]
+    assert sum("dev force MAE" in line for line in lines) == 8  # every epoch end (5 steps)
+    assert "\r" not in captured.err and "\r" not in captured.out
