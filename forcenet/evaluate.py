@@ -135,6 +135,7 @@ def evaluate_model(
     dev = pick_device(device)
     model = model.to(dev).eval()
     results: dict[str, dict[str, float]] = {}
+    start = time.perf_counter()
     for split, batches in inputs:
         on_batch = None
         if predictions is not None:
@@ -146,7 +147,23 @@ def evaluate_model(
             model, kept, rotations=rotation.samples, device=dev, seed=rotation.seed
         )
         results[split] = metrics
+        print(_split_line(model_name, split, metrics, time.perf_counter() - start), flush=True)
+        start = time.perf_counter()
     return results
+
+
+def _split_line(model_name: str, split: str, metrics: dict[str, float], seconds: float) -> str:
+    """One progress line per evaluated split (readable in a log file)."""
+    parts = [
+        f"evaluate {model_name}: {split}",
+        f"{metrics.get('num_structures', 0):.0f} structures",
+    ]
+    if "forces_mae" in metrics:
+        parts.append(f"force MAE {metrics['forces_mae']:.4f} eV/Å")
+    if "energy_mae" in metrics:
+        parts.append(f"energy MAE {metrics['energy_mae']:.4f} eV")
+    parts.append(f"{seconds:.0f} s")
+    return ", ".join(parts)
 
 
 def evaluate_files(

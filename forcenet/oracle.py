@@ -12,6 +12,7 @@ the evaluation tables.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -216,6 +217,7 @@ def evaluate_relaxations(
     calc = ForceNetCalculator.from_checkpoint(Path(checkpoint), device=device)
     out_dir = Path(out_dir)
     scored = []
+    start = time.perf_counter()
     for split in splits:
         initial, relaxed = read_is2rs(Path(is2rs_dir), split)
         if not initial:
@@ -232,6 +234,14 @@ def evaluate_relaxations(
         )
         where = Path(is2rs_dir) / f"{split}_initial.extxyz"
         scored.append(score_systems(calc.model_name, split, table, initial, relaxed, where))
+        done = scored[-1]
+        print(
+            f"relax {calc.model_name}: {split}, {len(done)} systems, "
+            f"{int(table['steps'].sum())} model steps, "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+        start = time.perf_counter()
     if not scored:
         raise ValueError(f"{is2rs_dir}: no IS2RS systems for splits {list(splits)}")
     systems = pd.concat(scored, ignore_index=True)

@@ -296,3 +296,17 @@ def test_truncated_ase_file_names_the_bad_frame(extxyz_file, tmp_path):
             predictions=tmp_path / "x.parquet",
         )
     assert not (tmp_path / "x.parquet").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_each_split_prints_one_progress_line(lmdb_split, capsys):
+    split_dir, _ = lmdb_split
+    ev.evaluate_files(
+        COVARIANT,
+        [split_dir],
+        model_name="pair",
+        settings=SETTINGS,
+        graphs=split_dir.parent.parent / "graphs",
+        device="cpu",
+    )
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("evaluate pair")]
+    assert line.startswith("evaluate pair: val_id, 5 structures, force MAE ")

@@ -30,7 +30,7 @@ def _emt_minimum(sid: int) -> Atoms:
     return relaxed
 
 
-def test_evaluate_relaxations_against_the_oracle(tmp_path):
+def test_evaluate_relaxations_against_the_oracle(tmp_path, capsys):
     """Zero ML steps: the scores are those of the initial structures, known independently."""
     minimum = _emt_minimum(1)
     other = minimum.copy()
@@ -50,6 +50,8 @@ def test_evaluate_relaxations_against_the_oracle(tmp_path):
     write_tiny_checkpoint(ckpt, "gns")
     out = tmp_path / "relax"
     agg = oracle.evaluate_relaxations(ckpt, is2rs, ["val_id"], out_dir=out, fmax=0.05, steps=0)
+    progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("relax ")]
+    assert progress == [progress[0]] and ": val_id, 2 systems, 0 model steps, " in progress[0]
 
     systems = pd.read_parquet(out / "relax_systems.parquet").set_index("sid")
     same, moved = systems.loc[1], systems.loc[2]
