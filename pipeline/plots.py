@@ -174,25 +174,40 @@ def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
-    """Hexbin of predicted vs true force components (free atoms, log counts) with y = x."""
+def _components(pred: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     true = pred[["fx", "fy", "fz"]].to_numpy(float).ravel()
     hat = pred[["pred_fx", "pred_fy", "pred_fz"]].to_numpy(float).ravel()
     ok = np.isfinite(true) & np.isfinite(hat)
-    true, hat = true[ok], hat[ok]
-    lim = float(np.quantile(np.abs(np.concatenate([true, hat])), 0.999)) if len(true) else 1.0
-    lim = max(lim, 1e-3)
-    fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    hb = ax.hexbin(
-        true, hat, gridsize=60, bins="log", cmap="viridis", extent=(-lim, lim, -lim, lim), mincnt=1
-    )
-    fig.colorbar(hb, ax=ax, label="components per bin")
-    ax.plot([-lim, lim], [-lim, lim], color="red", lw=0.8, label="y = x")
-    mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")
-    split = pred.split.iloc[0] if len(pred) else "?"
-    ax.set_title(f"{model} on {split} (free atoms)\nforce MAE {mae:.4f} eV/Å", fontsize="medium")
-    ax.set_xlabel("reference force component [eV/Å]")
-    ax.set_ylabel("predicted force component [eV/Å]")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper left", fontsize="small")
+    return true[ok], hat[ok]
+
+
+def plot_parity(pred: pd.DataFrame, model: str, path: Path) -> None:
+    """Hexbins of predicted vs reference force components (free atoms, log counts) with
+    y = x, one panel per split in OC20 order, on shared axes."""
+    splits = split_order(pred.split.unique()) if len(pred) else []
+    true_all, hat_all = _components(pred)
+    both = np.concatenate([true_all, hat_all])
+    lim = max(float(np.quantile(np.abs(both), 0.999)) if len(both) else 1.0, 1e-3)
+    cols = max(len(splits), 1)
+    fig, axes = plt.subplots(1, cols, figsize=(3.9 * cols, 4.0), squeeze=False)
+    for ax, split in zip(axes[0], splits or ["?"], strict=True):
+        true, hat = _components(pred[pred.split == split])
+        hb = ax.hexbin(
+            true,
+            hat,
+            gridsize=50,
+            bins="log",
+            cmap="viridis",
+            extent=(-lim, lim, -lim, lim),
+            mincnt=1,
+        )
+        ax.plot([-lim, lim], [-lim, lim], color="red", lw=0.8, label="y = x")
+        mae = float(np.abs(hat - true).mean()) if len(true) else float("nan")
+        ax.set_title(f"{split}\nforce MAE {mae:.4f} eV/Å", fontsize="medium")
+        ax.set_xlabel("reference force component [eV/Å]")
+        ax.set_aspect("equal")
+    axes[0][0].set_ylabel("predicted force component [eV/Å]")
+    axes[0][0].legend(loc="upper left", fontsize="small")
+    fig.colorbar(hb, ax=list(axes[0]), label="components per bin", shrink=0.8)
+    fig.suptitle(f"{model}: force parity on free atoms", color=model_colour(model))
     _save_figure(fig, path)

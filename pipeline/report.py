@@ -22,13 +22,12 @@ Every file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from forcenet.atomic import atomic_write, write_text
-from forcenet.data import keys as K
+from forcenet.atomic import atomic_write, write_bytes, write_text
 from pipeline import stage
 from pipeline.params import MODEL_NAMES
 from pipeline.plots import (
@@ -40,6 +39,9 @@ from pipeline.plots import (
     split_order,
 )
 from pipeline.stage import HISTORY_FILE
+
+#: The oracle-energy trace the relax stage writes into its folder.
+RELAX_TRACE = "relax_oracle_energy.png"
 
 #: Metrics of the comparison, in column order, with their Markdown headers.
 SUMMARY_METRICS = {
@@ -201,6 +203,18 @@ def training_table(training: pd.DataFrame) -> pd.DataFrame:
     return shown.reset_index()
 
 
+#: Columns that count things: shown as integers, not as 1.0000.
+COUNT_METRICS = ("relax_systems", "num_structures", "num_free_atoms")
+
+
+def _counts_as_integers(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.copy()
+    for col in COUNT_METRICS:
+        if col in out.columns:
+            out[col] = [f"{v:,.0f}" if math.isfinite(v) else "–" for v in out[col]]
+    return out
+
+
 def under_trained(training: pd.DataFrame) -> list[str]:
     """Models whose training saw less than one pass over the training frames."""
     rows = training[(training.metric == "train_epochs") & (training.value < MIN_EPOCHS)]
@@ -282,7 +296,7 @@ def results_markdown(
             "whose oracle max force on free atoms is below 0.05 eV/Å) and the oracle energy of "
             "the ML result above the oracle's own minimum.",
             "",
-            markdown_table(rows[["model", "split", *relax]], RELAX_METRICS),
+            markdown_table(_counts_as_integers(rows[["model", "split", *relax]]), RELAX_METRICS),
             "",
         ]
     if plots:
@@ -320,18 +334,15 @@ def curves_from_csv(paths: Sequence[Path]) -> pd.DataFrame:
     return out.dropna(subset=["value"])
 
 
-def load_parity(predictions: Sequence[Path], split: str) -> pd.DataFrame:
-    """Free-atom force components (true, predicted) of ``split`` from prediction tables;
-    if no table has ``split``, the first split found is used instead."""
+def load_parity(predictions: Sequence[Path]) -> pd.DataFrame:
+    """Free-atom force components (reference, predicted) of every split, from the
+    prediction tables."""
     cols = ["model", "split", "fixed", "fx", "fy", "fz", "pred_fx", "pred_fy", "pred_fz"]
     frames = [pd.read_parquet(p, columns=cols) for p in predictions]
     if not frames:
         return pd.DataFrame(columns=cols)
     pred = pd.concat(frames, ignore_index=True)
-    pred = pred[~pred.fixed.astype(bool)]
-    if split not in set(pred.split) and len(pred):
-        split = split_order(pred.split)[0]
-    return pred[pred.split == split]
+    return pred[~pred.fixed.astype(bool)]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -343,11 +354,12 @@ def build_report(
     *,
     predictions: Sequence[Path] = (),
     histories: Sequence[Path] = (),
-    parity_split: str = K.VAL_SPLITS[0],
+    relax_plots: Mapping[str, Path] | None = None,
 ) -> str:
     """Write the comparison tables and plots of all models into ``out_dir`` (see module
     docstring); returns the text of ``results.md``. ``predictions``: per-atom prediction
-    Parquets (parity plots on ``parity_split``); ``histories``: learning-curve CSVs."""
+    Parquets (parity plots, every split); ``histories``: learning-curve CSVs;
+    ``relax_plots``: each model's oracle-energy trace of its relaxations (copied)."""
     out_dir = Path(out_dir)
     long = load_metrics(metrics_parquets)
     training = long[long.split == TRAINING_SPLIT]
@@ -365,10 +377,14 @@ def build_report(
     _write_frame(out_dir / "learning_curves.csv", curves)
     if plot_learning_curves(curves, out_dir / "plots" / "learning_curves.png"):
         plots.append("plots/learning_curves.png")
-    parity = load_parity(predictions, parity_split)
+    parity = load_parity(predictions)
     for model, rows in parity.groupby("model"):
         name = f"plots/parity_{_safe_name(str(model))}.png"
         plot_parity(rows, str(model), out_dir / name)
+        plots.append(name)
+    for model, png in (relax_plots or {}).items():
+        name = f"plots/relax_{_safe_name(model)}.png"
+        write_bytes(out_dir / name, Path(png).read_bytes())
         plots.append(name)
     text = results_markdown(table, plots, training)
     write_text(out_dir / "results.md", text)
@@ -392,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--relax", type=Path, help="folder of <model>.parquet relaxation metrics")
     p.add_argument("--predictions", type=Path, help="folder of <model>.parquet predictions")
     p.add_argument("--models", type=Path, help="folder of <model>/history.csv learning curves")
+    p.add_argument(
+        "--relax-runs", type=Path, help="folder of <model>/relax_oracle_energy.png traces"
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     tables = _existing([args.eval / f"{m}.parquet" for m in MODEL_NAMES], "evaluation tables")
@@ -405,7 +424,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.models is not None:
         files = [args.models / m / HISTORY_FILE for m in MODEL_NAMES]
         histories = _existing(files, "learning curves")
-    print(build_report(tables, args.out, predictions=predictions, histories=histories))
+    traces: dict[str, Path] = {}
+    if args.relax_runs is not None:
+        traces = {m: p for m in MODEL_NAMES if (p := args.relax_runs / m / RELAX_TRACE).is_file()}
+    text = build_report(
+        tables, args.out, predictions=predictions, histories=histories, relax_plots=traces
+    )
+    print(text)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,24 @@ def test_build_report_tables_and_plots(inputs, tmp_path):
     assert not list(out.rglob(".*tmp"))
 
 
+def test_relaxation_table_and_traces(inputs, tmp_path):
+    """Counts print as integers, and each model's oracle-energy trace lands in plots/."""
+    rows = [
+        ("gns", split, m, v, "")
+        for split in ("val_id", "val_ood_ads")
+        for m, v in (("relax_systems", 3.0), ("adwt", 0.25), ("fbt_oracle", 0.0))
+    ]
+    relax = tmp_path / "relax.parquet"
+    write_table(pd.DataFrame(rows, columns=TABLE_COLUMNS), relax)
+    trace = tmp_path / "trace.png"
+    trace.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    out = tmp_path / "reports"
+    md = report.build_report([*inputs["metrics"], relax], out, relax_plots={"gns": trace})
+    assert "| gns | val_id | 3 | 0.2500 | 0.0000 |" in md
+    assert (out / "plots" / "relax_gns.png").read_bytes() == trace.read_bytes()
+    assert "plots/relax_gns.png" in md
+
+
 def test_force_mae_matrix_and_markdown_formatting():
     table = report.comparison_table(pd.concat([_long("forcenet", ""), _long("gns", "")]))
     mat = report.force_mae_matrix(table)
