@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,11 +46,11 @@ from forcenet.train_config import TrainConfig, make_loss
 from forcenet.train_data import (
     MIN_DEV_SYSTEMS,
     dataset_size,
-    describe_element_energies,
     dev_split,
     dev_split_by_frame,
     read_sids,
 )
+from forcenet.train_log import StepLog, progress_line, start_line
 from forcenet.train_state import Progress, start_training
 
 __all__ = [
@@ -238,7 +237,7 @@ def fit_datasets(
     if steps_per_epoch < 1:
         raise ValueError(f"training set of {n_train} frames < batch_size {cfg.batch_size}")
     if info.is_main:
-        tqdm.write(_start_line(model_name, cfg, model, n_train, n_dev, resumed=progress.step > 0))
+        tqdm.write(start_line(model_name, cfg, model, n_train, n_dev, resumed=progress.step > 0))
     saved_step: list[int] = []  # the step of the last.pt on disk (the last good state)
 
     def save(metrics: dict[str, float]) -> None:
@@ -303,7 +302,7 @@ def fit_datasets(
         D.barrier()
         if info.is_main and on_epoch_end is not None:
             on_epoch_end(progress.step, metrics)
-        bar.write(_progress_line(model_name, progress, budget, metrics))
+        bar.write(progress_line(model_name, progress, budget, metrics))
     bar.close()
     if info.is_main and progress.graphs_seen < n_train:
         tqdm.write(
@@ -419,70 +418,6 @@ def _train_epoch(
         "graphs_per_s": n_graphs / max(_now() - t_start, 1e-9),
         "lr": lr if n_steps else 0.0,
     }
-
-
-def _start_line(
-    name: str, cfg: TrainConfig, model: C.ScaledModel, n_train: int, n_dev: int, *, resumed: bool
-) -> str:
-    """One plain line at the start: data sizes and the label normalisation in use."""
-    refs = {z: float(v) for z, v in enumerate(model.element_energies.tolist()) if v != 0.0}
-    parts = [
-        f"train {name}: {'resumed, ' if resumed else ''}{n_train} training frames, {n_dev} dev",
-        f"force scale {float(model.force_scale):.4g} eV/Å",
-        f"energy reference {cfg.energy_reference}",
-    ]
-    if refs:
-        source = "given" if cfg.element_energies else "fitted"
-        parts.append(f"e_Z ({source}) {describe_element_energies(refs)}")
-    parts.append(
-        f"energy shift {float(model.energy_shift):.6g} eV, scale {float(model.energy_scale):.4g} eV"
-    )
-    return ", ".join(parts)
-
-
-class StepLog:
-    """The training loop's progress: on a terminal a tqdm bar toward the step budget; in a
-    log file (no terminal) a plain line every ``budget / 20`` steps instead of a bar
-    redrawn at every step. Evaluation lines (:meth:`write`) go to both."""
-
-    def __init__(self, name: str, budget: int, initial: int, *, enabled: bool) -> None:
-        self.name, self.budget, self.enabled = name, budget, enabled
-        self.interactive = sys.stderr.isatty()
-        self.every = max(1, budget // 20)
-        self.bar = tqdm(
-            total=budget,
-            initial=initial,
-            disable=not (enabled and self.interactive),
-            desc=f"train {name}",
-            mininterval=1.0,
-            dynamic_ncols=True,
-        )
-
-    def step(self, step: int, *, loss: float, graphs_per_s: float, lr: float) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", graphs_s=f"{graphs_per_s:.1f}", lr=f"{lr:.2e}")
-        if self.enabled and not self.interactive and step % self.every == 0:
-            print(
-                f"train {self.name}: step {step}/{self.budget}, loss {loss:.4f}, "
-                f"{graphs_per_s:.1f} graphs/s, lr {lr:.2e}",
-                flush=True,
-            )
-
-    def write(self, line: str) -> None:
-        if self.enabled:
-            tqdm.write(line)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _progress_line(name: str, progress: Progress, budget: int, metrics: dict) -> str:
-    """One plain line per dev evaluation (readable in a log file)."""
-    parts = [f"train {name}: step {progress.step}/{budget}", f"{progress.elapsed_s:.0f} s"]
-    for key, label in (("train_loss", "loss"), ("forces_mae", "dev force MAE"), ("lr", "lr")):
-        if key in metrics:
-            parts.append(f"{label} {metrics[key]:.4g}")
-    return ", ".join(parts)
 
 
 def _unwrap(net: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from forcenet.atomic import atomic_write, write_text
 from pipeline import tracking
+from pipeline.summary import markdown_table
 
 #: The compared metrics and their column headers.
 COMPARED = {
@@ -110,20 +111,7 @@ def comparison(runs: Sequence, splits: Sequence[str] = ()) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame) -> str:
     """The comparison as a Markdown table (numbers to 4 decimals)."""
-    shown = table.drop(columns=["run_id"])
-    headers = [COMPARED.get(c, c) for c in shown.columns]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in shown.itertuples(index=False):
-        cells = []
-        for value in row:
-            if isinstance(value, float):
-                cells.append(
-                    "–" if pd.isna(value) else f"{value:,.0f}" if value >= 100 else f"{value:.4f}"
-                )
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(table.drop(columns=["run_id"]), COMPARED)
 
 
 def write(table: pd.DataFrame, out: Path) -> list[Path]:

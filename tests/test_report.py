@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from forcenet.tables import TABLE_COLUMNS, write_table
-from pipeline import plots, report
+from pipeline import plots, report, summary
 
 SPLITS = ["val_ood_both", "val_id", "val_ood_ads", "val_ood_cat"]  # deliberately unordered
 ZERO = {"val_id": 0.50, "val_ood_ads": 0.55, "val_ood_cat": 0.60, "val_ood_both": 0.65}
@@ -179,11 +179,11 @@ def test_relaxation_table_and_traces(inputs, tmp_path):
 
 
 def test_force_mae_matrix_and_markdown_formatting():
-    table = report.comparison_table(pd.concat([_long("forcenet", ""), _long("gns", "")]))
-    mat = report.force_mae_matrix(table)
+    table = summary.comparison_table(pd.concat([_long("forcenet", ""), _long("gns", "")]))
+    mat = summary.force_mae_matrix(table)
     assert mat.model.tolist() == ["forcenet", "gns", "zero-force baseline"]
     assert mat.columns.tolist()[1:] == ["val_id", "val_ood_ads", "val_ood_cat", "val_ood_both"]
-    md = report.markdown_table(pd.DataFrame({"a": ["x"], "b": [float("nan")], "c": [12345.6]}))
+    md = summary.markdown_table(pd.DataFrame({"a": ["x"], "b": [float("nan")], "c": [12345.6]}))
     assert md.splitlines() == ["| a | b | c |", "|---|---|---|", "| x | – | 12,346 |"]
 
 

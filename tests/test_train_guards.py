@@ -23,6 +23,7 @@ from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import Frame
 from forcenet.train_data import MIN_DEV_SYSTEMS, dev_split, label_stats
+from forcenet.train_log import start_line
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_per_element_references_make_schnet_energies_learnable(tmp_path):
             on_epoch_end=lambda s, m, seen=seen: seen.append(m),
         )
         results[ref] = seen[-1]["energy_mae"]
-        lines[ref] = T._start_line(
+        lines[ref] = start_line(
             "schnet", cfg, C.load_model(tmp_path / ref / "last.pt")[0], 1, 1, resumed=False
         )
     assert results["per_element"] < 0.1 * results["mean"], results
