@@ -21,6 +21,7 @@ import pandas as pd
 
 from forcenet.atomic import atomic_write, write_text
 from pipeline import tracking
+from pipeline.plots import split_order
 from pipeline.summary import markdown_table
 
 #: The compared metrics and their column headers.
@@ -105,7 +106,10 @@ def comparison(runs: Sequence, splits: Sequence[str] = ()) -> pd.DataFrame:
     columns = ["model", "experiment", "changed", "split", *COMPARED, "steps", "run_id"]
     if not rows:
         return pd.DataFrame(columns=columns)
-    table = pd.DataFrame(rows).sort_values(["model", "split", "start_time"])
+    order = {split: k for k, split in enumerate(split_order({r["split"] for r in rows}))}
+    table = pd.DataFrame(rows)
+    table["_order"] = table.split.map(order)
+    table = table.sort_values(["model", "_order", "start_time"])
     return table[columns].reset_index(drop=True)
 
 
