@@ -261,9 +261,9 @@ def train(
     torchrun (e.g. `torchrun --standalone --nproc_per_node=8 -m forcenet.cli train ...`).
     """
     import contextlib
-    import os
 
     from forcenet.data.graphs import read_graph_settings
+    from forcenet.distributed import is_rank_zero
     from forcenet.outdir import exclusive_folder, prepare_run_folder
     from forcenet.train import fit
     from forcenet.train_config import load_run_config
@@ -273,7 +273,7 @@ def train(
     kwargs, cfg = load_run_config(model, config, set_ or ())
     settings = read_graph_settings(graphs)
     kwargs["cutoff"] = settings.cutoff
-    rank_zero = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns OUT
+    rank_zero = is_rank_zero()  # under torchrun, rank 0 owns OUT
     with exclusive_folder(out) if rank_zero else contextlib.nullcontext(out):
         if rank_zero:
             prepare_run_folder(out, resume=resume, overwrite=overwrite)

@@ -33,6 +33,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def is_rank_zero() -> bool:
+    """True in a single process and on rank 0 of a torchrun/DDP job (also before the
+    process group is initialised: torchrun sets ``RANK``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """``device`` if given, else CUDA when available (the local-rank GPU under torchrun,
     ``cuda:0`` otherwise), else CPU. The one device rule of training, evaluation and the

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from forcenet.atomic import write_text
+from forcenet.distributed import is_rank_zero
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -83,15 +84,6 @@ def git_commit(root: Path | None = None) -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def is_rank_zero() -> bool:
-    """True in a single process and on rank 0 of a torchrun/DDP job."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:

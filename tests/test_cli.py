@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from tiny import write_stores
 from typer.testing import CliRunner
 
 from forcenet import checkpoint as C
@@ -14,14 +15,8 @@ from forcenet.cli import app
 def stores(tmp_path_factory):
     from test_train import make_frames
 
-    from forcenet.data import raw
-    from forcenet.data.graphs import build_graphs
-    from forcenet.data.preprocess import preprocess
-
     root = tmp_path_factory.mktemp("data")
-    raw.write_shard(root / "raw" / "train", 0, make_frames(4, 3, seed=2))
-    preprocess(root / "raw", root / "lmdb")
-    build_graphs(root / "lmdb", root / "graphs", cutoff=4.5, max_neighbors=16)
+    write_stores(root, make_frames(4, 3, seed=2), cutoff=4.5, max_neighbors=16)
     return root
 
 

@@ -12,6 +12,7 @@ import torch
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
+from tiny import write_stores
 from torch import nn
 
 from forcenet import evaluate as ev
@@ -86,15 +87,10 @@ def _frames(n: int, seed: int) -> list[Frame]:
 @pytest.fixture(scope="module")
 def lmdb_split(tmp_path_factory):
     """data/lmdb/val_id and data/graphs/val_id built through the real data path."""
-    from forcenet.data import raw
-    from forcenet.data.graphs import build_graphs
-    from forcenet.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("data")
     frames = _frames(5, seed=0)
-    raw.write_shard(root / "raw" / "val_id", 0, frames)
-    preprocess(root / "raw", root / "lmdb")
-    build_graphs(root / "lmdb", root / "graphs", cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
+    write_stores(root, frames, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS, split="val_id")
     return root / "lmdb" / "val_id", frames
 
 

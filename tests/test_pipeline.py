@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import write_stores
 
 from forcenet.config import ConfigError
 from pipeline.params import MODEL_NAMES, load_params, params_from_mapping
@@ -95,15 +96,10 @@ def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypa
     """Graphs built at 4 Å, params saying 6 Å: refused before training, naming the store."""
     from test_train import make_frames
 
-    from forcenet.data import raw
-    from forcenet.data.graphs import build_graphs
-    from forcenet.data.preprocess import preprocess
     from pipeline.train import main as train_stage
 
     root = tmp_path / "data"
-    raw.write_shard(root / "raw" / "train", 0, make_frames(2, 3, seed=1))
-    preprocess(root / "raw", root / "lmdb")
-    build_graphs(root / "lmdb", root / "graphs", cutoff=4.0, max_neighbors=12)
+    write_stores(root, make_frames(2, 3, seed=1), cutoff=4.0, max_neighbors=12)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(_with("graph.cutoff", 6.0)))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -130,13 +126,7 @@ def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypa
 def _tiny_stores(root: Path) -> None:
     from test_train import make_frames
 
-    from forcenet.data import raw
-    from forcenet.data.graphs import build_graphs
-    from forcenet.data.preprocess import preprocess
-
-    raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
-    preprocess(root / "raw", root / "lmdb")
-    build_graphs(root / "lmdb", root / "graphs", cutoff=4.0, max_neighbors=12)
+    write_stores(root, make_frames(6, 4, seed=3), cutoff=4.0, max_neighbors=12)
 
 
 def _tiny_params(tmp_path: Path) -> Path:

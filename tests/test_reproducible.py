@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from test_train import GRAPH, make_frames, make_samples, tiny_config
+from tiny import write_stores
 
 from forcenet import checkpoint as C
 from forcenet import train as T
@@ -118,15 +119,11 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     """The DVC train stage twice from the same params.yaml: bit-identical weights in
     best.pt and last.pt, the step count from params, the same dev metrics, and the same
     learning curve in history.csv."""
-    from forcenet.data import preprocess, raw
-    from forcenet.data.graphs import build_graphs
     from pipeline.train import main as train_stage
 
     root = tmp_path / "data"
-    raw.write_shard(root / "raw" / "train", 0, make_frames(6, 4, seed=3))
-    preprocess.preprocess(root / "raw", root / "lmdb")
-    build_graphs(
-        root / "lmdb", root / "graphs", cutoff=GRAPH.cutoff, max_neighbors=GRAPH.max_neighbors
+    write_stores(
+        root, make_frames(6, 4, seed=3), cutoff=GRAPH.cutoff, max_neighbors=GRAPH.max_neighbors
     )
     params = yaml.safe_load(open("params.yaml"))
     params = copy.deepcopy(params)

@@ -14,6 +14,7 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.data import chemical_symbols
 from test_train import GRAPH, TINY_GNS, make_frames, make_samples, tiny_config
+from tiny import write_stores
 from torch.utils.data import DataLoader
 
 from forcenet import checkpoint as C
@@ -147,13 +148,9 @@ def test_many_systems_split_exactly_as_before():
 
 
 def test_fit_on_one_system_selects_on_a_frame_dev_slice(tmp_path, capsys):
-    from forcenet.data import preprocess, raw
-    from forcenet.data.graphs import build_graphs
 
     root = tmp_path / "data"
-    raw.write_shard(root / "raw" / "train", 0, make_frames(1, 24, seed=5))  # one sid
-    preprocess.preprocess(root / "raw", root / "lmdb")
-    build_graphs(root / "lmdb", root / "graphs", cutoff=GRAPH.cutoff, max_neighbors=16)
+    write_stores(root, make_frames(1, 24, seed=5), cutoff=GRAPH.cutoff, max_neighbors=16)  # one sid
     path = T.fit(
         tiny_config(max_epochs=1, dev_fraction=0.25),
         "gns",

@@ -1,7 +1,10 @@
-"""Tiny model sizes shared by the tests: fast on 2 CPU cores, yet every code path runs."""
+"""Tiny model sizes and tiny data stores shared by the tests: fast on 2 CPU cores, yet
+every code path runs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 CUTOFF = 4.5  # Å, graph radius of every fixture and every tiny model
@@ -41,3 +44,18 @@ TINY_KWARGS: dict[str, dict] = {
 def tiny_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     """A copy of ``TINY_KWARGS[name]`` with ``overrides`` (e.g. another ``cutoff``)."""
     return {**TINY_KWARGS[name], **overrides}
+
+
+def write_stores(
+    root: Path, frames: Sequence, *, cutoff: float, max_neighbors: int, split: str = "train"
+) -> Path:
+    """``frames`` through the real data path: ``root/raw/<split>`` (one raw shard) ->
+    ``root/lmdb`` -> ``root/graphs``; returns ``root``."""
+    from forcenet.data import raw
+    from forcenet.data.graphs import build_graphs
+    from forcenet.data.preprocess import preprocess
+
+    raw.write_shard(root / "raw" / split, 0, list(frames))
+    preprocess(root / "raw", root / "lmdb")
+    build_graphs(root / "lmdb", root / "graphs", cutoff=cutoff, max_neighbors=max_neighbors)
+    return root
