@@ -27,6 +27,10 @@ app = typer.Typer(
 data_app = typer.Typer(help="Raw data: generate, download, ingest, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+from forcenet.physics.cli import physics_app  # noqa: E402  (light: typer only)
+
+app.add_typer(physics_app, name="physics")
+
 WorkersOpt = Annotated[int, typer.Option(help="Parallel worker processes (1 = in-process).")]
 ShardOpt = Annotated[
     str | None,

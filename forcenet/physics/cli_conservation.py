@@ -1,0 +1,3 @@
+"""``forcenet physics conservation`` (registered on :data:`forcenet.physics.cli.physics_app`)."""
+
+from __future__ import annotations
