@@ -390,7 +390,13 @@ def relax_oracle(
     fmax: Annotated[
         float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")
     ] = 0.05,
-    steps: Annotated[int, typer.Option(help="Maximum optimizer steps (OC20: 200).")] = 200,
+    steps: Annotated[
+        int,
+        typer.Option(
+            help="Maximum ML optimizer steps, recorded as ml_steps_limit (OC20: 200 LBFGS "
+            "steps; with --fmax 0 all of them)."
+        ),
+    ] = 200,
     batch_size: Annotated[int, typer.Option(help="Structures relaxed together.")] = 16,
     table: Annotated[
         Path | None, typer.Option(help="Also write the aggregates as a long Parquet table.")
@@ -398,10 +404,25 @@ def relax_oracle(
     metrics_json: Annotated[
         Path | None, typer.Option(help="Also write the aggregates as JSON.")
     ] = None,
+    hybrid: Annotated[
+        bool,
+        typer.Option(
+            help="Also finish each ML result with the oracle (EMT, LBFGS) and compare with an "
+            "oracle-only relaxation from the initial structure: oracle steps saved, same "
+            "minimum, ADwT."
+        ),
+    ] = False,
+    oracle_steps: Annotated[
+        int, typer.Option(help="Maximum oracle LBFGS steps of each hybrid/oracle-only run.")
+    ] = 400,
+    oracle_fmax: Annotated[
+        float, typer.Option(help="The oracle's target max |F| on free atoms (eV/Å).")
+    ] = 0.05,
 ) -> None:
     """Relax the validation systems with the model and check every result with the
     oracle (EMT): ADwT, FbT-oracle (oracle max force < 0.05 eV/Å) and the oracle energy
-    above the oracle's own minimum."""
+    above the oracle's own minimum; with --hybrid also the oracle steps an ML
+    pre-relaxation saves."""
     from forcenet.data.keys import VAL_SPLITS
     from forcenet.oracle import evaluate_relaxations, metrics_long_table
     from forcenet.tables import write_metrics_json, write_table
@@ -415,6 +436,9 @@ def relax_oracle(
         steps=steps,
         optimizer=_optimizer(optimizer),
         batch_size=batch_size,
+        hybrid=hybrid,
+        oracle_fmax=oracle_fmax,
+        oracle_steps=oracle_steps,
     )
     if len(aggregate):
         long = metrics_long_table(aggregate)

@@ -7,13 +7,25 @@ same order, ``info["sid"]``): ADwT (OC20's average distance within threshold,
 :func:`forcenet.metrics.adwt`), FbT-oracle (fraction of ML-relaxed structures whose *EMT*
 max force on free atoms is below 0.05 eV/Å) and the EMT energy of the ML result minus the
 oracle's own minimum. :func:`metrics_long_table` gives the aggregates in the long form of
-the evaluation tables.
+the evaluation tables. Every run records its ML step limit (``ml_steps_limit``: OC20's
+protocol is 200 LBFGS steps).
+
+Hybrid relaxations (``hybrid=True``), the protocol practitioners use: the model
+pre-relaxes from the initial structure, then the oracle (EMT, LBFGS with the settings of
+:data:`forcenet.relax.LBFGS_SETTINGS`) finishes from the ML result to ``oracle_fmax``
+(:func:`hybrid_systems`). It is compared with an oracle-only relaxation from the same
+initial structure with the same optimizer, target and step limit, run once per system:
+oracle steps saved (%), whether the hybrid reaches the same minimum (oracle energy within
+:data:`SAME_MINIMUM_ENERGY` of the oracle-only one) and the ADwT of the hybrid result
+against the oracle-only structure. The aggregates then also have a row over all splits
+(split :data:`OVERALL_SPLIT`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -27,7 +39,7 @@ from forcenet.atomic import atomic_write
 from forcenet.calculator import ForceNetCalculator
 from forcenet.data.frame import fixed_mask
 from forcenet.metrics import adwt, mean_free_distance
-from forcenet.relax import OptimizerName, final_structure, relax_structures
+from forcenet.relax import OptimizerName, final_structure, make_optimizer, relax_structures
 from forcenet.tables import long_table, write_table
 
 #: FbT-oracle: an ML-relaxed structure counts as relaxed if the oracle's max |F| on free
@@ -35,6 +47,14 @@ from forcenet.tables import long_table, write_table
 FBT_THRESHOLD = 0.05
 #: Systems whose oracle energy along the ML trajectory is plotted, per split.
 PLOT_SYSTEMS = 3
+#: Hybrid relaxations: the oracle's target max |F| on free atoms (eV/Å) and its step limit.
+HYBRID_FMAX = 0.05
+ORACLE_STEPS = 400
+#: A hybrid result is at the same minimum if its oracle energy is within this (eV, strict)
+#: of the oracle-only relaxation's (OC20's energy threshold).
+SAME_MINIMUM_ENERGY = 0.02
+#: The split name of the aggregate row over all splits (hybrid runs only).
+OVERALL_SPLIT = "overall"
 
 
 def oracle_check(atoms: Atoms) -> tuple[float, float]:
@@ -125,23 +145,163 @@ def score_systems(
     return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class OracleRelaxation:
+    """One oracle (EMT) relaxation: its final structure, steps and convergence."""
+
+    atoms: Atoms  # final structure (cell, tags and FixAtoms of the start)
+    steps: int  # LBFGS steps taken; the oracle was evaluated steps + 1 times
+    converged: bool  # oracle max |F| on free atoms < fmax at the end
+    fmax: float  # final oracle max |F| on free atoms (eV/Å)
+    energy: float  # final oracle energy (eV)
+    trajectory: Path  # every evaluated state, with oracle energy and forces
+
+
+def oracle_relax(atoms: Atoms, *, fmax: float, steps: int, trajectory: Path) -> OracleRelaxation:
+    """Relax a copy of ``atoms`` with EMT and LBFGS (OCP settings) to max |F| < ``fmax``.
+
+    At most ``steps`` optimizer steps; ``FixAtoms`` atoms stay put. The trajectory is
+    written atomically to ``trajectory``.
+    """
+    work = atoms.copy()
+    work.calc = EMT()
+    with atomic_write(trajectory) as tmp, Trajectory(str(tmp), "w", work) as traj:
+        opt = make_optimizer("lbfgs", work)
+        opt.attach(traj)  # every evaluated state, the start included
+        opt.run(fmax=fmax, steps=steps)
+    final_fmax, energy = oracle_check(work)
+    final = work.copy()  # without the live EMT calculator
+    return OracleRelaxation(
+        atoms=final,
+        steps=int(opt.nsteps),
+        converged=final_fmax < fmax,
+        fmax=final_fmax,
+        energy=energy,
+        trajectory=Path(trajectory),
+    )
+
+
+def hybrid_scores(
+    initial: Atoms, alone: OracleRelaxation, finish: OracleRelaxation
+) -> dict[str, object]:
+    """Hybrid (``finish``, from the ML result) against oracle-only (``alone``) for one system.
+
+    ``hybrid_steps_saved_pct`` = 100 (1 − hybrid oracle steps / oracle-only steps), NaN
+    when the oracle-only run took no step; negative when the hybrid needs more.
+    """
+    free = ~fixed_mask(initial)
+    ref = alone.atoms
+    delta_e = finish.energy - alone.energy
+    saved = 100.0 * (1.0 - finish.steps / alone.steps) if alone.steps else float("nan")
+    return {
+        "oracle_only_steps": alone.steps,
+        "oracle_only_converged": alone.converged,
+        "oracle_only_fmax": alone.fmax,
+        "oracle_only_energy": alone.energy,
+        "hybrid_oracle_steps": finish.steps,
+        "hybrid_converged": finish.converged,
+        "hybrid_fmax": finish.fmax,
+        "hybrid_energy": finish.energy,
+        "hybrid_steps_saved_pct": saved,
+        "hybrid_delta_e": delta_e,
+        "hybrid_same_minimum": abs(delta_e) < SAME_MINIMUM_ENERGY,
+        "hybrid_distance": mean_free_distance(
+            finish.atoms.positions, ref.positions, ref.cell, ref.pbc, free
+        ),
+        "hybrid_adwt": adwt(finish.atoms.positions, ref.positions, ref.cell, ref.pbc, free),
+        "oracle_only_trajectory": str(alone.trajectory),
+        "hybrid_trajectory": str(finish.trajectory),
+    }
+
+
+def hybrid_systems(
+    table: pd.DataFrame,
+    initial: Sequence[Atoms],
+    *,
+    fmax: float = HYBRID_FMAX,
+    steps: int = ORACLE_STEPS,
+    traj_dir: Path,
+) -> pd.DataFrame:
+    """Oracle-only and hybrid relaxations of the systems of one ML run, one row each.
+
+    ``table`` is :func:`forcenet.relax.relax_structures`'s result for ``initial`` (same
+    order). Per system the oracle relaxes once from the initial structure
+    (``traj_dir/oracle_only/<name>.traj``) and once from the ML-relaxed structure
+    (``traj_dir/hybrid/<name>.traj``), both with the same ``fmax`` (eV/Å) and at most
+    ``steps`` LBFGS steps; columns as in :func:`hybrid_scores`, plus
+    ``oracle_steps_limit``.
+    """
+    if steps < 0 or not fmax > 0:
+        raise ValueError(f"hybrid relaxations need steps >= 0 and fmax > 0; got {steps}, {fmax}")
+    traj_dir = Path(traj_dir)
+    rows = []
+    for run, init in zip(table.itertuples(), initial, strict=True):
+        name = str(run.name)
+        alone = oracle_relax(
+            init, fmax=fmax, steps=steps, trajectory=traj_dir / "oracle_only" / f"{name}.traj"
+        )
+        start = init.copy()  # the ML positions with the initial cell, tags and constraints
+        start.positions = final_structure(Path(run.trajectory)).positions
+        finish = oracle_relax(
+            start, fmax=fmax, steps=steps, trajectory=traj_dir / "hybrid" / f"{name}.traj"
+        )
+        rows.append({"oracle_steps_limit": steps, **hybrid_scores(init, alone, finish)})
+    return pd.DataFrame(rows)
+
+
+#: Aggregates of every run: column -> (per-system column, reduction).
+_AGGREGATES = {
+    "relax_systems": ("sid", "size"),
+    "adwt": ("adwt", "mean"),
+    "relax_mean_distance": ("distance", "mean"),
+    "fbt_oracle": ("fbt", "mean"),
+    "oracle_delta_e_mean": ("oracle_delta_e", "mean"),
+    "oracle_delta_e_median": ("oracle_delta_e", "median"),
+    "relax_converged_fraction": ("converged", "mean"),
+    "relax_mean_steps": ("steps", "mean"),
+}
+#: Aggregates of hybrid runs (NaN steps saved, from systems the oracle-only run did not
+#: move, are left out of the mean and median).
+_HYBRID_AGGREGATES = {
+    "hybrid_steps_saved_pct": ("hybrid_steps_saved_pct", "mean"),
+    "hybrid_steps_saved_pct_median": ("hybrid_steps_saved_pct", "median"),
+    "hybrid_same_minimum": ("hybrid_same_minimum", "mean"),
+    "hybrid_adwt": ("hybrid_adwt", "mean"),
+    "hybrid_mean_distance": ("hybrid_distance", "mean"),
+    "hybrid_delta_e_median": ("hybrid_delta_e", "median"),
+    "hybrid_oracle_mean_steps": ("hybrid_oracle_steps", "mean"),
+    "oracle_only_mean_steps": ("oracle_only_steps", "mean"),
+    "hybrid_converged_fraction": ("hybrid_converged", "mean"),
+    "oracle_only_converged_fraction": ("oracle_only_converged", "mean"),
+    "oracle_steps_limit": ("oracle_steps_limit", "max"),
+}
+
+
 def aggregate_relaxations(systems: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, split): ADwT, FbT-oracle, oracle ΔE (eV), convergence, steps.
 
     ``adwt`` is the mean of the per-system values (= OC20's ADwT), ``fbt_oracle`` the
-    fraction of systems with oracle max |F| < :data:`FBT_THRESHOLD`.
+    fraction of systems with oracle max |F| < :data:`FBT_THRESHOLD`; ``ml_steps_limit``
+    the ML step limit, when ``systems`` records it. When ``systems`` has the columns of
+    :func:`hybrid_systems`, also the hybrid aggregates (``hybrid_steps_saved_pct`` mean
+    and ``_median``, ``hybrid_same_minimum`` fraction, ``hybrid_adwt``, ...;
+    ``hybrid_steps_saved_total_pct`` = 100 (1 − Σ hybrid steps / Σ oracle-only steps), the
+    oracle work saved over all systems) and one more row per model over all splits
+    (split :data:`OVERALL_SPLIT`).
     """
+    spec = dict(_AGGREGATES)
+    if "ml_steps_limit" in systems.columns:
+        spec["ml_steps_limit"] = ("ml_steps_limit", "max")
+    hybrid = "hybrid_steps_saved_pct" in systems.columns
+    if hybrid:
+        spec.update(_HYBRID_AGGREGATES)
+        systems = pd.concat([systems, systems.assign(split=OVERALL_SPLIT)], ignore_index=True)
     grouped = systems.groupby(["model", "split"], sort=False)
-    table = grouped.agg(
-        relax_systems=("sid", "size"),
-        adwt=("adwt", "mean"),
-        relax_mean_distance=("distance", "mean"),
-        fbt_oracle=("fbt", "mean"),
-        oracle_delta_e_mean=("oracle_delta_e", "mean"),
-        oracle_delta_e_median=("oracle_delta_e", "median"),
-        relax_converged_fraction=("converged", "mean"),
-        relax_mean_steps=("steps", "mean"),
-    )
+    table = grouped.agg(**spec)
+    if hybrid:
+        sums = grouped[["hybrid_oracle_steps", "oracle_only_steps"]].sum()
+        ratio = sums["hybrid_oracle_steps"] / sums["oracle_only_steps"].where(lambda n: n > 0)
+        table["hybrid_steps_saved_total_pct"] = 100.0 * (1.0 - ratio)
     return table.reset_index()
 
 
@@ -193,6 +353,18 @@ def plot_oracle_energy(
         plt.close(fig)
 
 
+def _progress(model: str, split: str, systems: pd.DataFrame, seconds: float) -> str:
+    """The progress line of one split (the oracle's steps too in hybrid runs)."""
+    line = f"relax {model}: {split}, {len(systems)} systems, "
+    line += f"{int(systems['steps'].sum())} model steps, "
+    if "hybrid_oracle_steps" in systems.columns:
+        line += (
+            f"{int(systems['hybrid_oracle_steps'].sum())} hybrid oracle steps vs "
+            f"{int(systems['oracle_only_steps'].sum())} oracle-only, "
+        )
+    return line + f"{seconds:.0f} s"
+
+
 def evaluate_relaxations(
     checkpoint: Path,
     is2rs_dir: Path,
@@ -204,21 +376,34 @@ def evaluate_relaxations(
     optimizer: OptimizerName = "lbfgs",
     batch_size: int = 16,
     device: str | None = None,
+    hybrid: bool = False,
+    oracle_fmax: float = HYBRID_FMAX,
+    oracle_steps: int = ORACLE_STEPS,
 ) -> pd.DataFrame:
     """ML-relax the IS2RS initial structures of ``splits`` and score them against EMT.
 
-    Writes its own folder ``out_dir``: ``trajectories/<split>/<sid>.traj``,
-    ``relax_systems.parquet`` (one row per system, :func:`score_systems`) and
-    ``relax_oracle_energy.png`` (:func:`plot_oracle_energy`). Returns the aggregate table
+    ``steps`` is the ML step limit (OC20: 200 LBFGS steps, with ``fmax`` 0 all of them),
+    recorded as ``ml_steps_limit``. Writes its own folder ``out_dir``:
+    ``trajectories/<split>/<sid>.traj``, ``relax_systems.parquet`` (one row per system,
+    :func:`score_systems`) and ``relax_oracle_energy.png`` (:func:`plot_oracle_energy`).
+    With ``hybrid``, each system is also relaxed by the oracle from its initial and from
+    its ML-relaxed structure to ``oracle_fmax`` in at most ``oracle_steps`` steps
+    (:func:`hybrid_systems`, trajectories in ``oracle/<split>/``), and the systems table
+    and aggregates get the hybrid columns. Returns the aggregate table
     (:func:`aggregate_relaxations`, one row per model and split; splits without IS2RS
     systems are left out); the caller turns it into the long metrics table with
     :func:`metrics_long_table` and writes that where it wants.
     """
+    if hybrid and (oracle_steps < 0 or not oracle_fmax > 0):
+        raise ValueError(
+            f"hybrid relaxations need oracle_steps >= 0 and oracle_fmax > 0; "
+            f"got {oracle_steps}, {oracle_fmax}"
+        )
     calc = ForceNetCalculator.from_checkpoint(Path(checkpoint), device=device)
     out_dir = Path(out_dir)
     scored = []
-    start = time.perf_counter()
     for split in splits:
+        start = time.perf_counter()
         initial, relaxed = read_is2rs(Path(is2rs_dir), split)
         if not initial:
             continue
@@ -233,15 +418,19 @@ def evaluate_relaxations(
             names=[str(a.info["sid"]) for a in initial],
         )
         where = Path(is2rs_dir) / f"{split}_initial.extxyz"
-        scored.append(score_systems(calc.model_name, split, table, initial, relaxed, where))
-        done = scored[-1]
-        print(
-            f"relax {calc.model_name}: {split}, {len(done)} systems, "
-            f"{int(table['steps'].sum())} model steps, "
-            f"{time.perf_counter() - start:.0f} s",
-            flush=True,
-        )
-        start = time.perf_counter()
+        done = score_systems(calc.model_name, split, table, initial, relaxed, where)
+        done.insert(done.columns.get_loc("steps") + 1, "ml_steps_limit", steps)
+        if hybrid:
+            extra = hybrid_systems(
+                table,
+                initial,
+                fmax=oracle_fmax,
+                steps=oracle_steps,
+                traj_dir=out_dir / "oracle" / split,
+            )
+            done = pd.concat([done, extra], axis=1)
+        scored.append(done)
+        print(_progress(calc.model_name, split, done, time.perf_counter() - start), flush=True)
     if not scored:
         raise ValueError(f"{is2rs_dir}: no IS2RS systems for splits {list(splits)}")
     systems = pd.concat(scored, ignore_index=True)
