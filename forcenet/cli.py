@@ -234,7 +234,20 @@ def train(
     model: Annotated[str, typer.Argument(help="forcenet, schnet, dimenetpp or gns.")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt).")],
     frames: Annotated[Path, typer.Option(help="Frame split folder, e.g. data/lmdb/train.")],
-    graphs: Annotated[Path, typer.Option(help="Its graph split folder, e.g. data/graphs/train.")],
+    graphs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Its graph split folder, e.g. data/graphs/train. Leave it out for "
+            "on-the-fly graphs (--cutoff, --max-neighbors)."
+        ),
+    ] = None,
+    cutoff: Annotated[
+        float | None, typer.Option(help="On-the-fly graphs: cutoff radius [Å] (OC20: 6).")
+    ] = None,
+    max_neighbors: Annotated[
+        int | None,
+        typer.Option(help="On-the-fly graphs: nearest neighbors kept per atom (OC20: 50)."),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -257,7 +270,9 @@ def train(
         bool, typer.Option(help="Replace an earlier run in OUT instead of refusing it.")
     ] = False,
 ) -> None:
-    """Train one model. The cutoff and neighbor count come from the graph store. One run
+    """Train one model. The cutoff and neighbor count come from the graph store (--graphs),
+    or, without one, are given with --cutoff and --max-neighbors: every batch then gets
+    its graph built on the training device (the same edges as a graph store). One run
     at a time may write into OUT; an earlier run there is continued with --resume or
     replaced with --overwrite.
 
@@ -266,7 +281,7 @@ def train(
     """
     import contextlib
 
-    from forcenet.data.graphs import read_graph_settings
+    from forcenet.data.graphs import GraphSettings, read_graph_settings
     from forcenet.distributed import is_rank_zero
     from forcenet.outdir import exclusive_folder, prepare_run_folder
     from forcenet.train import fit
@@ -275,7 +290,16 @@ def train(
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
     kwargs, cfg = load_run_config(model, config, set_ or ())
-    settings = read_graph_settings(graphs)
+    given = cutoff is not None or max_neighbors is not None
+    if graphs is not None and given:
+        raise typer.BadParameter("--cutoff/--max-neighbors are for on-the-fly graphs: no --graphs")
+    if graphs is None and (cutoff is None or max_neighbors is None):
+        raise typer.BadParameter("pass --graphs, or --cutoff and --max-neighbors (on the fly)")
+    if graphs is not None:
+        settings = read_graph_settings(graphs)
+    else:
+        assert cutoff is not None and max_neighbors is not None
+        settings = GraphSettings(cutoff=cutoff, max_neighbors=max_neighbors)
     kwargs["cutoff"] = settings.cutoff
     rank_zero = is_rank_zero()  # under torchrun, rank 0 owns OUT
     with exclusive_folder(out) if rank_zero else contextlib.nullcontext(out):
@@ -288,6 +312,7 @@ def train(
             kwargs,
             train_dir=frames,
             graphs_dir=graphs,
+            graph=None if graphs is not None else settings,
             out_dir=out,
             resume=resume,
             params_snapshot=snapshot,
@@ -309,6 +334,13 @@ def evaluate(
     graphs: Annotated[
         Path | None, typer.Option(help="Graph store root, needed for LMDB inputs.")
     ] = None,
+    on_the_fly: Annotated[
+        bool,
+        typer.Option(
+            help="Read LMDB splits without their graph store and build each batch's graph "
+            "on the device, with the checkpoint's cutoff and neighbor count."
+        ),
+    ] = False,
     predictions: Annotated[
         Path | None, typer.Option(help="Also write per-atom predictions (Parquet).")
     ] = None,
@@ -333,6 +365,7 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         predictions=predictions,
+        on_the_fly=on_the_fly,
     )
     write_table(table, out)
     if metrics_json is not None:

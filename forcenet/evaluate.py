@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, first_graphs
 from forcenet.data.graphs import GraphSettings
+from forcenet.data.online import OnTheFlyGraphs
 from forcenet.distributed import pick_device
 from forcenet.geometry import random_rotation, rotate_batch
 from forcenet.inference import predict, sync
@@ -55,19 +56,25 @@ def evaluate_batches(
     device: torch.device,
     keep_graphs: int = 0,
     on_batch: Callable[[Batch, Tensor], None] | None = None,
+    builder: OnTheFlyGraphs | None = None,
 ) -> tuple[dict[str, float], list[Batch]]:
     """One pass over ``batches``: OC20 metrics plus ``inference_graphs_per_s`` and
     ``inference_atoms_per_s``. Returns the metrics and the first batches (on CPU) holding
     at least ``keep_graphs`` structures, for the rotation check. ``on_batch(batch,
     forces)`` is called after each forward pass (used to stream predictions). The kept
     structures are exactly the first ``keep_graphs``, whatever the batch size, so the
-    rotation check costs the same for every model and batch size."""
+    rotation check costs the same for every model and batch size. ``builder``: builds the
+    edges of batches that come without (on-the-fly graphs) on ``device``, outside the
+    timed forward pass."""
     metrics = OC20Metrics()
     kept: list[Batch] = []
     n_kept = 0
     seconds, graphs, atoms, n_batches = 0.0, 0, 0, 0
     for cpu_batch in batches:
         batch = batch_to(cpu_batch, device)
+        if builder is not None and K.EDGE_INDEX not in batch:
+            batch = builder(batch)
+            cpu_batch = batch_to(batch, "cpu")  # the kept structures carry their edges
         sync(device)
         start = time.perf_counter()
         out = predict(model, batch)
@@ -129,9 +136,11 @@ def evaluate_model(
     device: str | None = None,
     rotation: RotationCheck = RotationCheck(),
     predictions: PredictionWriter | None = None,
+    builder: OnTheFlyGraphs | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{split: metrics}`` of an eval-mode ``model`` (physical units) on each input;
-    per-atom predictions streamed to ``predictions`` when given."""
+    per-atom predictions streamed to ``predictions`` when given; ``builder`` builds the
+    edges of inputs that come without (on-the-fly graphs)."""
     dev = pick_device(device)
     model = model.to(dev).eval()
     results: dict[str, dict[str, float]] = {}
@@ -141,7 +150,12 @@ def evaluate_model(
         if predictions is not None:
             on_batch = lambda b, f, s=split: predictions.write(model_name, s, b, f)  # noqa: E731
         metrics, kept = evaluate_batches(
-            model, batches, device=dev, keep_graphs=rotation.structures, on_batch=on_batch
+            model,
+            batches,
+            device=dev,
+            keep_graphs=rotation.structures,
+            on_batch=on_batch,
+            builder=builder,
         )
         metrics["rotation_covariance_mae"] = rotation_covariance_error(
             model, kept, rotations=rotation.samples, device=dev, seed=rotation.seed
@@ -178,17 +192,24 @@ def evaluate_files(
     num_workers: int = 0,
     rotation: RotationCheck = RotationCheck(),
     predictions: Path | None = None,
+    on_the_fly: bool = False,
 ) -> pd.DataFrame:
     """:func:`evaluate_model` on LMDB split folders and/or ASE files (opened by
     :func:`forcenet.inputs.open_input` with the model's graph ``settings``, all before any
     work, so a mismatched store fails early); the long table (empty ``run_id``).
     ``predictions``: stream per-atom predictions to this Parquet file, renamed into place
-    only when every input is done."""
+    only when every input is done. ``on_the_fly``: LMDB splits are read without their
+    graph store, and their graphs built with ``settings`` on the evaluation device."""
     from forcenet.inputs import open_input
 
     opened = [
         open_input(
-            p, graphs=graphs, settings=settings, batch_size=batch_size, num_workers=num_workers
+            p,
+            graphs=graphs,
+            settings=settings,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            on_the_fly=on_the_fly,
         )
         for p in inputs
     ]
@@ -201,6 +222,7 @@ def evaluate_files(
             device=device,
             rotation=rotation,
             predictions=writer,
+            builder=OnTheFlyGraphs(settings) if on_the_fly else None,
         )
     except BaseException:
         if writer is not None:
@@ -221,6 +243,7 @@ def evaluate_checkpoint(
     device: str | None = None,
     num_workers: int = 0,
     predictions: Path | None = None,
+    on_the_fly: bool = False,
 ) -> pd.DataFrame:
     """Evaluate ``checkpoint`` on LMDB split folders and/or ASE files; the long table.
 
@@ -245,6 +268,7 @@ def evaluate_checkpoint(
         device=device,
         num_workers=num_workers,
         predictions=predictions,
+        on_the_fly=on_the_fly,
     )
     training = training_summary(Path(checkpoint), ckpt)
     if training:

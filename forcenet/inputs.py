@@ -41,9 +41,10 @@ def _chunks(samples: Iterable[dict], batch_size: int) -> Iterator[Batch]:
 
 
 def lmdb_batches(
-    frames_dir: Path, graphs_dir: Path, *, batch_size: int, num_workers: int = 0
+    frames_dir: Path, graphs_dir: Path | None, *, batch_size: int, num_workers: int = 0
 ) -> Iterable[Batch]:
-    """Batches of an LMDB split (frames + matching graph store), in stored order."""
+    """Batches of an LMDB split (frames + matching graph store, or frames alone for
+    on-the-fly graphs), in stored order."""
     from forcenet.data.dataset import FrameDataset, make_loader
 
     dataset = FrameDataset(frames_dir, graphs_dir)
@@ -106,16 +107,23 @@ def open_input(
     settings: GraphSettings,
     batch_size: int,
     num_workers: int = 0,
+    on_the_fly: bool = False,
 ) -> tuple[str, Iterable[Batch]]:
     """``(split, batches)`` for an LMDB split folder or an ASE file (split = file stem).
 
     An LMDB split folder needs ``graphs``, the root of the graph stores: its graphs are
-    ``graphs/<split>``, refused unless built with ``settings``.
+    ``graphs/<split>``, refused unless built with ``settings``. With ``on_the_fly`` its
+    batches are frames alone, and the evaluation builds their graphs on its device.
     """
     path = Path(path)
+    if path.is_dir() and on_the_fly:
+        batches = lmdb_batches(path, None, batch_size=batch_size, num_workers=num_workers)
+        return path.name, batches
     if path.is_dir():
         if graphs is None:
-            raise ValueError(f"{path}: an LMDB split needs --graphs (the graph store root)")
+            raise ValueError(
+                f"{path}: an LMDB split needs --graphs (the graph store root) or --on-the-fly"
+            )
         graphs_dir = Path(graphs) / path.name
         read_graph_settings(graphs_dir).check_same(
             settings, where=str(graphs_dir), other_name="the checkpoint"

@@ -37,6 +37,7 @@ from forcenet import distributed as D
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.data.graphs import GraphSettings
+from forcenet.data.online import OnTheFlyGraphs
 from forcenet.geometry import random_rotations, rotate_batch
 from forcenet.losses import TrainLoss
 from forcenet.metrics import OC20Metrics
@@ -119,7 +120,11 @@ def train_step(
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, *, device: torch.device | str
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device | str,
+    graphs: OnTheFlyGraphs | None = None,
 ) -> dict[str, float]:
     """The OC20 metrics of :class:`forcenet.metrics.OC20Metrics` over ``loader``, exact
     float64 sums over free atoms, summed over ranks (each rank a non-padded shard).
@@ -127,13 +132,16 @@ def evaluate(
     The dev metrics are thus named as in the evaluation: ``forces_mae`` (eV/Å, the
     selection metric), ``zero_forces_mae``, ``forces_mae_surface``, ``forces_mae_adsorbate``,
     ``zero_forces_mae_surface``, ... (when the data have both tags), ``energy_mae`` (eV)
-    when the model has an energy, ``num_free_atoms``, ``num_structures``.
+    when the model has an energy, ``num_free_atoms``, ``num_structures``. ``graphs``:
+    builds the batches' edges on ``device`` (on-the-fly graphs; the loader gives frames).
     """
     model.eval()
     needs_grad = bool(getattr(model, "energy_from_gradient", False))
     acc = OC20Metrics()
     for batch in loader:
         batch = batch_to(batch, device)
+        if graphs is not None:
+            batch = graphs(batch)
         with torch.set_grad_enabled(needs_grad):
             out = model(batch)
         acc.update(out, batch)
@@ -152,13 +160,18 @@ def fit(
     model_kwargs: dict[str, Any],
     *,
     train_dir: Path,
-    graphs_dir: Path,
+    graphs_dir: Path | None,
     out_dir: Path,
+    graph: GraphSettings | None = None,
     resume: bool = False,
     params_snapshot: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
     """Train ``model_name`` on the frame store ``train_dir`` (+ graphs ``graphs_dir``).
+
+    ``graphs_dir`` None: on-the-fly graphs, built per batch on the training device with
+    ``graph`` (cutoff, max_neighbors; required then, and refused with a graph store,
+    whose own settings are used).
 
     The dev slice (``cfg.dev_fraction`` of the training systems, or of the frames when
     there are fewer than ``MIN_DEV_SYSTEMS`` systems, said in one log line) is carved out
@@ -176,9 +189,18 @@ def fit(
             f"train {model_name}: {len(set(sids))} system(s) < {MIN_DEV_SYSTEMS}: the dev "
             f"slice holds out {len(dev_idx)} of {len(sids)} frames, drawn by frame (seed {cfg.seed})"
         )
-    full = FrameDataset(Path(train_dir), Path(graphs_dir))
-    if full.graph_settings is None:  # not reached: a dataset with graphs has their settings
-        raise ValueError(f"{graphs_dir}: no graph settings")
+    if graphs_dir is None:
+        if graph is None:
+            raise ValueError("on-the-fly graphs need the graph settings (cutoff, max_neighbors)")
+        full = FrameDataset(Path(train_dir))
+        settings = graph
+    else:
+        if graph is not None:
+            raise ValueError(f"{graphs_dir}: a graph store brings its own settings; pass no graph")
+        full = FrameDataset(Path(train_dir), Path(graphs_dir))
+        if full.graph_settings is None:  # not reached: a dataset with graphs has settings
+            raise ValueError(f"{graphs_dir}: no graph settings")
+        settings = full.graph_settings
     return fit_datasets(
         cfg,
         model_name,
@@ -186,7 +208,8 @@ def fit(
         train_set=Subset(full, train_idx),
         dev_set=Subset(full, dev_idx),
         out_dir=out_dir,
-        graph=full.graph_settings,
+        graph=settings,
+        on_the_fly=graphs_dir is None,
         resume=resume,
         params_snapshot=params_snapshot,
         on_epoch_end=on_epoch_end,
@@ -202,13 +225,17 @@ def fit_datasets(
     dev_set: Dataset,
     out_dir: Path,
     graph: GraphSettings,
+    on_the_fly: bool = False,
     resume: bool = False,
     params_snapshot: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
     """Train on ``train_set``, select on ``dev_set``; checkpoints in ``out_dir``.
 
-    ``graph``: the settings the samples' graphs were built with (recorded in the checkpoint).
+    ``graph``: the settings the samples' graphs were built with (recorded in the
+    checkpoint). ``on_the_fly``: the samples are frames without graphs, and every batch
+    gets its graph built with ``graph`` on the training device
+    (:class:`forcenet.data.online.OnTheFlyGraphs`), the same edges as a graph store.
 
     ``resume``: continue from ``out_dir/last.pt`` if it exists (same model name and
     kwargs required), reaching the same weights as an uninterrupted run. ``on_epoch_end``
@@ -230,9 +257,11 @@ def fit_datasets(
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     n_train, n_dev = dataset_size(train_set), dataset_size(dev_set)
     shard = D.shard_indices(n_dev, info.rank, info.world_size)
+    pin = info.device.type == "cuda"  # page-locked batches: faster, asynchronous copies
     dev_loader = DataLoader(
-        Subset(dev_set, shard), batch_size=cfg.eval_batch_size, collate_fn=collate
+        Subset(dev_set, shard), batch_size=cfg.eval_batch_size, collate_fn=collate, pin_memory=pin
     )
+    builder = OnTheFlyGraphs(graph) if on_the_fly else None
     steps_per_epoch = math.ceil(n_train / info.world_size) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"training set of {n_train} frames < batch_size {cfg.batch_size}")
@@ -286,12 +315,13 @@ def fit_datasets(
                 budget,
                 clock0,
                 bar,
+                builder,
             )
         except NonFiniteError as exc:
             raise NonFiniteError(
                 f"train {model_name}: {exc} at step {progress.step + 1}; {kept()}"
             ) from exc
-        metrics = evaluate(model, dev_loader, device=info.device) if n_dev else {}
+        metrics = evaluate(model, dev_loader, device=info.device, graphs=builder) if n_dev else {}
         metrics.update(done)
         try:
             _record_eval(progress, metrics, steps_per_epoch)
@@ -349,6 +379,7 @@ def _train_epoch(
     budget: int,
     clock0: float,
     bar: StepLog,
+    graphs: OnTheFlyGraphs | None = None,
 ) -> dict[str, float]:
     """Train the rest of the current epoch, or up to the next dev evaluation
     (``cfg.eval_every``), the step budget ``budget`` or the wall-clock cap."""
@@ -365,6 +396,7 @@ def _train_epoch(
         drop_last=True,
         collate_fn=collate,
         num_workers=cfg.num_workers,
+        pin_memory=info.device.type == "cuda",
     )
     # bf16 autocast only for direct-force models: double backward through bf16 is too lossy
     amp = cfg.amp and not getattr(_unwrap(net), "energy_from_gradient", False)
@@ -393,6 +425,8 @@ def _train_epoch(
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if graphs is not None:  # edges first, from the stored (unrotated) positions
+            batch = graphs(batch_to(batch, info.device))
         if cfg.rotation_augment:
             gen = torch.Generator().manual_seed(
                 (cfg.seed * 1_000_003 + progress.step) * info.world_size + info.rank

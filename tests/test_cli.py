@@ -76,3 +76,40 @@ def test_help_lists_the_library_commands_only():
     for command in ("preprocess", "neighbors", "train", "evaluate", "relax", "relax-oracle"):
         assert command in result.output
     assert "report" not in result.output.split("Commands")[-1]
+
+
+def test_on_the_fly_training_and_evaluation_equal_the_stored_graphs(stores, tmp_path):
+    """The same run with graphs built per batch (no graph store) gives the same weights,
+    the same checkpointed settings and the same metrics: the edges are the same."""
+    import torch
+
+    common = ["--set", "train.max_steps=3", "--set", "train.batch_size=2"]
+    common += ["--set", "model.hidden_channels=8", "--set", "model.num_interactions=1"]
+    stored = _train(stores, tmp_path / "stored", *common)
+    assert stored.exit_code == 0, stored.output
+    args = ["train", "gns", "--out", str(tmp_path / "fly"), "--frames"]
+    args += [str(stores / "lmdb" / "train"), "--cutoff", "4.5", "--max-neighbors", "16"]
+    fly = CliRunner().invoke(app, [*args, *common])
+    assert fly.exit_code == 0, fly.output
+    a = C.load_checkpoint(tmp_path / "stored" / "last.pt")
+    b = C.load_checkpoint(tmp_path / "fly" / "last.pt")
+    assert a["graph"] == b["graph"] == {"cutoff": 4.5, "max_neighbors": 16}
+    for name, value in a["model_state"].items():
+        torch.testing.assert_close(b["model_state"][name], value, rtol=0, atol=0)
+    tables = {}
+    for how, extra in (("stored", ["--graphs", str(stores / "graphs")]), ("fly", ["--on-the-fly"])):
+        out = tmp_path / f"{how}.parquet"
+        result = CliRunner().invoke(
+            app,
+            ["evaluate", str(tmp_path / "stored" / "last.pt"), str(stores / "lmdb" / "train")]
+            + ["--out", str(out), *extra],
+        )
+        assert result.exit_code == 0, result.output
+        import pandas as pd
+
+        table = pd.read_parquet(out)
+        tables[how] = table[~table["metric"].str.contains("per_s|seconds")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(tables["stored"], tables["fly"])
+    refused = CliRunner().invoke(app, [*args[:-4], *common])
+    said = " ".join(refused.output.replace("│", " ").split())
+    assert refused.exit_code != 0 and "pass --graphs, or --cutoff and --max-neighbors" in said

@@ -9,6 +9,7 @@ process that reads, so the dataset works with forked or spawned DataLoader worke
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from forcenet.data import keys as K
 from forcenet.data import store
 from forcenet.data.batch import collate
 from forcenet.data.frame import Frame, fixed_mask
-from forcenet.data.graphs import GraphSettings, graph_record, read_graph_settings
+from forcenet.data.graphs import GraphSettings, decode_graph, graph_record, read_graph_settings
 from forcenet.data.manifest import require_manifest
 
 Sample = dict[str, np.ndarray]
@@ -98,8 +99,30 @@ class FrameDataset(Dataset):
         shard, key = self.locate(int(index))
         sample = self.frames[shard].get(key)
         if self.graphs is not None:
-            sample.update(self.graphs[shard].get(key))
+            sample.update(self._graph(shard, key, self.graphs[shard].get(key)))
         return sample
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
+        """The samples of a whole batch (what a DataLoader worker reads at once): one read
+        transaction per shard touched, samples in the order of ``indices``."""
+        located = [self.locate(int(i)) for i in indices]
+        by_shard: dict[int, list[int]] = {}
+        for shard, key in located:
+            by_shard.setdefault(shard, []).append(key)
+        found: dict[tuple[int, int], Sample] = {}
+        for shard, keys in by_shard.items():
+            frames = self.frames[shard].get_many(keys)
+            graphs = self.graphs[shard].get_many(keys) if self.graphs is not None else None
+            for n, key in enumerate(keys):
+                sample = frames[n]
+                if graphs is not None:
+                    sample.update(self._graph(shard, key, graphs[n]))
+                found[shard, key] = sample
+        return [found[loc] for loc in located]
+
+    def _graph(self, shard: int, key: int, record: Sample) -> Sample:
+        assert self.graphs is not None
+        return decode_graph(record, where=f"{self.graphs[shard].path}: record {key}")
 
 
 def _seed_worker(worker_id: int) -> None:

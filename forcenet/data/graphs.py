@@ -1,11 +1,14 @@
 """The neighbor-list stage: frame LMDB shards -> graph LMDB shards with the same keys.
 
 For every frame shard ``<lmdb_root>/<split>/<k>.lmdb`` a graph shard
-``<out_root>/<split>/<k>.lmdb`` holds, under the same integer keys, ``edge_index``
-[2, E] and ``cell_offsets`` [E, 3] (int64, see :mod:`forcenet.data.keys`) from
-:func:`forcenet.data.neighbors.neighbor_list` on the stored (float32) positions. Its meta
-records ``cutoff``, ``max_neighbors``, the frame count and the digest of the frame
-shard's meta, so a graph store paired with other frames is caught by the dataset.
+``<out_root>/<split>/<k>.lmdb`` holds, under the same integer keys, the edges of
+:func:`forcenet.data.neighbors.neighbor_list` on the stored (float32) positions in the
+compact layout of graph schema :data:`~forcenet.data.keys.GRAPH_SCHEMA_VERSION`
+(:func:`encode_graph`, about 2 bytes per edge; the table is in :mod:`forcenet.data.keys`).
+The dataset expands a record back to ``edge_index`` [2, E] and ``cell_offsets`` [E, 3]
+(:func:`decode_graph`). Each shard's meta records ``cutoff``, ``max_neighbors``, the
+graph schema, the frame count and the digest of the frame shard's meta, so a graph store
+paired with other frames, or written by an older version, is caught by the dataset.
 """
 
 from __future__ import annotations
@@ -22,11 +25,90 @@ from forcenet.data import neighbors, store
 from forcenet.data.jobs import is_current, run_jobs, select_shards, split_dirs
 from forcenet.data.manifest import MANIFEST, read_manifest, require_manifest, summarise
 
+_OFFSET_RANGE = 2  # offsets in -2..2 per direction fit one byte: 5**3 = 125 codes
+_OFFSET_BASE = 2 * _OFFSET_RANGE + 1
+#: offset code -> (a, b, c), the inverse of the code in :func:`encode_graph`
+_OFFSET_TABLE = np.array(
+    [
+        (a, b, c)
+        for a in range(-_OFFSET_RANGE, _OFFSET_RANGE + 1)
+        for b in range(-_OFFSET_RANGE, _OFFSET_RANGE + 1)
+        for c in range(-_OFFSET_RANGE, _OFFSET_RANGE + 1)
+    ],
+    dtype=np.int64,
+)
+
+
+def _index_dtype(largest: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ``largest``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{largest} does not fit a uint32 graph index")
+
+
+def encode_graph(
+    edge_index: np.ndarray, cell_offsets: np.ndarray, natoms: int
+) -> dict[str, np.ndarray]:
+    """The compact graph record (graph schema 2, table in :mod:`forcenet.data.keys`).
+
+    ``edge_index`` [2, E] must be sorted by centre (row 1), as
+    :func:`~forcenet.data.neighbors.neighbor_list` returns it: the centres are then
+    implied by the per-atom counts, and :func:`decode_graph` returns exactly these arrays.
+    """
+    edge_index = np.asarray(edge_index)
+    centres, nbrs = edge_index[1], edge_index[0]
+    if len(centres) and (np.any(np.diff(centres) < 0) or centres[-1] >= natoms):
+        raise ValueError("edges must be sorted by centre, with centres below natoms")
+    counts = np.bincount(centres, minlength=natoms)
+    record = {
+        K.NEIGHBOR_COUNTS: counts.astype(_index_dtype(int(counts.max(initial=0)))),
+        K.NEIGHBORS: nbrs.astype(_index_dtype(max(natoms - 1, 0))),
+    }
+    offsets = np.asarray(cell_offsets, dtype=np.int64).reshape(-1, 3)
+    largest = int(np.abs(offsets).max(initial=0))
+    if largest <= _OFFSET_RANGE:
+        shifted = offsets + _OFFSET_RANGE
+        codes = (shifted[:, 0] * _OFFSET_BASE + shifted[:, 1]) * _OFFSET_BASE + shifted[:, 2]
+        record[K.OFFSET_CODES] = codes.astype(np.uint8)
+    elif largest <= np.iinfo(np.int8).max:
+        record[K.CELL_OFFSETS] = offsets.astype(np.int8)
+    else:
+        raise ValueError(f"cell offset {largest} exceeds the int8 range of the graph store")
+    return record
+
+
+def decode_graph(record: dict[str, np.ndarray], *, where: str = "graph record") -> dict:
+    """``edge_index`` [2, E] and ``cell_offsets`` [E, 3] (int64) of a compact graph record."""
+    if K.NEIGHBOR_COUNTS not in record or K.NEIGHBORS not in record:
+        if K.EDGE_INDEX in record:
+            raise store.GraphSchemaError(
+                f"{where}: graph schema 1 (int64 edge_index); this code reads graph schema "
+                f"{K.GRAPH_SCHEMA_VERSION}: {store.REBUILD_GRAPHS}"
+            )
+        raise store.StoreError(f"{where}: not a graph record (fields {sorted(record)})")
+    counts, nbrs = record[K.NEIGHBOR_COUNTS], record[K.NEIGHBORS]
+    centres = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    if len(centres) != len(nbrs):
+        raise store.StoreError(
+            f"{where}: {len(nbrs)} neighbors but the counts sum to {len(centres)}"
+        )
+    if K.OFFSET_CODES in record:
+        offsets = _OFFSET_TABLE.take(record[K.OFFSET_CODES].astype(np.intp), axis=0, mode="clip")
+    else:
+        offsets = record[K.CELL_OFFSETS].astype(np.int64)
+    if len(offsets) != len(nbrs):
+        raise store.StoreError(f"{where}: {len(nbrs)} neighbors but {len(offsets)} offsets")
+    edge_index = np.empty((2, len(nbrs)), dtype=np.int64)
+    edge_index[0] = nbrs
+    edge_index[1] = centres
+    return {K.EDGE_INDEX: edge_index, K.CELL_OFFSETS: offsets}
+
 
 def graph_record(
     record: dict[str, np.ndarray], *, cutoff: float, max_neighbors: int
 ) -> dict[str, np.ndarray]:
-    """The graph record (``edge_index`` [2, E], ``cell_offsets`` [E, 3]) of one frame record."""
+    """The graph (``edge_index`` [2, E], ``cell_offsets`` [E, 3]) of one frame record."""
     edge_index, cell_offsets = neighbors.neighbor_list(
         record[K.POS], record[K.CELL], record[K.PBC], cutoff, max_neighbors
     )
@@ -38,8 +120,11 @@ def _graphs(
 ) -> Iterator[dict]:
     for index, record in enumerate(frames.iter_records(count)):
         try:
-            yield graph_record(record, cutoff=cutoff, max_neighbors=max_neighbors)
-        except neighbors.NeighborListError as exc:
+            graph = graph_record(record, cutoff=cutoff, max_neighbors=max_neighbors)
+            yield encode_graph(
+                graph[K.EDGE_INDEX], graph[K.CELL_OFFSETS], len(record[K.ATOMIC_NUMBERS])
+            )
+        except (neighbors.NeighborListError, ValueError) as exc:
             raise store.StoreError(f"{frames.path}: record {index}: {exc}") from exc
 
 
@@ -54,7 +139,12 @@ def _graph_shard(
         "name": frames.path.name,
         "digest": store.meta_digest(frames_meta),
     }
-    settings = {"cutoff": cutoff, "max_neighbors": max_neighbors, "split_shards": split_shards}
+    settings = {
+        "cutoff": cutoff,
+        "max_neighbors": max_neighbors,
+        "split_shards": split_shards,
+        "graph_schema": K.GRAPH_SCHEMA_VERSION,
+    }
     if is_current(out_path, store.KIND_GRAPHS, source, settings):
         return out_path.name, int(frames_meta["count"]), True
     meta = {"kind": store.KIND_GRAPHS, "source": source, **settings}

@@ -32,12 +32,28 @@ sid                []          int64      system id
 fid                []          int64      frame number within the system
 =================  ==========  =========  =====
 
-Per-frame graph record (LMDB graph store, same integer key as the frame; E edges):
+Per-frame graph (what the dataset gives with the frame; E edges):
 
 =================  ==========  =========
 edge_index         [2, E]      int64
 cell_offsets       [E, 3]      int64
 =================  ==========  =========
+
+On disk (LMDB graph store, same integer key as the frame, graph schema
+:data:`GRAPH_SCHEMA_VERSION`) the graph is compact, about 2 bytes per edge
+(:func:`forcenet.data.graphs.encode_graph`): edges are sorted by centre, so the centre of
+each edge is implied by the per-atom counts, and every image offset within ±2 cells is
+one byte:
+
+=================  ==========  =====================================================
+neighbor_counts    [N]         uint8 (uint16, uint32): edges of each centre i
+neighbors          [E]         uint8 (uint16, uint32): neighbor j, the smallest type
+                               that holds N - 1
+offset_codes       [E]         uint8: ``((a + 2) * 5 + b + 2) * 5 + c + 2`` for the
+                               image offset (a, b, c), each in -2..2
+cell_offsets       [E, 3]      int8: instead of ``offset_codes`` when an offset is
+                               outside -2..2 (tiny cells)
+=================  ==========  =====================================================
 
 Batch (``forcenet.data.batch.collate``; torch tensors; G graphs, N atoms, E edges):
 the per-atom and per-edge fields concatenated, ``edge_index`` shifted by each graph's
@@ -69,8 +85,12 @@ NATOMS = "natoms"
 
 #: Fields of a frame record, in storage order.
 FRAME_FIELDS = (POS, CELL, PBC, ATOMIC_NUMBERS, TAGS, FIXED, FORCES, ENERGY, TOTAL_ENERGY, SID, FID)
-#: Fields of a graph record.
+#: Fields of a graph as the dataset gives it.
 GRAPH_FIELDS = (EDGE_INDEX, CELL_OFFSETS)
+#: Fields of a compact graph record on disk (graph schema 2).
+NEIGHBOR_COUNTS = "neighbor_counts"
+NEIGHBORS = "neighbors"
+OFFSET_CODES = "offset_codes"
 #: Per-atom fields (concatenated along dim 0 when batching).
 ATOM_FIELDS = (POS, ATOMIC_NUMBERS, TAGS, FIXED, FORCES)
 #: Per-graph fields (stacked when batching).
@@ -93,3 +113,7 @@ SPLITS = (TRAIN, *VAL_SPLITS)
 #: Version of the on-disk record schema; bump when a field or the record layout changes
 #: (2: a CRC-32 per record, see :mod:`forcenet.data.codec`).
 SCHEMA_VERSION = 2
+#: Version of the graph record layout (1: int64 ``edge_index`` and ``cell_offsets``, 43
+#: bytes per edge; 2: the compact layout above). A graph store of another version is
+#: refused with the command that rebuilds it; nothing is converted silently.
+GRAPH_SCHEMA_VERSION = 2

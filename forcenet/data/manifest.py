@@ -24,6 +24,7 @@ from forcenet.data.store import (
     KIND_GRAPHS,
     SUFFIX,
     StoreError,
+    check_graph_schema,
     list_lmdb,
     meta_digest,
     read_meta,
@@ -78,6 +79,8 @@ def require_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
         raise StoreError(
             f"{split_dir / MANIFEST}: kind {manifest.get('kind')!r}, expected {kind!r}"
         )
+    if kind == KIND_GRAPHS:
+        check_graph_schema(manifest, split_dir / MANIFEST)
     listed = [s["name"] for s in manifest["shards"]]
     present = [p.name for p in list_lmdb(split_dir)]
     if sorted(listed) != sorted(present):
@@ -191,6 +194,9 @@ def write_manifest(split_dir: Path, kind: str) -> dict[str, Any]:
         ],
     }
     if kind == KIND_GRAPHS:
+        for path, meta in zip(paths, metas, strict=True):
+            check_graph_schema(meta, path)
+        manifest["graph_schema"] = K.GRAPH_SCHEMA_VERSION
         settings = {(m["cutoff"], m["max_neighbors"]) for m in metas}
         if len(settings) != 1:
             raise StoreError(

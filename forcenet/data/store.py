@@ -59,6 +59,28 @@ class StoreError(ValueError):
     """A store file that cannot be used; the message names the file (and record)."""
 
 
+class GraphSchemaError(StoreError):
+    """A graph store or record of another graph schema version (rebuild it)."""
+
+
+#: How to rebuild a graph store of another graph schema version.
+REBUILD_GRAPHS = (
+    "rebuild the graphs: rerun `forcenet neighbors` on the frames (or `dvc repro`); "
+    "nothing is converted silently"
+)
+
+
+def check_graph_schema(meta: dict[str, Any], where: Path | str) -> None:
+    """Raise :class:`GraphSchemaError` unless a graph shard's meta or a graph manifest is
+    of graph schema :data:`~forcenet.data.keys.GRAPH_SCHEMA_VERSION` (absent: schema 1)."""
+    found = int(meta.get("graph_schema", 1))
+    if found != K.GRAPH_SCHEMA_VERSION:
+        raise GraphSchemaError(
+            f"{where}: graph schema {found}, this code reads graph schema "
+            f"{K.GRAPH_SCHEMA_VERSION} (compact, about 2 bytes per edge): {REBUILD_GRAPHS}"
+        )
+
+
 class StoreWriteError(OSError):
     """A shard that could not be written (LMDB or disk error); the message names the file."""
 
@@ -178,6 +200,16 @@ class LmdbShard:
         with self._reading(f"record {index}"), self._handle().begin(buffers=True) as txn:
             raw = txn.get(str(index).encode())
             return self._decode(index, raw)
+
+    def get_many(self, indices: Iterable[int]) -> list[dict[str, np.ndarray]]:
+        """Records ``indices`` (in that order) in one read transaction."""
+        with self._reading("records"), self._handle().begin(buffers=True) as txn:
+            out = []
+            for index in indices:
+                with self._reading(f"record {index}"):
+                    raw = txn.get(str(index).encode())
+                out.append(self._decode(index, raw))
+            return out
 
     def iter_records(self, count: int) -> Iterator[dict[str, np.ndarray]]:
         """Records 0 .. count-1 in order, in one read transaction."""

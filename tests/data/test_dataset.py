@@ -145,7 +145,8 @@ def _hand_manifest(split_dir: Path, kind: str) -> None:
         for n, m in metas.items()
     ]
     listing = {"kind": kind, "schema_version": K.SCHEMA_VERSION, "shards": shards}
-    listing |= {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS} if kind == "graphs" else {}
+    graph_keys = {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS, "graph_schema": 2}
+    listing |= graph_keys if kind == "graphs" else {}
     (split_dir / manifest.MANIFEST).write_text(json.dumps(listing))
 
 

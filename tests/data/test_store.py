@@ -15,7 +15,7 @@ from ase.build import add_adsorbate, fcc111
 from forcenet.data import codec, manifest, preprocess, raw, store
 from forcenet.data import keys as K
 from forcenet.data.frame import Frame
-from forcenet.data.graphs import build_graphs
+from forcenet.data.graphs import build_graphs, decode_graph
 from forcenet.data.neighbors import NeighborListError, neighbor_list
 
 
@@ -247,14 +247,20 @@ def test_graph_store_matches_neighbor_list_and_records_settings(tmp_path):
         assert (meta["cutoff"], meta["max_neighbors"], meta["count"]) == (4.0, 8, n)
         assert meta["source"]["digest"] == store.meta_digest(frames.meta())
         for i in range(n):
-            f, g = frames.get(i), graphs.get(i)
+            f, record = frames.get(i), graphs.get(i)
             edge_index, offsets = neighbor_list(f[K.POS], f[K.CELL], f[K.PBC], 4.0, 8)
+            # compact on disk: one byte per neighbor index, one per image offset
+            assert sorted(record) == sorted([K.NEIGHBOR_COUNTS, K.NEIGHBORS, K.OFFSET_CODES])
+            assert record[K.NEIGHBORS].dtype == np.uint8
+            assert record[K.OFFSET_CODES].dtype == np.uint8
+            g = decode_graph(record)
             assert list(g) == list(K.GRAPH_FIELDS)
             np.testing.assert_array_equal(g[K.EDGE_INDEX], edge_index)
             np.testing.assert_array_equal(g[K.CELL_OFFSETS], offsets)
             assert g[K.EDGE_INDEX].shape[1] > 0
     listing = manifest.read_manifest(tmp_path / "graphs" / "train")
     assert (listing["kind"], listing["cutoff"], listing["max_neighbors"]) == ("graphs", 4.0, 8)
+    assert listing["graph_schema"] == K.GRAPH_SCHEMA_VERSION
     again = build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=4.0, max_neighbors=8)
     assert again["train"]["skipped"] == 2
     other = build_graphs(tmp_path / "lmdb", tmp_path / "graphs", cutoff=3.0, max_neighbors=8)
@@ -340,7 +346,7 @@ def test_inspect_raw_lmdb_and_graphs_agree_with_the_frames(tmp_path):
     assert summaries["raw_split"]["kind"] == "raw" and summaries["graphs"]["kind"] == "graphs"
     assert "edges_per_atom" not in summaries["lmdb_root"]
     edges = sum(
-        store.LmdbShard(p).get(i)[K.EDGE_INDEX].shape[1]
+        store.LmdbShard(p).get(i)[K.NEIGHBORS].shape[0]
         for p, n in (
             (tmp_path / "graphs" / "train" / "0.lmdb", 3),
             (tmp_path / "graphs" / "train" / "1.lmdb", 2),
