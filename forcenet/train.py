@@ -29,13 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from tqdm import tqdm
 
 from forcenet import checkpoint as C
 from forcenet import distributed as D
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
+from forcenet.data.dataset import batch_loader
 from forcenet.data.graphs import GraphSettings
 from forcenet.data.online import OnTheFlyGraphs
 from forcenet.geometry import random_rotations, rotate_batch
@@ -52,7 +53,12 @@ from forcenet.train_data import (
     read_sids,
 )
 from forcenet.train_log import StepLog, progress_line, start_line
-from forcenet.train_state import Progress, start_training
+from forcenet.train_state import (
+    Progress,
+    phase_kwargs,
+    start_conservative_phase,
+    start_training,
+)
 
 __all__ = [
     "EpochCallback",
@@ -241,6 +247,14 @@ def fit_datasets(
     kwargs required), reaching the same weights as an uninterrupted run. ``on_epoch_end``
     (rank 0 only) gets (epoch number, metrics) after each epoch and at the budget end,
     after the checkpoint is written. Under DDP every rank calls this with the same data.
+
+    ``cfg.conservative_finetune_steps`` N > 0 (ForceNet): the first budget - N steps train
+    direct forces (with the energy head on), then an evaluation and ``last.pt`` close that
+    phase and the model switches to forces = -dE/dpos
+    (:func:`forcenet.train_state.start_conservative_phase`) for the last N steps. The best
+    dev force MAE restarts there: only conservative checkpoints can become ``best.pt``
+    from then on, so the checkpoint returned predicts conservative forces (unless the
+    wall-clock cap ends the run before that phase). Resuming works on either side.
     """
     info = D.init_distributed()
     if info.device.type == "cpu":
@@ -251,10 +265,7 @@ def fit_datasets(
         cfg, model_name, model_kwargs, train_set, last, resume=resume, device=info.device
     )
     loss_fn = make_loss(cfg, model)
-    net: nn.Module = model
-    if info.distributed:
-        ids = [info.device] if info.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    net = _wrap(model, info)
     n_train, n_dev = dataset_size(train_set), dataset_size(dev_set)
     shard = D.shard_indices(n_dev, info.rank, info.world_size)
     pin = info.device.type == "cuda"  # page-locked batches: faster, asynchronous copies
@@ -274,7 +285,9 @@ def fit_datasets(
             model,
             optimizer,
             model_name=model_name,
-            model_kwargs=model_kwargs,
+            model_kwargs=phase_kwargs(
+                cfg, model_name, model_kwargs, conservative=model.energy_from_gradient
+            ),
             progress=vars(progress),
             params=params_snapshot or {},
             graph=graph.as_dict(),
@@ -287,6 +300,7 @@ def fit_datasets(
             C.save_checkpoint(out_dir / "best.pt", state)
 
     budget = total_steps(steps_per_epoch, cfg.max_epochs, cfg.max_steps)
+    conservative_from = _conservative_start(cfg, model, progress.step, budget, last)
     bar = StepLog(model_name, budget, progress.step, enabled=info.is_main)
     clock0 = _now() - progress.elapsed_s
 
@@ -302,6 +316,18 @@ def fit_datasets(
         return "no last.pt was written"
 
     while progress.step < budget and not out_of_time():
+        if progress.step >= conservative_from and not model.energy_from_gradient:
+            model, optimizer = start_conservative_phase(
+                cfg, model, optimizer, model_name, model_kwargs
+            )
+            loss_fn, net = make_loss(cfg, model), _wrap(model, info)
+            progress.best_metric = None  # from here only conservative checkpoints are best.pt
+            if info.is_main:
+                tqdm.write(
+                    f"train {model_name}: step {progress.step}: conservative fine-tune, "
+                    f"forces = -dE/dx for the last {budget - progress.step} steps"
+                )
+        phase_end = conservative_from if progress.step < conservative_from else budget
         try:
             done = _train_epoch(
                 cfg,
@@ -312,7 +338,7 @@ def fit_datasets(
                 progress,
                 info,
                 steps_per_epoch,
-                budget,
+                phase_end,
                 clock0,
                 bar,
                 builder,
@@ -334,6 +360,12 @@ def fit_datasets(
             on_epoch_end(progress.step, metrics)
         bar.write(progress_line(model_name, progress, budget, metrics))
     bar.close()
+    if info.is_main and cfg.conservative_finetune_steps and not model.energy_from_gradient:
+        tqdm.write(
+            f"WARNING: train {model_name}: the run ended at step {progress.step}, before the "
+            f"conservative fine-tune (step {conservative_from}): its checkpoints predict "
+            "direct forces"
+        )
     if info.is_main and progress.graphs_seen < n_train:
         tqdm.write(
             f"WARNING: train {model_name}: {progress.step} steps saw {progress.graphs_seen} "
@@ -349,6 +381,34 @@ def fit_datasets(
     if info.is_main:
         tqdm.write(f"train {model_name}: no dev slice, so no best.pt: {last} is the checkpoint")
     return last
+
+
+def _wrap(model: C.ScaledModel, info: D.DistInfo) -> nn.Module:
+    """``model`` as trained: itself, or under DDP wrapped in DistributedDataParallel."""
+    if not info.distributed:
+        return model
+    ids = [info.device] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _conservative_start(
+    cfg: TrainConfig, model: C.ScaledModel, step: int, budget: int, last: Path
+) -> int:
+    """The step where the conservative fine-tune starts (``budget`` without one); a
+    ValueError when it does not fit the budget, a CheckpointError for a resumed
+    ``last.pt`` already in that phase before it starts (other settings)."""
+    n = cfg.conservative_finetune_steps
+    if n > budget:
+        raise ValueError(
+            f"conservative_finetune_steps={n} > this run's {budget} steps "
+            f"(max_epochs={cfg.max_epochs} binds before max_steps={cfg.max_steps})"
+        )
+    if n and model.energy_from_gradient and step < budget - n:
+        raise C.CheckpointError(
+            f"{last}: cannot resume: it is in the conservative fine-tune at step {step}, "
+            f"which these settings start at step {budget - n}"
+        )
+    return budget - n
 
 
 def _record_eval(progress: Progress, metrics: dict[str, float], steps_per_epoch: int) -> None:
@@ -382,7 +442,8 @@ def _train_epoch(
     graphs: OnTheFlyGraphs | None = None,
 ) -> dict[str, float]:
     """Train the rest of the current epoch, or up to the next dev evaluation
-    (``cfg.eval_every``), the step budget ``budget`` or the wall-clock cap."""
+    (``cfg.eval_every``), step ``budget`` (the step budget, or the start of the
+    conservative fine-tune) or the wall-clock cap."""
     indices = D.epoch_indices(
         dataset_size(train_set),
         epoch=progress.epoch,
@@ -390,11 +451,12 @@ def _train_epoch(
         rank=info.rank,
         world_size=info.world_size,
     )[progress.batches_in_epoch * cfg.batch_size :]
-    loader = DataLoader(
-        Subset(train_set, indices),
+    epoch_set = Subset(train_set, indices)
+    loader = batch_loader(
+        epoch_set,
+        SequentialSampler(epoch_set),
         batch_size=cfg.batch_size,
         drop_last=True,
-        collate_fn=collate,
         num_workers=cfg.num_workers,
         pin_memory=info.device.type == "cuda",
     )

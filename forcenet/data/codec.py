@@ -67,17 +67,18 @@ def encode(record: dict[str, np.ndarray]) -> bytes:
     return _PREFIX.pack(MAGIC, len(head), crc) + head + body
 
 
-def _check_prefix(buf: bytes) -> int:
+def _check_prefix(buf: memoryview) -> int:
     """Header length of ``buf`` after checking its magic and checksum."""
-    if len(buf) >= 4 and buf[:4] in _OLD_MAGICS:
+    magic = bytes(buf[:4])
+    if magic in _OLD_MAGICS:
         raise RecordDecodeError(
-            f"record layout {buf[:4].decode()} of schema version {_OLD_MAGICS[buf[:4]]}; "
+            f"record layout {magic.decode()} of schema version {_OLD_MAGICS[magic]}; "
             f"this code reads {MAGIC.decode()}: rebuild the store"
         )
-    if len(buf) < _PREFIX.size or buf[:4] != MAGIC:
+    if len(buf) < _PREFIX.size or magic != MAGIC:
         raise RecordDecodeError("not a forcenet record (bad magic)")
     _, hlen, crc = _PREFIX.unpack_from(buf)
-    actual = zlib.crc32(memoryview(buf)[_PREFIX.size :])
+    actual = zlib.crc32(buf[_PREFIX.size :])
     if actual != crc:
         raise RecordChecksumError(
             f"checksum mismatch (stored {crc:08x}, computed {actual:08x}): "
@@ -87,17 +88,19 @@ def _check_prefix(buf: bytes) -> int:
 
 
 def decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
-    buf = bytes(buf)
+    """The record in ``buf``; every array is a fresh copy, so ``buf`` may be a buffer
+    that is only valid for the moment (an LMDB read transaction's)."""
+    buf = memoryview(buf)
     hlen = _check_prefix(buf)
     body_start = _PREFIX.size + hlen
     if body_start > len(buf):
         raise RecordDecodeError("truncated record header")
     try:
-        header = json.loads(buf[_PREFIX.size : body_start])
+        header = json.loads(bytes(buf[_PREFIX.size : body_start]))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordDecodeError(f"corrupt record header: {exc}") from exc
     out: dict[str, np.ndarray] = {}
-    body = memoryview(buf)[body_start:]
+    body = buf[body_start:]
     for entry in header:
         try:
             name, dtype_str, shape, offset, nbytes = entry

@@ -9,18 +9,25 @@ process that reads, so the dataset works with forked or spawned DataLoader worke
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from ase import Atoms
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from forcenet.data import keys as K
 from forcenet.data import store
-from forcenet.data.batch import collate
+from forcenet.data.batch import Batch, PackedBatch, collate, collate_packed
 from forcenet.data.frame import Frame, fixed_mask
 from forcenet.data.graphs import GraphSettings, decode_graph, graph_record, read_graph_settings
 from forcenet.data.manifest import require_manifest
@@ -137,6 +144,58 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class BatchLoader:
+    """Batches of a DataLoader as :class:`~forcenet.data.batch.Batch` dicts.
+
+    With workers, each worker reads a whole batch (one read transaction per shard, see
+    :meth:`FrameDataset.__getitems__`), collates it and sends it as one shared-memory
+    buffer (:class:`~forcenet.data.batch.PackedBatch`); this unpacks it. Without workers
+    the batches are collated in this process. ``loader`` is the DataLoader underneath.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self.loader:
+            yield item.unpack() if isinstance(item, PackedBatch) else item
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def batch_loader(
+    dataset: Dataset,
+    sampler: Sampler,
+    *,
+    batch_size: int,
+    num_workers: int,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    generator: torch.Generator | None = None,
+    persistent_workers: bool = False,
+) -> BatchLoader:
+    """A :class:`BatchLoader` over ``dataset`` in the order of ``sampler``, in batches of
+    ``batch_size`` (a batch sampler, so workers read and collate whole batches).
+    ``pin_memory``: page-locked batches for asynchronous copies to a GPU (use it on CUDA).
+    """
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
+        )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+        num_workers=num_workers,
+        collate_fn=collate_packed if num_workers > 0 else collate,
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=pin_memory,
+    )
+    return BatchLoader(loader)
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -146,8 +205,10 @@ def make_loader(
     seed: int,
     sampler: Sampler | None = None,
     drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader yielding :func:`collate` batches, shuffled by a generator seeded with ``seed``.
+    pin_memory: bool = False,
+) -> BatchLoader:
+    """Batches of ``dataset`` (:func:`batch_loader`), shuffled by a generator seeded with
+    ``seed``.
 
     Pass ``sampler`` (e.g. a ``DistributedSampler``) instead of ``shuffle``; both at
     once is an error. Workers persist across epochs; each is seeded once from the
@@ -156,23 +217,20 @@ def make_loader(
     """
     if sampler is not None and shuffle:
         raise ValueError("pass either shuffle=True or a sampler, not both")
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(
-            f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
-        )
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    if sampler is None:
+        sized = cast(Sized, dataset)
+        sampler = RandomSampler(sized, generator=generator) if shuffle else SequentialSampler(sized)
+    return batch_loader(
         dataset,
+        sampler,
         batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
-        generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,  # no re-fork (seconds) at every epoch/evaluation
+        pin_memory=pin_memory,
+        generator=generator,
+        persistent_workers=True,  # no re-fork (seconds) at every epoch/evaluation
     )
 
 
