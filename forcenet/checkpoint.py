@@ -75,7 +75,8 @@ class ScaledModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.energy_from_gradient = bool(getattr(type(model), "energy_from_gradient", False))
+        # the instance's: ForceNet(forces="gradient") is a gradient model, its class is not
+        self.energy_from_gradient = bool(getattr(model, "energy_from_gradient", False))
         if self.energy_from_gradient and force_scale != energy_scale:
             raise ValueError("a gradient-force model needs force_scale == energy_scale")
         self.register_buffer("force_scale", torch.tensor(float(force_scale)))

@@ -47,6 +47,11 @@ class TrainConfig:
     then the residual's mean/std, for raw total energies of mixed compositions).
     ``element_energies`` [eV by element symbol]: given e_Z, used instead of the fit
     (``per_element`` only; every training element needs one).
+    ``conservative_finetune_steps`` (ForceNet only; 0 = off): the last that many steps of
+    the step budget (``max_steps``, or fewer when ``max_epochs`` binds first) train the
+    ForceNet with forces = -dE/dpos of its energy head (``forces="gradient"``, the energy
+    head switched on), after direct forces before; the checkpoints of that phase predict
+    conservative forces. See :func:`forcenet.train_state.start_conservative_phase`.
     """
 
     lr: float = 2e-3
@@ -79,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     energy_reference: EnergyReference = "per_element"
     element_energies: dict[str, float] = field(default_factory=dict)
+    conservative_finetune_steps: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -91,10 +97,18 @@ class TrainConfig:
             "0 <= dev_fraction < 1": 0 <= self.dev_fraction < 1,
             "warmup_steps >= 0": self.warmup_steps >= 0,
             "loss_beta > 0": self.loss_beta > 0,
+            "conservative_finetune_steps >= 0": self.conservative_finetune_steps >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid TrainConfig: need {', '.join(bad)}")
+        n = self.conservative_finetune_steps
+        if n > 0 and not n <= self.max_steps:
+            raise ValueError(
+                f"invalid TrainConfig: conservative_finetune_steps={n} needs a step budget "
+                f"max_steps >= {n} (got max_steps={self.max_steps}): the conservative "
+                "fine-tune is the last conservative_finetune_steps of max_steps"
+            )
         if self.energy_reference not in ("mean", "per_element"):
             raise ValueError(
                 f"invalid TrainConfig: energy_reference {self.energy_reference!r}, "

@@ -8,7 +8,7 @@ optional energy head).
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from forcenet.nn import (
     SphParity,
     UnitInterval,
     check_choice,
+    energy_and_forces,
     scalar_basis,
     xavier_linears_,
     zero_linear_,
@@ -62,6 +63,7 @@ AblationName = Literal[
     "none", "nofilter", "nocond", "nodistlist", "onlydist", "nodelinear", "edgelinear", "noself"
 ]
 DecoderType = Literal["mlp", "linear"]
+ForceMode = Literal["direct", "gradient"]
 
 #: Lower clamp of the (cutoff-scaled) distance features, as in the reference.
 MIN_SCALED_DISTANCE = 1e-3
@@ -238,6 +240,11 @@ class ForceNet(nn.Module):
       onlydist, nodelinear (node MLP depth 0), edgelinear (edge MLP depth 0), noself.
     * ``energy_head`` (False): also predict a per-graph energy (sum-pool, Linear(D -> 1));
       the reference trains ForceNet force-only.
+    * ``forces`` ("direct"): "direct" = the force decoder's output (the paper);
+      "gradient" = -dE/dpos of the energy head (needs ``energy_head``; the decoder is kept
+      but unused), a conservative ForceNet, e.g. for the conservative fine-tune of a
+      direct-force training (``TrainConfig.conservative_finetune_steps``; beyond the paper,
+      as Bigi et al. 2025, arXiv:2412.11569, recommend). Same parameters in both modes.
 
     Initialisation options (no effect on the architecture; the defaults are the reference's).
     Both shorten the "predict zero" plateau of short trainings, see ``reports/recipe.md``:
@@ -251,7 +258,9 @@ class ForceNet(nn.Module):
       signal is carried by the direction.
 
     ``forward(batch)`` returns ``{"forces": [N, 3] eV/Å}`` plus ``"energy"`` [G] (eV) when
-    ``energy_head``. Forces are direct outputs, not energy gradients.
+    ``energy_head``. Forces are direct outputs, not energy gradients, unless ``forces`` is
+    "gradient": then the instance's ``energy_from_gradient`` is True (the class default
+    stays False).
     """
 
     energy_from_gradient = False
@@ -275,6 +284,7 @@ class ForceNet(nn.Module):
         decoder_activation: ActivationName = "swish",
         ablation: AblationName = "none",
         energy_head: bool = False,
+        forces: ForceMode = "direct",
         zero_init_decoder: bool = False,
         basis_init_gain: float = 1.0,
     ) -> None:
@@ -283,6 +293,7 @@ class ForceNet(nn.Module):
         self.zero_init_decoder = bool(zero_init_decoder)
         self.basis_init_gain = float(basis_init_gain)
         self.cutoff = float(cutoff)
+        self.energy_from_gradient = forces == "gradient"
         depth_mlp_edge = 0 if ablation == "edgelinear" else depth_mlp_edge
         depth_mlp_node = 0 if ablation == "nodelinear" else depth_mlp_node
         hidden = hidden_channels
@@ -305,7 +316,8 @@ class ForceNet(nn.Module):
         self.register_buffer("supported", _supported(feat, ablation), persistent=False)
 
         self.interactions = nn.ModuleList(
-            interaction_block(
+            _block(
+                self.energy_from_gradient,
                 hidden=hidden,
                 basis_features=self.edge_basis.out_features,
                 depth_mlp_edge=depth_mlp_edge,
@@ -346,13 +358,29 @@ class ForceNet(nn.Module):
             zero_linear_(last)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.energy_from_gradient:  # forces = -dE/dpos of the energy head
+            return energy_and_forces(self._energy, batch, training=self.training)
+        h = self._features(batch, batch[K.POS])  # [N, D]
+        out = {K.OUT_FORCES: self.decoder(h)}  # [N, 3] eV/Å
+        if self.energy_head is not None:
+            out[K.OUT_ENERGY] = self.energy_head(h, batch[K.BATCH], batch[K.NATOMS].shape[0])
+        return out
+
+    def _energy(self, batch: dict[str, Tensor], pos: Tensor) -> Tensor:
+        """Energy per graph [G] (eV) at positions ``pos`` [N, 3] (``forces="gradient"``)."""
+        assert self.energy_head is not None  # checked at construction
+        h = self._features(batch, pos)  # [N, D]
+        return self.energy_head(h, batch[K.BATCH], batch[K.NATOMS].shape[0])
+
+    def _features(self, batch: dict[str, Tensor], pos: Tensor) -> Tensor:
+        """Atom features [N, D] after the blocks and Linear(H -> D) + act, at ``pos``."""
         z = batch[K.ATOMIC_NUMBERS]  # [N]
         elements.check_elements(z, self.supported, "ForceNet")
         dtype = self.lin_out.weight.dtype
         edge_index = batch[K.EDGE_INDEX]  # [2, E]: row 0 neighbor j, row 1 centre i
         j, i = edge_index[0], edge_index[1]
         vec = edge_vectors(
-            batch[K.POS].to(dtype),
+            pos.to(dtype),
             batch[K.CELL].to(dtype),
             batch[K.BATCH],
             edge_index,
@@ -366,11 +394,28 @@ class ForceNet(nn.Module):
         h = self.atom_embedding(z)  # [N, H]
         for block in self.interactions:
             h = h + block(h, basis, envelope, j, i)
-        h = self.act(self.lin_out(h))  # [N, D]
-        out = {K.OUT_FORCES: self.decoder(h)}  # [N, 3] eV/Å
-        if self.energy_head is not None:
-            out[K.OUT_ENERGY] = self.energy_head(h, batch[K.BATCH], batch[K.NATOMS].shape[0])
-        return out
+        return self.act(self.lin_out(h))  # [N, D]
+
+
+class TwiceDifferentiableBlock(InteractionBlock):
+    """An interaction block that never takes the fused CPU edge pass, whose hand-written
+    backward is once-differentiable: gradient forces are trained (and their Jacobian
+    measured) by double backward. The same function and parameters otherwise."""
+
+    def _fused_tail(self, h: Tensor) -> list[Tensor] | None:
+        return None
+
+
+def _block(twice_differentiable: bool, **kwargs: Any) -> InteractionBlock:
+    """:func:`interaction_block` with ``kwargs``; as a :class:`TwiceDifferentiableBlock`
+    for gradient forces."""
+    block = interaction_block(**kwargs)
+    if not twice_differentiable:
+        return block
+    # re-wrapping initialises once more: on a side RNG, so both force modes draw the same
+    # weights from the same seed (ForceNet.reset_parameters re-initialises them anyway)
+    with torch.random.fork_rng(devices=[]):
+        return TwiceDifferentiableBlock(block.filter, block.message, block.node_mlp)
 
 
 def _supported(feat: FeatName, ablation: AblationName) -> Tensor:
@@ -399,6 +444,8 @@ def _check_args(args: dict) -> None:
             raise ValueError(f"ForceNet: {name} must be an integer >= 0, got {args[name]!r}")
     if not (isinstance(args["basis_init_gain"], int | float) and args["basis_init_gain"] > 0):
         raise ValueError(f"ForceNet: basis_init_gain must be > 0, got {args['basis_init_gain']!r}")
+    if args["forces"] == "gradient" and not args["energy_head"]:
+        raise ValueError("ForceNet: forces='gradient' (-dE/dpos) needs energy_head=True")
     if not float(args["cutoff"]) > 0:
         raise ValueError(f"ForceNet: cutoff must be > 0 Å, got {args['cutoff']!r}")
     choices = {
@@ -408,6 +455,7 @@ def _check_args(args: dict) -> None:
         "decoder_type": DecoderType,
         "decoder_activation": ActivationName,
         "ablation": AblationName,
+        "forces": ForceMode,
     }
     for name, options in choices.items():
         check_choice(f"ForceNet: {name}", args[name], options)
