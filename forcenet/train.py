@@ -325,7 +325,9 @@ def fit_datasets(
             if info.is_main:
                 tqdm.write(
                     f"train {model_name}: step {progress.step}: conservative fine-tune, "
-                    f"forces = -dE/dx for the last {budget - progress.step} steps"
+                    f"forces = -dE/dx for the last {budget - progress.step} steps, energy "
+                    f"scale {float(model.energy_scale):.4g} eV (= the force scale); best.pt "
+                    "from this phase only"
                 )
         phase_end = conservative_from if progress.step < conservative_from else budget
         try:
