@@ -27,10 +27,17 @@ from torch.utils.data import (
 
 from forcenet.data import keys as K
 from forcenet.data import store
-from forcenet.data.batch import Batch, PackedBatch, collate, collate_packed
+from forcenet.data.batch import Batch, PackedBatch, collate
 from forcenet.data.frame import Frame, fixed_mask
-from forcenet.data.graphs import GraphSettings, decode_graph, graph_record, read_graph_settings
+from forcenet.data.graphs import (
+    GraphSettings,
+    check_compact,
+    decode_graph,
+    graph_record,
+    read_graph_settings,
+)
 from forcenet.data.manifest import require_manifest
+from forcenet.data.transfer import RingCollate, SlotBatch, SlotRing
 
 Sample = dict[str, np.ndarray]
 
@@ -110,8 +117,11 @@ class FrameDataset(Dataset):
         return sample
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """The samples of a whole batch (what a DataLoader worker reads at once): one read
-        transaction per shard touched, samples in the order of ``indices``."""
+        """The samples of a whole batch (what a DataLoader reads at once): one read
+        transaction per shard touched, samples in the order of ``indices``, each graph
+        left compact as stored (about 2 bytes per edge; checked, not expanded): the
+        batch's collate expands it (:func:`forcenet.data.batch.expand_graphs`), after
+        crossing from a worker process when there are workers."""
         located = [self.locate(int(i)) for i in indices]
         by_shard: dict[int, list[int]] = {}
         for shard, key in located:
@@ -119,11 +129,14 @@ class FrameDataset(Dataset):
         found: dict[tuple[int, int], Sample] = {}
         for shard, keys in by_shard.items():
             frames = self.frames[shard].get_many(keys)
-            graphs = self.graphs[shard].get_many(keys) if self.graphs is not None else None
+            store_ = self.graphs[shard] if self.graphs is not None else None
+            graphs = store_.get_many(keys) if store_ is not None else None
             for n, key in enumerate(keys):
                 sample = frames[n]
-                if graphs is not None:
-                    sample.update(self._graph(shard, key, graphs[n]))
+                if graphs is not None and store_ is not None:
+                    where = f"{store_.path}: record {key}"
+                    natoms = len(sample[K.ATOMIC_NUMBERS])
+                    sample.update(check_compact(graphs[n], natoms=natoms, where=where))
                 found[shard, key] = sample
         return [found[loc] for loc in located]
 
@@ -132,33 +145,52 @@ class FrameDataset(Dataset):
         return decode_graph(record, where=f"{self.graphs[shard].path}: record {key}")
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy/random from this worker's torch seed.
+def _init_worker(worker_id: int) -> None:
+    """Seed numpy/random from this worker's torch seed, and send batches by file name.
 
     torch gives each worker ``base_seed + worker_id`` with ``base_seed`` drawn from the
     loader's seeded generator, so any randomness differs between workers and epochs yet
     is reproducible for a given seed and worker count.
+
+    The worker's batches cross to the main process as shared-memory files named in the
+    message (torch's ``file_system`` strategy, set in the worker only): the default
+    passes a file descriptor through a helper thread and socket per batch, which cost
+    about 0.9 ms per batch here, as much as reading it.
     """
+    pass
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+#: Batches each worker prepares ahead (torch's default is 2).
+PREFETCH = 4
 
 
 class BatchLoader:
     """Batches of a DataLoader as :class:`~forcenet.data.batch.Batch` dicts.
 
     With workers, each worker reads a whole batch (one read transaction per shard, see
-    :meth:`FrameDataset.__getitems__`), collates it and sends it as one shared-memory
-    buffer (:class:`~forcenet.data.batch.PackedBatch`); this unpacks it. Without workers
-    the batches are collated in this process. ``loader`` is the DataLoader underneath.
+    :meth:`FrameDataset.__getitems__`), collates it into a slot of shared memory and
+    sends the slot's number (:mod:`forcenet.data.transfer`); this copies the batch out.
+    Without workers the batches are collated in this process. ``loader`` is the
+    DataLoader underneath.
     """
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: DataLoader, ring: SlotRing | None = None) -> None:
         self.loader = loader
+        self.ring = ring  # the workers' shared-memory slots (forcenet.data.transfer)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.ring is not None:
+            self.ring.release_all()  # what an abandoned epoch left in flight is dropped
         for item in self.loader:
-            yield item.unpack() if isinstance(item, PackedBatch) else item
+            yield item.unpack() if isinstance(item, PackedBatch | SlotBatch) else item
+
+    def __del__(self) -> None:
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.close()
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -183,17 +215,19 @@ def batch_loader(
         raise ValueError(
             f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
         )
+    ring = SlotRing(num_workers, slots_per_worker=PREFETCH + 2) if num_workers > 0 else None
     loader = DataLoader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last),
         num_workers=num_workers,
-        collate_fn=collate_packed if num_workers > 0 else collate,
+        collate_fn=RingCollate(ring) if ring is not None else collate,
         generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        worker_init_fn=_init_worker if num_workers > 0 else None,
         persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=pin_memory,
+        prefetch_factor=PREFETCH if num_workers > 0 else None,
     )
-    return BatchLoader(loader)
+    return BatchLoader(loader, ring)
 
 
 def make_loader(
@@ -212,7 +246,7 @@ def make_loader(
 
     Pass ``sampler`` (e.g. a ``DistributedSampler``) instead of ``shuffle``; both at
     once is an error. Workers persist across epochs; each is seeded once from the
-    loader's generator (see :func:`_seed_worker`), so a run is reproducible for a given
+    loader's generator (see :func:`_init_worker`), so a run is reproducible for a given
     ``seed`` and ``num_workers``.
     """
     if sampler is not None and shuffle:

@@ -24,19 +24,7 @@ from forcenet.data import keys as K
 from forcenet.data import neighbors, store
 from forcenet.data.jobs import is_current, run_jobs, select_shards, split_dirs
 from forcenet.data.manifest import MANIFEST, read_manifest, require_manifest, summarise
-
-_OFFSET_RANGE = 2  # offsets in -2..2 per direction fit one byte: 5**3 = 125 codes
-_OFFSET_BASE = 2 * _OFFSET_RANGE + 1
-#: offset code -> (a, b, c), the inverse of the code in :func:`encode_graph`
-_OFFSET_TABLE = np.array(
-    [
-        (a, b, c)
-        for a in range(-_OFFSET_RANGE, _OFFSET_RANGE + 1)
-        for b in range(-_OFFSET_RANGE, _OFFSET_RANGE + 1)
-        for c in range(-_OFFSET_RANGE, _OFFSET_RANGE + 1)
-    ],
-    dtype=np.int64,
-)
+from forcenet.data.offsets import OFFSET_RANGE, OFFSET_TABLE, offset_codes
 
 
 def _index_dtype(largest: int) -> np.dtype:
@@ -67,14 +55,43 @@ def encode_graph(
     }
     offsets = np.asarray(cell_offsets, dtype=np.int64).reshape(-1, 3)
     largest = int(np.abs(offsets).max(initial=0))
-    if largest <= _OFFSET_RANGE:
-        shifted = offsets + _OFFSET_RANGE
-        codes = (shifted[:, 0] * _OFFSET_BASE + shifted[:, 1]) * _OFFSET_BASE + shifted[:, 2]
-        record[K.OFFSET_CODES] = codes.astype(np.uint8)
+    if largest <= OFFSET_RANGE:
+        record[K.OFFSET_CODES] = offset_codes(offsets)
     elif largest <= np.iinfo(np.int8).max:
         record[K.CELL_OFFSETS] = offsets.astype(np.int8)
     else:
         raise ValueError(f"cell offset {largest} exceeds the int8 range of the graph store")
+    return record
+
+
+def check_compact(
+    record: dict[str, np.ndarray], *, natoms: int, where: str = "graph record"
+) -> dict[str, np.ndarray]:
+    """``record`` after checking it is a compact graph record of a structure of ``natoms``
+    atoms (a :class:`~forcenet.data.store.StoreError` naming ``where`` otherwise)."""
+    if K.NEIGHBOR_COUNTS not in record or K.NEIGHBORS not in record:
+        if K.EDGE_INDEX in record:
+            raise store.GraphSchemaError(
+                f"{where}: graph schema 1 (int64 edge_index); this code reads graph schema "
+                f"{K.GRAPH_SCHEMA_VERSION}: {store.REBUILD_GRAPHS}"
+            )
+        raise store.StoreError(f"{where}: not a graph record (fields {sorted(record)})")
+    counts, nbrs = record[K.NEIGHBOR_COUNTS], record[K.NEIGHBORS]
+    offsets = record.get(K.OFFSET_CODES, record.get(K.CELL_OFFSETS))
+    edges = int(counts.sum(dtype=np.int64))
+    if len(counts) != natoms:
+        raise store.StoreError(
+            f"{where}: neighbor counts of {len(counts)} atoms, frame has {natoms}"
+        )
+    if edges != len(nbrs) or offsets is None or len(offsets) != edges:
+        raise store.StoreError(
+            f"{where}: the counts sum to {edges} edges, but there are {len(nbrs)} neighbors "
+            f"and {None if offsets is None else len(offsets)} offsets"
+        )
+    if edges and int(nbrs.max()) >= natoms:
+        raise store.StoreError(f"{where}: neighbor index {int(nbrs.max())} >= {natoms} atoms")
+    if K.OFFSET_CODES in record and edges and int(offsets.max()) >= len(OFFSET_TABLE):
+        raise store.StoreError(f"{where}: offset code {int(offsets.max())} out of range")
     return record
 
 
@@ -94,7 +111,9 @@ def decode_graph(record: dict[str, np.ndarray], *, where: str = "graph record") 
             f"{where}: {len(nbrs)} neighbors but the counts sum to {len(centres)}"
         )
     if K.OFFSET_CODES in record:
-        offsets = _OFFSET_TABLE.take(record[K.OFFSET_CODES].astype(np.intp), axis=0, mode="clip")
+        if len(nbrs) and int(record[K.OFFSET_CODES].max()) >= len(OFFSET_TABLE):
+            raise store.StoreError(f"{where}: offset code out of range")
+        offsets = OFFSET_TABLE.take(record[K.OFFSET_CODES].astype(np.intp), axis=0, mode="clip")
     else:
         offsets = record[K.CELL_OFFSETS].astype(np.int64)
     if len(offsets) != len(nbrs):

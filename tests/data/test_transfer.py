@@ -1,0 +1,100 @@
+"""Batches from loader workers: through shared-memory slots, by value when they do not
+fit, always the batches a loader without workers gives, and never rewritten in use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_dataset import _dataset, stores  # noqa: F401  (the module's store fixture)
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+from forcenet.data import keys as K
+from forcenet.data.batch import PackedBatch, collate, collate_arrays, expand_graphs
+from forcenet.data.dataset import BatchLoader, make_loader
+from forcenet.data.transfer import RingCollate, SlotBatch, SlotRing
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def _loader(ds, ring: SlotRing, workers: int) -> BatchLoader:
+    sampler = BatchSampler(SequentialSampler(ds), 4, False)
+    loader = DataLoader(
+        ds, batch_sampler=sampler, num_workers=workers, collate_fn=RingCollate(ring)
+    )
+    return BatchLoader(loader, ring)
+
+
+@pytest.mark.parametrize("slot_bytes", [4 << 20, 64])  # fits / never fits: sent by value
+def test_workers_give_the_batches_of_a_loader_without_workers(stores, slot_bytes):  # noqa: F811
+    ds = _dataset(stores)
+    expected = [collate([ds[i] for i in range(s, min(s + 4, len(ds)))]) for s in (0, 4, 8)]
+    ring = SlotRing(2, slots_per_worker=2, slot_bytes=slot_bytes)
+    got = list(_loader(ds, ring, workers=2))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        _same(a, b)
+    assert int(ring.busy.sum()) == 0  # every slot freed once its batch was copied out
+
+
+def test_a_batch_never_points_into_its_slot(stores):  # noqa: F811
+    """A batch taken from a slot is a copy: refilling the slot leaves it as it was."""
+    ds = _dataset(stores)
+    ring = SlotRing(1, slots_per_worker=1)
+    arrays = collate_arrays(ds.__getitems__([0, 1, 2]))
+    before = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    from forcenet.data.batch import pack_layout
+
+    layout, nbytes = pack_layout(arrays)
+    view = ring.slot(0).numpy()
+    for (_, _, _, start), a in zip(layout, arrays.values(), strict=True):
+        view[start : start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    ring.busy[0] = 1
+    batch = SlotBatch(ring.id, 0, layout, nbytes).unpack()
+    assert int(ring.busy[0]) == 0
+    view[:nbytes] = 255  # the worker reuses the slot
+    _same(batch, before)
+
+
+def test_busy_slots_fall_back_to_compact_batches_by_value(stores, monkeypatch):  # noqa: F811
+    ds = _dataset(stores)
+    ring = SlotRing(1, slots_per_worker=1)
+    ring.busy[0] = 1  # taken (a batch still outstanding)
+    collate_fn = RingCollate(ring)
+    samples = ds.__getitems__([0, 1, 2, 3])
+
+    class Info:
+        id = 0
+
+    monkeypatch.setattr("torch.utils.data.get_worker_info", lambda: Info())
+    sent = collate_fn(samples)
+    assert isinstance(sent, PackedBatch)
+    fields = {name for name, *_ in sent.layout}
+    assert K.NEIGHBORS in fields and K.EDGE_INDEX not in fields  # about 2 bytes per edge
+    _same(sent.unpack(), collate(samples))
+    ring.busy[0] = 0
+    taken = collate_fn(samples)
+    assert isinstance(taken, SlotBatch) and int(ring.busy[0]) == 1
+    _same(taken.unpack(), collate(samples))
+
+
+def test_compact_batches_expand_to_the_stored_edges(stores):  # noqa: F811
+    ds = _dataset(stores)
+    compact = collate_arrays(ds.__getitems__([3, 0, 7]), expand=False)
+    assert K.EDGE_INDEX not in compact and compact[K.NEIGHBORS].dtype == np.uint8
+    expanded = {k: torch.from_numpy(v) for k, v in expand_graphs(compact).items()}
+    _same(expanded, collate([ds[3], ds[0], ds[7]]))
+
+
+def test_an_abandoned_epoch_frees_its_slots(stores):  # noqa: F811
+    ds = _dataset(stores)
+    loader = make_loader(ds, batch_size=2, shuffle=False, num_workers=1, seed=0)
+    first = next(iter(loader))
+    assert loader.ring is not None
+    again = list(loader)  # a new epoch after one abandoned after its first batch
+    _same(again[0], first)
+    assert len(again) == 5 and int(loader.ring.busy.sum()) == 0
