@@ -183,7 +183,9 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.ring is not None:
-            self.ring.release_all()  # what an abandoned epoch left in flight is dropped
+            # batches an abandoned epoch left in flight are discarded by torch: free their
+            # slots (no worker writes for a new epoch before this iterator starts)
+            self.ring.release_all()
         for item in self.loader:
             yield item.unpack() if isinstance(item, PackedBatch | SlotBatch) else item
 
