@@ -11,6 +11,7 @@ accuracy. The benchmarks only time the data path with them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -74,3 +75,46 @@ def oc20_sized(
             sid=n // 20,  # 20 frames per synthetic system, like a short trajectory
             fid=n % 20,
         )
+
+
+def write_raw(
+    pool_dir: Path, out_dir: Path, *, frames: int, shard_size: int, shard: str, seed: int
+) -> int:
+    """Raw shards ``k`` with ``k % n == i`` (``shard`` "i/n") of ``frames`` OC20-sized
+    frames made from the raw frames in ``pool_dir``: one task of a job array."""
+    from forcenet.data import raw
+
+    i, n = (int(x) for x in shard.split("/"))
+    pool = [f for path in raw.list_shards(pool_dir) for f in raw.iter_shard(path)]
+    written = 0
+    for k in range(i, -(-frames // shard_size), n):
+        start = k * shard_size
+        count = min(shard_size, frames - start)
+        written += raw.write_shard(out_dir, k, oc20_sized(pool, count, seed=seed, start=start))
+    return written
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write OC20-sized synthetic raw shards.")
+    parser.add_argument("pool", type=Path, help="raw split folder of generated frames")
+    parser.add_argument("out", type=Path, help="raw split folder to write")
+    parser.add_argument("--frames", type=int, required=True)
+    parser.add_argument("--shard-size", type=int, default=5000)
+    parser.add_argument("--shard", default="0/1", help="i/n: write shards k % n == i")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    count = write_raw(
+        args.pool,
+        args.out,
+        frames=args.frames,
+        shard_size=args.shard_size,
+        shard=args.shard,
+        seed=args.seed,
+    )
+    print(f"synthetic: wrote {count} frames to {args.out} (shard {args.shard})")
+
+
+if __name__ == "__main__":
+    main()

@@ -63,9 +63,7 @@ def neighbor_list(
     i, j, shifts, dist = calc.compute(
         points=pos, box=box, periodic=periodic, quantities="ijSd", copy=False
     )
-    i = i.astype(np.int64)
-    j = j.astype(np.int64)
-    shifts = shifts.astype(np.int64).reshape(-1, 3)
+    shifts = shifts.reshape(-1, 3)
     if len(dist) and dist.min() < MIN_DISTANCE:  # a self-pair, or two atoms too close
         self_pair = (i == j) & ~shifts.any(axis=1)
         close = (dist < MIN_DISTANCE) & ~self_pair
@@ -80,19 +78,90 @@ def neighbor_list(
         i, j, shifts, dist = i[keep], j[keep], shifts[keep], dist[keep]
     if not all(periodic):
         # offsets along non-periodic directions are zero by construction
+        shifts = shifts.copy()
         shifts[:, [not p for p in periodic]] = 0
-    order = _edge_order(i, j, shifts, dist, float(cutoff), len(pos))
-    centres = i[order]
-    counts = np.bincount(centres, minlength=len(pos))
-    if counts.max(initial=0) > max_neighbors:
-        # rank of each edge within its centre's list; keep the nearest max_neighbors
-        starts = np.cumsum(counts) - counts
-        keep = np.arange(len(order)) - np.repeat(starts, counts) < max_neighbors
+    return _sorted_truncated(i, j, shifts, dist, float(cutoff), len(pos), int(max_neighbors))
+
+
+def _bits(n: int) -> int:
+    """Bits needed for the integers 0 .. n - 1."""
+    return max(int(n - 1).bit_length(), 1)
+
+
+_OFFSETS_BY_SPAN: dict[int, np.ndarray] = {}
+
+
+def _offset_table(span: int) -> np.ndarray:
+    """Image offset of each code ``((a + h) * span + b + h) * span + c + h``, h = span // 2."""
+    table = _OFFSETS_BY_SPAN.get(span)
+    if table is None:
+        half = span // 2
+        grid = np.indices((span, span, span)).reshape(3, -1).T - half
+        table = _OFFSETS_BY_SPAN[span] = grid.astype(np.int64)
+    return table
+
+
+def _sorted_truncated(
+    i: np.ndarray,
+    j: np.ndarray,
+    shifts: np.ndarray,
+    dist: np.ndarray,
+    cutoff: float,
+    n: int,
+    max_neighbors: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edges sorted by centre, then distance (in units of :data:`DISTANCE_QUANTUM`, so
+    float noise does not beat the tie rule), then neighbor index, then image offset, and
+    truncated to the first ``max_neighbors`` of each centre.
+
+    The four keys are packed as bit fields of one uint64 when they fit (any structure up
+    to 8,000 atoms at a 6 Å cutoff), sorted as plain numbers, and the edges read back
+    from the sorted keys: no permutation to apply, about 3x faster than a lexsort. Larger
+    structures take the lexsort, with the same order.
+    """
+    span = int(np.abs(shifts).max(initial=0)) * 2 + 1
+    half = span // 2
+    # ((a + half) * span + b + half) * span + c + half, as one matrix-vector product
+    code = shifts @ np.array([span * span, span, 1]) + half * (span * span + span + 1)
+    levels = int(np.ceil(cutoff / DISTANCE_QUANTUM)) + 1
+    quantised = np.rint(dist * (1.0 / DISTANCE_QUANTUM)).astype(np.uint64)
+    b_code, b_j, b_q = _bits(span**3), _bits(n), _bits(levels)
+    if b_code + b_j + b_q + _bits(n) <= 64:
+        key = (
+            (i.astype(np.uint64, copy=False) << np.uint64(b_q + b_j + b_code))
+            | (quantised << np.uint64(b_j + b_code))
+            | (j.astype(np.uint64, copy=False) << np.uint64(b_code))
+            | code.astype(np.uint64)
+        )
+        key.sort()
+        centres = (key >> np.uint64(b_q + b_j + b_code)).astype(np.int64)
+        keep = _nearest(centres, n, max_neighbors)
+        if keep is not None:
+            key, centres = key[keep], centres[keep]
+        edge_index = np.empty((2, len(key)), dtype=np.int64)
+        edge_index[0] = (key >> np.uint64(b_code)) & np.uint64((1 << b_j) - 1)
+        edge_index[1] = centres
+        codes = (key & np.uint64((1 << b_code) - 1)).astype(np.intp)
+        return edge_index, _offset_table(span)[codes]
+    order = np.lexsort((j.astype(np.int64) * span**3 + code, quantised, i.astype(np.int64)))
+    centres = i[order].astype(np.int64)
+    keep = _nearest(centres, n, max_neighbors)
+    if keep is not None:
         order, centres = order[keep], centres[keep]
     edge_index = np.empty((2, len(order)), dtype=np.int64)
     edge_index[0] = j[order]
     edge_index[1] = centres
-    return edge_index, shifts[order]
+    return edge_index, shifts[order].astype(np.int64)
+
+
+def _nearest(centres: np.ndarray, n: int, max_neighbors: int) -> np.ndarray | None:
+    """Mask of the first ``max_neighbors`` edges of each centre (edges sorted by centre);
+    None when no centre has more."""
+    counts = np.bincount(centres, minlength=n)
+    if counts.max(initial=0) <= max_neighbors:
+        return None
+    starts = np.cumsum(counts) - counts
+    return np.arange(len(centres)) - np.repeat(starts, counts) < max_neighbors
 
 
 _LOCAL = threading.local()
@@ -118,31 +187,3 @@ def _det3(m: list[list[float]]) -> float:
         - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
     )
-
-
-def _bits(n: int) -> int:
-    """Bits needed for the integers 0 .. n - 1."""
-    return max(int(n - 1).bit_length(), 1)
-
-
-def _edge_order(
-    i: np.ndarray, j: np.ndarray, shifts: np.ndarray, dist: np.ndarray, cutoff: float, n: int
-) -> np.ndarray:
-    """The permutation that sorts edges by centre, then distance (in units of
-    :data:`DISTANCE_QUANTUM`, so float noise does not beat the tie rule), then neighbor
-    index, then image offset (lexicographic).
-
-    The four keys are packed into one int64 when they fit (any structure up to about
-    2,000 atoms at a 6 Å cutoff): one argsort of unique keys, about 3x faster than a
-    lexsort. Larger ones take the lexsort, with the same order.
-    """
-    span = int(np.abs(shifts).max(initial=0)) * 2 + 1
-    half = span // 2
-    # ((a + half) * span + b + half) * span + c + half, as one matrix-vector product
-    offset_code = shifts @ np.array([span * span, span, 1]) + half * (span * span + span + 1)
-    levels = int(np.ceil(cutoff / DISTANCE_QUANTUM)) + 1
-    quantised = np.rint(dist * (1.0 / DISTANCE_QUANTUM)).astype(np.int64)
-    if 2 * _bits(n) + _bits(levels) + _bits(span**3) <= 63:
-        key = (i * levels + quantised) * n + j
-        return np.argsort(key * span**3 + offset_code)
-    return np.lexsort((j * span**3 + offset_code, quantised, i))
