@@ -121,8 +121,9 @@ def _sorted_truncated(
     """
     span = int(np.abs(shifts).max(initial=0)) * 2 + 1
     half = span // 2
-    # ((a + half) * span + b + half) * span + c + half, as one matrix-vector product
-    code = shifts @ np.array([span * span, span, 1]) + half * (span * span + span + 1)
+    # ((a + half) * span + b + half) * span + c + half
+    code = (shifts[:, 0] * span + shifts[:, 1]) * span + shifts[:, 2]
+    code += half * (span * span + span + 1)
     levels = int(np.ceil(cutoff / DISTANCE_QUANTUM)) + 1
     quantised = np.rint(dist * (1.0 / DISTANCE_QUANTUM)).astype(np.uint64)
     b_code, b_j, b_q = _bits(span**3), _bits(n), _bits(levels)
@@ -142,7 +143,7 @@ def _sorted_truncated(
         edge_index[0] = (key >> np.uint64(b_code)) & np.uint64((1 << b_j) - 1)
         edge_index[1] = centres
         codes = (key & np.uint64((1 << b_code) - 1)).astype(np.intp)
-        return edge_index, _offset_table(span)[codes]
+        return edge_index, _offset_table(span).take(codes, axis=0)  # take: 6x fancy indexing
     order = np.lexsort((j.astype(np.int64) * span**3 + code, quantised, i.astype(np.int64)))
     centres = i[order].astype(np.int64)
     keep = _nearest(centres, n, max_neighbors)
