@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -147,7 +148,7 @@ class PackedBatch:
         buffer = self.buffer.numpy() if isinstance(self.buffer, Tensor) else self.buffer
         for name, dtype_str, shape, offset in self.layout:
             dtype = np.dtype(dtype_str)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             arrays[name] = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
         return {name: torch.from_numpy(a) for name, a in expand_graphs(arrays).items()}
 

@@ -9,6 +9,8 @@ process that reads, so the dataset works with forked or spawned DataLoader worke
 from __future__ import annotations
 
 import random
+import sys
+import warnings
 from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +29,7 @@ from torch.utils.data import (
 
 from forcenet.data import keys as K
 from forcenet.data import store
-from forcenet.data.batch import Batch, PackedBatch, collate
+from forcenet.data.batch import Batch, collate, collate_arrays, pack_layout
 from forcenet.data.frame import Frame, fixed_mask
 from forcenet.data.graphs import (
     GraphSettings,
@@ -37,7 +39,8 @@ from forcenet.data.graphs import (
     read_graph_settings,
 )
 from forcenet.data.manifest import require_manifest
-from forcenet.data.transfer import RingCollate, SlotBatch, SlotRing
+from forcenet.data.transfer import CHUNK, ChunkSampler, RingCollate, SlotRing
+from forcenet.runtime import tune_malloc
 
 Sample = dict[str, np.ndarray]
 
@@ -146,25 +149,26 @@ class FrameDataset(Dataset):
 
 
 def _init_worker(worker_id: int) -> None:
-    """Seed numpy/random from this worker's torch seed, and send batches by file name.
+    """Seed numpy/random from this worker's torch seed, and tune it for sending batches.
 
     torch gives each worker ``base_seed + worker_id`` with ``base_seed`` drawn from the
     loader's seeded generator, so any randomness differs between workers and epochs yet
     is reproducible for a given seed and worker count.
 
-    The worker's batches cross to the main process as shared-memory files named in the
-    message (torch's ``file_system`` strategy, set in the worker only): the default
-    passes a file descriptor through a helper thread and socket per batch, which cost
-    about 0.9 ms per batch here, as much as reading it.
+    The worker's batches cross to the main process through shared-memory slots
+    (:mod:`forcenet.data.transfer`).
     """
-    pass
+    # The thread that sends finished batches waits for the GIL while this one reads the
+    # next: at the default 5 ms switch interval the worker sat idle a fifth of the time.
+    sys.setswitchinterval(1e-4)
+    tune_malloc()  # keep freed batch buffers mapped (no page faults per batch)
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
-#: Batches each worker prepares ahead (torch's default is 2).
-PREFETCH = 4
+#: Chunks of batches each worker prepares ahead (torch's default).
+PREFETCH = 2
 
 
 class BatchLoader:
@@ -177,9 +181,10 @@ class BatchLoader:
     DataLoader underneath.
     """
 
-    def __init__(self, loader: DataLoader, ring: SlotRing | None = None) -> None:
+    def __init__(self, loader: DataLoader, ring: SlotRing | None = None, batches: int = 0):
         self.loader = loader
         self.ring = ring  # the workers' shared-memory slots (forcenet.data.transfer)
+        self.batches = batches or len(loader)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.ring is not None:
@@ -187,7 +192,11 @@ class BatchLoader:
             # slots (no worker writes for a new epoch before this iterator starts)
             self.ring.release_all()
         for item in self.loader:
-            yield item.unpack() if isinstance(item, PackedBatch | SlotBatch) else item
+            if isinstance(item, list):  # a worker's chunk of batches
+                for part in item:
+                    yield part.unpack()
+            else:
+                yield item
 
     def __del__(self) -> None:
         ring = getattr(self, "ring", None)
@@ -195,7 +204,7 @@ class BatchLoader:
             ring.close()
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.batches
 
 
 def batch_loader(
@@ -217,19 +226,43 @@ def batch_loader(
         raise ValueError(
             f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
         )
-    ring = SlotRing(num_workers, slots_per_worker=PREFETCH + 2) if num_workers > 0 else None
+    batches = BatchSampler(sampler, batch_size, drop_last)
+    if num_workers == 0:
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=generator)
+        return BatchLoader(loader)
+    ring = _slot_ring(dataset, batch_size, num_workers)
     loader = DataLoader(
         dataset,
-        batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+        batch_sampler=ChunkSampler(batches, CHUNK),
         num_workers=num_workers,
-        collate_fn=RingCollate(ring) if ring is not None else collate,
+        collate_fn=RingCollate(ring, batch_size),
         generator=generator,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
-        persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=_init_worker,
+        persistent_workers=persistent_workers,
         pin_memory=pin_memory,
-        prefetch_factor=PREFETCH if num_workers > 0 else None,
+        prefetch_factor=PREFETCH,
     )
-    return BatchLoader(loader, ring)
+    return BatchLoader(loader, ring, batches=len(batches))
+
+
+def _slot_ring(dataset: Dataset, batch_size: int, workers: int) -> SlotRing | None:
+    """Shared-memory slots for ``workers`` (:mod:`forcenet.data.transfer`), each twice the
+    size of a batch of the first ``batch_size`` structures; None (batches then travel by
+    value) when the shared memory cannot be had, e.g. a small ``/dev/shm`` in a container.
+    """
+    sized = cast(Sized, dataset)
+    first = [dataset[i] for i in range(min(batch_size, len(sized)))]
+    nbytes = pack_layout(collate_arrays(first))[1] if first else 0
+    slot_bytes = max(1 << 20, 2 * nbytes)
+    try:
+        return SlotRing(workers, slots_per_worker=(PREFETCH + 1) * CHUNK, slot_bytes=slot_bytes)
+    except (RuntimeError, OSError) as exc:
+        warnings.warn(
+            f"no shared memory for the loader's workers ({exc}); batches travel by value "
+            "(slower): enlarge /dev/shm (docker run --shm-size)",
+            stacklevel=3,
+        )
+        return None
 
 
 def make_loader(

@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from forcenet.data import keys as K
 from forcenet.data.batch import PackedBatch, collate, collate_arrays, expand_graphs
 from forcenet.data.dataset import BatchLoader, make_loader
-from forcenet.data.transfer import RingCollate, SlotBatch, SlotRing
+from forcenet.data.transfer import ChunkSampler, RingCollate, SlotBatch, SlotRing
 
 
 def _same(a: dict, b: dict) -> None:
@@ -22,11 +22,14 @@ def _same(a: dict, b: dict) -> None:
 
 
 def _loader(ds, ring: SlotRing, workers: int) -> BatchLoader:
-    sampler = BatchSampler(SequentialSampler(ds), 4, False)
+    batches = BatchSampler(SequentialSampler(ds), 4, False)
     loader = DataLoader(
-        ds, batch_sampler=sampler, num_workers=workers, collate_fn=RingCollate(ring)
+        ds,
+        batch_sampler=ChunkSampler(batches, 2),  # 2 batches per worker task
+        num_workers=workers,
+        collate_fn=RingCollate(ring, 4),
     )
-    return BatchLoader(loader, ring)
+    return BatchLoader(loader, ring, batches=len(batches))
 
 
 @pytest.mark.parametrize("slot_bytes", [4 << 20, 64])  # fits / never fits: sent by value
@@ -34,8 +37,9 @@ def test_workers_give_the_batches_of_a_loader_without_workers(stores, slot_bytes
     ds = _dataset(stores)
     expected = [collate([ds[i] for i in range(s, min(s + 4, len(ds)))]) for s in (0, 4, 8)]
     ring = SlotRing(2, slots_per_worker=2, slot_bytes=slot_bytes)
-    got = list(_loader(ds, ring, workers=2))
-    assert len(got) == len(expected)
+    loader = _loader(ds, ring, workers=2)
+    got = list(loader)
+    assert len(got) == len(expected) == len(loader)
     for a, b in zip(got, expected, strict=True):
         _same(a, b)
     assert int(ring.busy.sum()) == 0  # every slot freed once its batch was copied out
@@ -64,20 +68,20 @@ def test_busy_slots_fall_back_to_compact_batches_by_value(stores, monkeypatch): 
     ds = _dataset(stores)
     ring = SlotRing(1, slots_per_worker=1)
     ring.busy[0] = 1  # taken (a batch still outstanding)
-    collate_fn = RingCollate(ring)
+    collate_fn = RingCollate(ring, 4)
     samples = ds.__getitems__([0, 1, 2, 3])
 
     class Info:
         id = 0
 
     monkeypatch.setattr("torch.utils.data.get_worker_info", lambda: Info())
-    sent = collate_fn(samples)
+    (sent,) = collate_fn(samples)
     assert isinstance(sent, PackedBatch)
     fields = {name for name, *_ in sent.layout}
     assert K.NEIGHBORS in fields and K.EDGE_INDEX not in fields  # about 2 bytes per edge
     _same(sent.unpack(), collate(samples))
     ring.busy[0] = 0
-    taken = collate_fn(samples)
+    (taken,) = collate_fn(samples)
     assert isinstance(taken, SlotBatch) and int(ring.busy[0]) == 1
     _same(taken.unpack(), collate(samples))
 
@@ -105,3 +109,11 @@ def test_slots_of_an_abandoned_epoch_come_back(stores):  # noqa: F811
     for a, b in zip(again, third, strict=True):
         _same(a, b)
     assert int(loader.ring.busy.sum()) == 0
+
+
+def test_chunks_keep_the_order_and_the_last_partial_batch():
+    batches = BatchSampler(SequentialSampler(range(11)), 3, False)  # 3, 3, 3, 2
+    chunks = list(ChunkSampler(batches, 3))
+    assert chunks == [list(range(9)), [9, 10]] and len(ChunkSampler(batches, 3)) == 2
+    split = RingCollate(None, 3)
+    assert [len(b) for b in split._split(list(range(11)))] == [3, 3, 3, 2]
