@@ -2,7 +2,8 @@
 
 Writes the long metrics table (Parquet), the per-atom predictions and the DVC metrics
 JSON, and logs the metrics as ``<split>/<metric>`` to the model's MLflow training run
-(the run id in ``run_id.txt`` beside the checkpoint).
+(the run id in ``run_id.txt`` beside the checkpoint). With ``graph.on_the_fly`` the graphs
+are built per batch on the model's device instead of read from ``--graphs``.
 
     python -m pipeline.evaluate data/models/forcenet/best.pt data/lmdb/val_id ... \\
         --graphs data/graphs --out reports/eval/forcenet.parquet \\
@@ -27,7 +28,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("inputs", type=Path, nargs="+", help="LMDB split folders")
-    p.add_argument("--graphs", type=Path, required=True, help="graph store root")
+    p.add_argument(
+        "--graphs", type=Path, required=True, help="graph store root (unread with graph.on_the_fly)"
+    )
     p.add_argument("--out", type=Path, required=True, help="long metrics table (Parquet)")
     p.add_argument("--predictions", type=Path, required=True, help="per-atom predictions")
     p.add_argument("--metrics-json", type=Path, required=True, help="metrics for DVC")
@@ -45,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             graphs=args.graphs,
             batch_size=params.evaluate.batch_size,
             predictions=args.predictions,
+            on_the_fly=params.graph.on_the_fly,
         )
         table["run_id"] = run.run_id if run is not None else (run_id or "")
         tracking.log_split_metrics(run, table)  # before the tables: MLflow may refuse

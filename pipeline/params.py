@@ -84,10 +84,13 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """``graph``: neighbor lists (cutoff in Å, nearest ``max_neighbors`` per atom)."""
+    """``graph``: neighbor lists (cutoff in Å, nearest ``max_neighbors`` per atom);
+    ``on_the_fly``: train and evaluate build each batch's graph on the model's device with
+    these settings instead of reading the graph store (the same edges)."""
 
     cutoff: float
     max_neighbors: int
+    on_the_fly: bool
 
     def __post_init__(self) -> None:
         if not self.cutoff > 0:
@@ -140,6 +143,68 @@ class RelaxConfig:
     steps: int  # maximum optimizer steps
     batch_size: int  # structures relaxed together per forward pass
     splits: tuple[str, ...]
+    hybrid: bool  # also finish each ML result with the oracle, against an oracle-only run
+    oracle_fmax: float  # eV/Å, the oracle's target in hybrid and oracle-only relaxations
+    oracle_steps: int  # the oracle's step limit there
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"relax.steps: must be >= 0, got {self.steps}")
+        if not self.oracle_fmax > 0:
+            raise ConfigError(f"relax.oracle_fmax: must be > 0 eV/Å, got {self.oracle_fmax}")
+        if self.oracle_steps < 0:
+            raise ConfigError(f"relax.oracle_steps: must be >= 0, got {self.oracle_steps}")
+
+
+@dataclass(frozen=True)
+class ConservationConfig:
+    """``physics.conservation``: the Jacobian asymmetry and loop work of a model's forces
+    (:func:`forcenet.physics.conservation.conservation_table`, float64)."""
+
+    structures: int  # the first N physics structures
+
+    def __post_init__(self) -> None:
+        if self.structures < 1:
+            raise ConfigError(
+                f"physics.conservation.structures: must be >= 1, got {self.structures}"
+            )
+
+
+@dataclass(frozen=True)
+class MDConfig:
+    """``physics.md``: NVE molecular dynamics driven by a model, judged by the oracle
+    (:class:`forcenet.physics.md.NVESettings`)."""
+
+    structures: int  # the first N physics structures
+    temperature_K: float  # starting temperature of the free atoms
+    timestep_fs: float
+    steps: int  # Velocity Verlet steps per structure
+    interval: int  # steps between samples of the oracle energy
+    seed: int  # velocity seed (the same start for every model and the oracle)
+
+    def __post_init__(self) -> None:
+        for key in ("structures", "steps", "interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"physics.md.{key}: must be >= 1, got {getattr(self, key)}")
+        if not self.timestep_fs > 0:
+            raise ConfigError(f"physics.md.timestep_fs: must be > 0, got {self.timestep_fs}")
+        if not self.temperature_K >= 0:
+            raise ConfigError(f"physics.md.temperature_K: must be >= 0, got {self.temperature_K}")
+
+
+@dataclass(frozen=True)
+class PhysicsConfig:
+    """``physics``: the physics checks of each model on IS2RS initial structures of
+    ``splits``, taken in turn from each split (the first of every split, then the
+    second, ...)."""
+
+    splits: tuple[str, ...]
+    conservation: ConservationConfig
+    md: MDConfig
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            raise ConfigError("physics.splits: name at least one split")
 
 
 @dataclass(frozen=True)
@@ -153,6 +218,7 @@ class Params:
     train: TrainSection
     evaluate: EvaluateConfig
     relax: RelaxConfig
+    physics: PhysicsConfig
 
 
 def model_name(name: str) -> str:

@@ -1,8 +1,12 @@
 """Stage ``relax``: ML relaxations of the embedded validation systems, scored by the oracle.
 
-Settings from params.yaml ``relax``. Writes the trajectories and per-system table into
-``--out``, the aggregates (ADwT, FbT-oracle, oracle energy above its own minimum) as a
-long Parquet table and as DVC metrics JSON, and logs them to the model's MLflow run.
+Settings from params.yaml ``relax``: at most ``steps`` ML steps, and with ``hybrid`` the
+oracle finishing each ML result against an oracle-only relaxation
+(:func:`forcenet.oracle.evaluate_relaxations`). Writes the trajectories and per-system
+table into ``--out``, the aggregates (ADwT, FbT-oracle, oracle energy above its own
+minimum, oracle steps saved by the hybrid, the step limits; per split and, for hybrid
+runs, ``overall``) as a long Parquet table and as DVC metrics JSON, and logs them to the
+model's MLflow run.
 
     python -m pipeline.relax data/models/forcenet/best.pt data/is2rs --out data/relax/forcenet \\
         --table reports/relax/forcenet.parquet --metrics-json reports/metrics/relax_forcenet.json
@@ -20,7 +24,7 @@ from pipeline.params import load_params
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from forcenet.oracle import evaluate_relaxations, metrics_long_table
+    from forcenet.oracle import OVERALL_SPLIT, evaluate_relaxations, metrics_long_table
 
     p = stage.parser(__doc__)
     p.add_argument("checkpoint", type=Path)
@@ -40,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=r.steps,
         optimizer=r.optimizer,
         batch_size=r.batch_size,
+        hybrid=r.hybrid,
+        oracle_fmax=r.oracle_fmax,
+        oracle_steps=r.oracle_steps,
     )
     if not len(aggregate):
         print(f"relax: no validation systems in {args.is2rs}; nothing relaxed")
@@ -55,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracking.finish_run(run)
     adwt = long[long.metric == "adwt"].set_index("split")["value"]
     summary = ", ".join(f"{s} {v:.3f}" for s, v in adwt.items())
+    saved = long[(long.metric == "hybrid_steps_saved_total_pct") & (long.split == OVERALL_SPLIT)]
+    if len(saved):
+        summary += f"; hybrid saves {saved.value.iloc[0]:.0f} % of the oracle's steps"
     print(f"relax {name}: ADwT {summary} ({time.perf_counter() - start:.0f} s)")
 
 

@@ -10,13 +10,18 @@ training folder. Writes into ``--out``:
   MAE per model × split next to the zero-force baseline, the same for surface (tag 1) and
   adsorbate (tag 2) atoms with the adsorbate MAE per element, then the full comparison
   (cos, magnitude, energy MAE/EFwT where present, rotation-covariance error, throughput);
+  then the relaxations checked by the oracle, the hybrid relaxations (ML, then the
+  oracle) against oracle-only ones, and the physics checks (lambda, NVE MD judged by the
+  oracle, with the oracle's own run as the reference);
 * ``learning_curves.csv`` (``model, step, metric, value``; for ``dvc plots``);
-* the figures of :mod:`pipeline.plots` under ``plots/``.
+* the figures of :mod:`pipeline.plots` under ``plots/``, each model's relaxation trace and
+  the MD energy of every model and the oracle (``plots/md_energy.png``).
 
 Every file is written under a temporary name and renamed when complete.
 
     python -m pipeline.report --eval reports/eval --relax reports/relax \
-        --predictions data/predictions --models data/models --out reports
+        --predictions data/predictions --models data/models --relax-runs data/relax \
+        --physics reports/physics --physics-runs data/physics --out reports
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pipeline.plots import (
 )
 from pipeline.stage import HISTORY_FILE
 from pipeline.summary import (
+    HYBRID_METRICS,
+    ORACLE_MODEL,
     RELAX_METRICS,
     SUMMARY_METRICS,
     TRAINING_METRICS,
@@ -44,60 +51,168 @@ from pipeline.summary import (
     comparison_table,
     counts_as_integers,
     force_mae_matrix,
+    hybrid_table,
     load_metrics,
     markdown_table,
+    md_settings,
     per_element_table,
     per_tag_table,
+    physics_table,
     training_table,
     under_trained,
 )
 
 #: The oracle-energy trace the relax stage writes into its folder.
 RELAX_TRACE = "relax_oracle_energy.png"
+#: The MD time series the physics stages write into their folders
+#: (pipeline.physics_oracle.MD_SERIES; not imported: that module runs the MD).
+MD_SERIES = "md_series.parquet"
+MD_PLOT = "plots/md_energy.png"
+
+
+def _budget_section(training: pd.DataFrame) -> list[str]:
+    train = training_table(training)
+    if train.empty:
+        return []
+    budget = [
+        "## Training budget",
+        "",
+        "Every model trains for a fixed number of optimizer steps (params.yaml "
+        "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
+        "machine is doing. The seconds are this run's wall clock.",
+        "",
+        markdown_table(train, TRAINING_METRICS),
+        "",
+    ]
+    weak = under_trained(training)
+    if weak:
+        budget += [
+            f"**Warning: {', '.join(weak)} saw less than one pass over the training data;** "
+            "its metrics describe an under-trained model. Raise `train.<model>.max_steps` "
+            "(or lower the model's size) before comparing it.",
+            "",
+        ]
+    return budget
+
+
+def _tag_section(forces: pd.DataFrame) -> list[str]:
+    tags = per_tag_table(forces)
+    if tags.empty:
+        return []
+    return [
+        "## Force MAE by tag [eV/Å]",
+        "",
+        "Free atoms split by OC20 tag: surface slab atoms (tag 1) and adsorbate atoms "
+        "(tag 2). In brackets: the ratio to predicting F = 0 on the same atoms.",
+        "",
+        markdown_table(tags),
+        "",
+        "### Adsorbate atoms by element",
+        "",
+        markdown_table(per_element_table(forces)),
+        "",
+    ]
+
+
+def _step_limits(table: pd.DataFrame, column: str) -> str:
+    """The distinct step limits of ``column`` (``"60"``, ``"60, 200"``), – when absent."""
+    if column not in table.columns:
+        return "–"
+    return ", ".join(f"{v:.0f}" for v in sorted(table[column].dropna().unique())) or "–"
+
+
+def _ml_limit_sentence(rows: pd.DataFrame) -> str:
+    limits = _step_limits(rows, "ml_steps_limit")
+    if limits == "–":  # tables from before the limit was recorded
+        return ""
+    return (
+        f" The ML relaxations ran at most {limits} steps (`relax.steps`; OC20's protocol "
+        "is 200: `dvc exp run -S relax.steps=200`)."
+    )
+
+
+def _relax_section(table: pd.DataFrame) -> list[str]:
+    relax = [m for m in RELAX_METRICS if m in table.columns]
+    if not relax:
+        return []
+    rows = table.dropna(subset=["adwt"]) if "adwt" in relax else table
+    return [
+        "## Relaxations checked by the oracle (EMT)",
+        "",
+        "Validation systems relaxed with each model (LBFGS), then scored against the "
+        "oracle: ADwT (OC20 definition, free atoms, minimum image), FbT-oracle (fraction "
+        "whose oracle max force on free atoms is below 0.05 eV/Å) and the oracle energy of "
+        "the ML result above the oracle's own minimum."
+        + _ml_limit_sentence(rows)
+        + (" Split `overall` pools all splits." if (rows.split == "overall").any() else ""),
+        "",
+        markdown_table(counts_as_integers(rows[["model", "split", *relax]]), RELAX_METRICS),
+        "",
+    ]
+
+
+def _hybrid_section(table: pd.DataFrame) -> list[str]:
+    hybrid = hybrid_table(table)
+    if hybrid.empty:
+        return []
+    return [
+        "## Hybrid relaxations: ML first, the oracle finishes",
+        "",
+        "Each ML-relaxed structure is finished by the oracle (EMT, LBFGS) to the oracle's "
+        "force target (`relax.oracle_fmax`), and compared with an oracle-only relaxation "
+        "of the same initial structure with the same optimizer, target and step limit. "
+        "Steps are the oracle's LBFGS steps (the ML steps are not counted): *oracle steps "
+        "saved* is 100 (1 − hybrid / oracle-only steps) per system, its mean and median, "
+        "and *total saved* the same over the summed steps of all systems; *same minimum* is "
+        "the fraction of systems whose hybrid result has an oracle energy within 0.02 eV of "
+        "the oracle-only run's; *hybrid ADwT* is the ADwT of the hybrid result against the "
+        "oracle-only structure. Split `overall` pools all splits. Step limits: ML "
+        f"{_step_limits(table, 'ml_steps_limit')}, oracle "
+        f"{_step_limits(table, 'oracle_steps_limit')}.",
+        "",
+        markdown_table(hybrid, HYBRID_METRICS),
+        "",
+    ]
+
+
+def _physics_section(physics: pd.DataFrame, plots: Sequence[str]) -> list[str]:
+    table = physics_table(physics)
+    if table.empty:
+        return []
+    plot = [f"![md energy]({MD_PLOT})", ""] if MD_PLOT in plots else []
+    return [
+        "## Physics: conservation and NVE molecular dynamics",
+        "",
+        "λ = |J − Jᵀ| / (2 |J|) of the force Jacobian over the free atoms (float64, graph "
+        "fixed; 0 for forces that are the gradient of an energy, about 0.71 for a random "
+        "field); the loop work is the work around small closed loops, normalised to the "
+        "same 0–1 scale. NVE MD (Velocity Verlet, "
+        f"{md_settings(physics)}, fixed atoms still) driven by each model, judged by the "
+        "oracle: *drift* is the mean magnitude of the slope of EMT's total energy "
+        "(potential + kinetic) per free atom, *fluctuation* its spread about that line, "
+        "*own-energy drift* the same for the model's own energy (energy models only). "
+        "*Stable runs* is the fraction without an unphysical event (close contact, force "
+        "above 20 eV/Å, non-finite values, a desorbed adsorbate piece), which ends a run; "
+        "*first event* gives the earliest and the runs ended by each kind. The `"
+        f"{ORACLE_MODEL}` row is EMT driving itself from the same starts: its drift is the "
+        "integrator's alone, the floor to read the models' against; it has no λ, being "
+        "conservative by construction.",
+        "",
+        markdown_table(table),
+        "",
+        *plot,
+    ]
 
 
 def results_markdown(
-    table: pd.DataFrame, plots: Sequence[str], training: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    plots: Sequence[str],
+    training: pd.DataFrame | None = None,
+    physics: pd.DataFrame | None = None,
 ) -> str:
-    """The text of ``results.md``."""
-    train = training_table(training if training is not None else pd.DataFrame())
-    budget = []
-    if not train.empty:
-        budget = [
-            "## Training budget",
-            "",
-            "Every model trains for a fixed number of optimizer steps (params.yaml "
-            "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
-            "machine is doing. The seconds are this run's wall clock.",
-            "",
-            markdown_table(train, TRAINING_METRICS),
-            "",
-        ]
-        weak = under_trained(training if training is not None else pd.DataFrame())
-        if weak:
-            budget += [
-                f"**Warning: {', '.join(weak)} saw less than one pass over the training data;** "
-                "its metrics describe an under-trained model. Raise `train.<model>.max_steps` "
-                "(or lower the model's size) before comparing it.",
-                "",
-            ]
-    tags = per_tag_table(table)
-    by_tag = []
-    if not tags.empty:
-        elements = per_element_table(table)
-        by_tag = [
-            "## Force MAE by tag [eV/Å]",
-            "",
-            "Free atoms split by OC20 tag: surface slab atoms (tag 1) and adsorbate atoms "
-            "(tag 2). In brackets: the ratio to predicting F = 0 on the same atoms.",
-            "",
-            markdown_table(tags),
-            "",
-            "### Adsorbate atoms by element",
-            "",
-            markdown_table(elements),
-            "",
-        ]
+    """The text of ``results.md``. ``table``: :func:`comparison_table` of the evaluation
+    and relaxation metrics; ``physics``: the physics stages' long tables."""
+    forces = table.dropna(subset=["forces_mae"]) if "forces_mae" in table.columns else table
     parts = [
         "# Results",
         "",
@@ -108,34 +223,24 @@ def results_markdown(
         "",
         "## Force MAE [eV/Å] by split",
         "",
-        markdown_table(force_mae_matrix(table)) if "forces_mae" in table.columns else "(none)",
+        markdown_table(force_mae_matrix(forces)) if "forces_mae" in table.columns else "(none)",
         "",
-        *by_tag,
-        *budget,
+        *_tag_section(forces),
+        *_budget_section(training if training is not None else pd.DataFrame()),
         "## All metrics",
         "",
         markdown_table(
-            table[["model", "split", *[m for m in SUMMARY_METRICS if m in table.columns]]],
+            forces[["model", "split", *[m for m in SUMMARY_METRICS if m in forces.columns]]],
             SUMMARY_METRICS,
         ),
         "",
+        *_relax_section(table),
+        *_hybrid_section(table),
+        *_physics_section(physics if physics is not None else pd.DataFrame(), plots),
     ]
-    relax = [m for m in RELAX_METRICS if m in table.columns]
-    if relax:
-        rows = table.dropna(subset=["adwt"]) if "adwt" in relax else table
-        parts += [
-            "## Relaxations checked by the oracle (EMT)",
-            "",
-            "Validation systems relaxed with each model (LBFGS), then scored against the "
-            "oracle: ADwT (OC20 definition, free atoms, minimum image), FbT-oracle (fraction "
-            "whose oracle max force on free atoms is below 0.05 eV/Å) and the oracle energy of "
-            "the ML result above the oracle's own minimum.",
-            "",
-            markdown_table(counts_as_integers(rows[["model", "split", *relax]]), RELAX_METRICS),
-            "",
-        ]
-    if plots:
-        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    listed = [p for p in plots if p != MD_PLOT]  # the MD plot is in the physics section
+    if listed:
+        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in listed] + [""]
     return "\n".join(parts)
 
 
@@ -183,6 +288,30 @@ def load_parity(predictions: Sequence[Path]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- entry point
 
 
+def _force_plots(table: pd.DataFrame, out_dir: Path) -> list[str]:
+    """The force-MAE bars by split and by tag (rows with a force MAE); their paths."""
+    if "forces_mae" not in table.columns:
+        return []
+    forces = table.dropna(subset=["forces_mae"])
+    plots = []
+    plot_force_mae_bars(forces, out_dir / "plots" / "force_mae_by_split.png")
+    plots.append("plots/force_mae_by_split.png")
+    if plot_force_mae_by_tag(forces, out_dir / "plots" / "force_mae_by_tag.png"):
+        plots.append("plots/force_mae_by_tag.png")
+    return plots
+
+
+def _md_plot(series: Sequence[Path], out_dir: Path) -> list[str]:
+    """The oracle total energy of every MD run, one panel per model (from the physics
+    stages' time series), as :data:`MD_PLOT`; its path, none without series."""
+    if not series:
+        return []
+    from forcenet.physics.md import plot_md_energy
+
+    plot_md_energy(pd.concat([pd.read_parquet(p) for p in series]), out_dir / MD_PLOT)
+    return [MD_PLOT]
+
+
 def build_report(
     metrics_parquets: Sequence[Path],
     out_dir: Path,
@@ -190,11 +319,15 @@ def build_report(
     predictions: Sequence[Path] = (),
     histories: Sequence[Path] = (),
     relax_plots: Mapping[str, Path] | None = None,
+    physics: Sequence[Path] = (),
+    md_series: Sequence[Path] = (),
 ) -> str:
     """Write the comparison tables and plots of all models into ``out_dir`` (see module
     docstring); returns the text of ``results.md``. ``predictions``: per-atom prediction
     Parquets (parity plots, every split); ``histories``: learning-curve CSVs;
-    ``relax_plots``: each model's oracle-energy trace of its relaxations (copied)."""
+    ``relax_plots``: each model's oracle-energy trace of its relaxations (copied);
+    ``physics``: the physics stages' long tables (the models' and the oracle's);
+    ``md_series``: their MD time series, drawn in that order."""
     out_dir = Path(out_dir)
     long = load_metrics(metrics_parquets)
     training = long[long.split == TRAINING_SPLIT]
@@ -202,12 +335,7 @@ def build_report(
     table = comparison_table(long)
     _write_frame(out_dir / "results.parquet", table)
     _write_frame(out_dir / "results.csv", table)
-    plots = []
-    if "forces_mae" in table.columns:
-        plot_force_mae_bars(table, out_dir / "plots" / "force_mae_by_split.png")
-        plots.append("plots/force_mae_by_split.png")
-    if plot_force_mae_by_tag(table, out_dir / "plots" / "force_mae_by_tag.png"):
-        plots.append("plots/force_mae_by_tag.png")
+    plots = _force_plots(table, out_dir)
     curves = curves_from_csv(histories)
     _write_frame(out_dir / "learning_curves.csv", curves)
     if plot_learning_curves(curves, out_dir / "plots" / "learning_curves.png"):
@@ -221,7 +349,9 @@ def build_report(
         name = f"plots/relax_{_safe_name(model)}.png"
         write_bytes(out_dir / name, Path(png).read_bytes())
         plots.append(name)
-    text = results_markdown(table, plots, training)
+    plots += _md_plot(md_series, out_dir)
+    physics_long = load_metrics(physics) if physics else pd.DataFrame()
+    text = results_markdown(table, plots, training, physics_long)
     write_text(out_dir / "results.md", text)
     return text
 
@@ -246,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--relax-runs", type=Path, help="folder of <model>/relax_oracle_energy.png traces"
     )
+    p.add_argument(
+        "--physics", type=Path, help="folder of <model>.parquet and oracle.parquet physics metrics"
+    )
+    p.add_argument("--physics-runs", type=Path, help="folder of <model>/md_series.parquet")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     tables = _existing([args.eval / f"{m}.parquet" for m in MODEL_NAMES], "evaluation tables")
@@ -262,8 +396,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     traces: dict[str, Path] = {}
     if args.relax_runs is not None:
         traces = {m: p for m in MODEL_NAMES if (p := args.relax_runs / m / RELAX_TRACE).is_file()}
+    runs = [*MODEL_NAMES, ORACLE_MODEL]  # the MD plot's panels, the reference last
+    physics: list[Path] = []
+    if args.physics is not None:
+        physics = [p for m in runs if (p := args.physics / f"{m}.parquet").is_file()]
+    series: list[Path] = []
+    if args.physics_runs is not None:
+        series = [p for m in runs if (p := args.physics_runs / m / MD_SERIES).is_file()]
     text = build_report(
-        tables, args.out, predictions=predictions, histories=histories, relax_plots=traces
+        tables,
+        args.out,
+        predictions=predictions,
+        histories=histories,
+        relax_plots=traces,
+        physics=physics,
+        md_series=series,
     )
     print(text)
 

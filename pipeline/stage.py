@@ -18,7 +18,7 @@ from pipeline.params import PARAMS_FILE
 HISTORY_FILE = "history.csv"
 #: The few figures per split that the DVC metrics files hold, for `dvc exp show` and
 #: `dvc metrics diff` (the full tables, throughput and counts included, are the Parquet
-#: files under reports/eval and reports/relax).
+#: files under reports/eval, reports/relax and reports/physics).
 DVC_METRICS = (
     "forces_mae",
     "forces_mae_surface",
@@ -30,6 +30,13 @@ DVC_METRICS = (
     "adwt",
     "fbt_oracle",
     "oracle_delta_e_median",
+    "hybrid_steps_saved_pct",
+    "hybrid_same_minimum",
+    "hybrid_adwt",
+    "lambda_mean",
+    "drift_abs_mean",
+    "fluctuation_mean",
+    "stable_fraction",
 )
 
 

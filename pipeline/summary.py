@@ -32,7 +32,42 @@ RELAX_METRICS = {
     "relax_mean_distance": "mean distance to oracle minimum [Å]",
     "relax_converged_fraction": "converged (model fmax)",
     "relax_mean_steps": "mean steps",
+    "ml_steps_limit": "ML step limit",
 }
+#: Hybrid relaxations (ML, then the oracle), against oracle-only ones; their own table.
+HYBRID_METRICS = {
+    "hybrid_steps_saved_pct": "oracle steps saved [%]",
+    "hybrid_steps_saved_pct_median": "median saved [%]",
+    "hybrid_steps_saved_total_pct": "total saved [%]",
+    "hybrid_same_minimum": "same minimum",
+    "hybrid_adwt": "hybrid ADwT",
+    "hybrid_delta_e_median": "hybrid ΔE median [eV]",
+    "hybrid_oracle_mean_steps": "hybrid oracle steps",
+    "oracle_only_mean_steps": "oracle-only steps",
+    "hybrid_converged_fraction": "hybrid converged",
+    "ml_steps_limit": "ML step limit",
+    "oracle_steps_limit": "oracle step limit",
+}
+#: Columns of the hybrid table shown with one decimal (percentages, mean step counts).
+_ONE_DECIMAL = (
+    "hybrid_steps_saved_pct",
+    "hybrid_steps_saved_pct_median",
+    "hybrid_steps_saved_total_pct",
+    "hybrid_oracle_mean_steps",
+    "oracle_only_mean_steps",
+)
+#: The physics table: (split, metric) of the physics stages' long tables -> header.
+PHYSICS_COLUMNS = {
+    ("conservation", "lambda_mean"): "λ mean",
+    ("conservation", "lambda_median"): "λ median",
+    ("conservation", "loop_work_normalised_mean"): "loop work (normalised)",
+    ("md", "drift_abs_mean"): "drift [eV/atom/ps]",
+    ("md", "fluctuation_mean"): "fluctuation [eV/atom]",
+    ("md", "model_drift_abs_mean"): "own-energy drift [eV/atom/ps]",
+    ("md", "stable_fraction"): "stable runs",
+}
+#: The model name of the oracle's reference rows (forcenet.physics.md.ORACLE).
+ORACLE_MODEL = "oracle"
 #: Rows of the training run (forcenet.evaluate.TRAINING_ROWS) and their headers.
 TRAINING_SPLIT = "training"
 TRAINING_METRICS = {
@@ -172,7 +207,13 @@ def training_table(training: pd.DataFrame) -> pd.DataFrame:
 
 
 #: Columns that count things: shown as integers, not as 1.0000.
-COUNT_METRICS = ("relax_systems", "num_structures", "num_free_atoms")
+COUNT_METRICS = (
+    "relax_systems",
+    "num_structures",
+    "num_free_atoms",
+    "ml_steps_limit",
+    "oracle_steps_limit",
+)
 
 
 def counts_as_integers(table: pd.DataFrame) -> pd.DataFrame:
@@ -187,3 +228,70 @@ def under_trained(training: pd.DataFrame) -> list[str]:
     """Models whose training saw less than one pass over the training frames."""
     rows = training[(training.metric == "train_epochs") & (training.value < MIN_EPOCHS)]
     return sorted(rows.model.unique())
+
+
+# --------------------------------------------------------------------------- hybrid, physics
+
+
+def hybrid_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The hybrid relaxation metrics per model and split (``overall`` included) as
+    display strings; empty when no run was hybrid."""
+    if "hybrid_steps_saved_pct" not in table.columns:
+        return pd.DataFrame()
+    rows = table.dropna(subset=["hybrid_steps_saved_pct", "hybrid_adwt"], how="all")
+    cols = [m for m in HYBRID_METRICS if m in rows.columns]
+    out = counts_as_integers(rows[["model", "split", *cols]])
+    for col in _ONE_DECIMAL:
+        if col in out.columns:
+            out[col] = [f"{v:.1f}" if math.isfinite(v) else "–" for v in rows[col]]
+    return out.reset_index(drop=True)
+
+
+def _first_event(metrics: pd.Series) -> str:
+    """``"0.105 ps (close_contact ×1)"``: the earliest event and the runs ended by each
+    kind; ``none`` when every run was stable, – without MD."""
+    first = metrics.get("first_event_ps", math.nan)
+    if not math.isfinite(first):
+        return "none" if first == math.inf else "–"
+    kinds = [
+        f"{name.removeprefix('events_')} ×{int(n)}"
+        for name, n in metrics.items()
+        if str(name).startswith("events_") and n > 0
+    ]
+    return f"{first:.3f} ps" + (f" ({', '.join(kinds)})" if kinds else "")
+
+
+def physics_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per model (the oracle reference last) from the physics stages' long
+    tables: lambda, normalised loop work, the MD drift and fluctuation of the oracle
+    total energy, the model's own drift, the fraction of stable runs and the first event;
+    display strings, – where a model has no value (the oracle has no lambda: it is
+    conservative by construction)."""
+    if long.empty:
+        return pd.DataFrame()
+    models = list(dict.fromkeys(m for m in long.model if m != ORACLE_MODEL))
+    models += [ORACLE_MODEL] if (long.model == ORACLE_MODEL).any() else []
+    rows = []
+    for model in models:
+        mine = long[long.model == model]
+        value = {(r.split, r.metric): float(r.value) for r in mine.itertuples(index=False)}
+        row = {"model": model}
+        for key, header in PHYSICS_COLUMNS.items():
+            row[header] = fmt(value.get(key, math.nan))
+        md = mine[mine.split == "md"].set_index("metric")["value"].astype(float)
+        row["first event"] = _first_event(md)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def md_settings(long: pd.DataFrame) -> str:
+    """``"2 structures × 250 steps of 0.5 fs (0.125 ps) from 450 K"``, from the MD rows."""
+    md = long[long.split == "md"]
+    if md.empty:
+        return ""
+    m = md.groupby("metric")["value"].max()
+    steps, dt = m.get("steps", math.nan), m.get("timestep_fs", math.nan)
+    return (
+        f"{m.get('runs', math.nan):.0f} structures × {steps:.0f} steps of {dt:g} fs "
+        f"({steps * dt / 1000:g} ps) from {m.get('temperature_K', math.nan):.0f} K"
+    )

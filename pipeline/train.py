@@ -1,9 +1,11 @@
 """Stage ``train``: one model, ``model.<name>`` and ``train.<name>`` from params.yaml.
 
-Checks that the graph store was built with ``params.graph`` before any work, trains with
-:func:`forcenet.train.fit`, records the run in MLflow (params, the learning curve, the run
-id in ``OUT/run_id.txt``) and writes the learning curve to ``OUT/history.csv`` (one row per
-dev evaluation), so the report reads it from DVC-tracked outputs.
+Checks that the graph store was built with ``params.graph`` before any work (with
+``graph.on_the_fly`` the store is not read: every batch's graph is built on the training
+device with ``params.graph``), trains with :func:`forcenet.train.fit`, records the run in
+MLflow (params, the learning curve, the run id in ``OUT/run_id.txt``) and writes the
+learning curve to ``OUT/history.csv`` (one row per dev evaluation), so the report reads it
+from DVC-tracked outputs.
 
     python -m pipeline.train forcenet --frames data/lmdb --graphs data/graphs --out data/models/forcenet
 
@@ -107,11 +109,15 @@ class History:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
 
 
+def graph_settings(params: Params) -> GraphSettings:
+    """``params.graph`` as the library's :class:`GraphSettings`."""
+    return GraphSettings(params.graph.cutoff, params.graph.max_neighbors)
+
+
 def check_graphs(params: Params, graphs_dir: Path) -> GraphSettings:
     """The graph store's settings, refused unless they are ``params.graph``."""
     stored = read_graph_settings(graphs_dir)
-    wanted = GraphSettings(params.graph.cutoff, params.graph.max_neighbors)
-    stored.check_same(wanted, where=str(graphs_dir), other_name="params.yaml graph")
+    stored.check_same(graph_settings(params), where=str(graphs_dir), other_name="params.yaml graph")
     return stored
 
 
@@ -131,7 +137,8 @@ def train_model(
     refuses a folder holding an earlier run unless ``overwrite``."""
     cfg = train_config(params, name)
     kwargs = model_kwargs(params, name)
-    check_graphs(params, graphs / "train")  # before any work: graphs built with params.graph
+    if not params.graph.on_the_fly:  # before any work: graphs built with params.graph
+        check_graphs(params, graphs / "train")
     if not tracking.is_rank_zero():
         return _train(name, params, cfg, kwargs, frames, graphs, out, resume)
     with exclusive_folder(out):
@@ -152,6 +159,7 @@ def _train(
     from forcenet.train import fit
 
     snap = snapshot(params, name)
+    on_the_fly = params.graph.on_the_fly
     run = tracking.start_training_run(model=name, params=snap, out_dir=out, resume=resume)
     history = History(out, resume=resume) if tracking.is_rank_zero() else None
 
@@ -166,7 +174,8 @@ def _train(
             name,
             kwargs,
             train_dir=frames / "train",
-            graphs_dir=graphs / "train",
+            graphs_dir=None if on_the_fly else graphs / "train",
+            graph=graph_settings(params) if on_the_fly else None,
             out_dir=out,
             resume=resume,
             params_snapshot=snap,
@@ -183,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("model", choices=MODEL_NAMES)
     p.add_argument("--frames", type=Path, required=True, help="LMDB frame root holding train/")
-    p.add_argument("--graphs", type=Path, required=True, help="graph root holding train/")
+    p.add_argument(
+        "--graphs", type=Path, required=True, help="graph root holding train/ (unread on the fly)"
+    )
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

@@ -53,6 +53,15 @@ def test_typo_in_a_section_is_refused_with_a_suggestion():
         params_from_mapping(params)
 
 
+def test_typo_in_the_physics_block_is_refused_with_a_suggestion():
+    params = copy.deepcopy(PARAMS)
+    params["physics"]["md"]["timestep"] = params["physics"]["md"].pop("timestep_fs")
+    with pytest.raises(
+        ConfigError, match=r"physics\.md: unknown key 'timestep' \(did you mean 'timestep_fs'\?\)"
+    ):
+        params_from_mapping(params)
+
+
 def test_unknown_top_level_section_is_refused():
     params = copy.deepcopy(PARAMS)
     params["evalute"] = {"batch_size": 8}
@@ -67,6 +76,13 @@ def test_unknown_top_level_section_is_refused():
         ("graph.max_neighbors", 24.9, r"graph\.max_neighbors: expected an integer"),
         ("graph.max_neighbors", 0, r"graph\.max_neighbors: must be >= 1"),
         ("relax.optimizer", "bfgs", r"relax\.optimizer: 'bfgs' is not one of"),
+        ("relax.hybrid", "yes", r"relax\.hybrid: expected true/false"),
+        ("relax.oracle_fmax", 0.0, r"relax\.oracle_fmax: must be > 0"),
+        ("graph.on_the_fly", 1, r"graph\.on_the_fly: expected true/false"),
+        ("physics.md.steps", 0, r"physics\.md\.steps: must be >= 1"),
+        ("physics.md.timestep_fs", -0.5, r"physics\.md\.timestep_fs: must be > 0"),
+        ("physics.conservation.structures", 0, r"physics\.conservation\.structures: must be >= 1"),
+        ("physics.splits", [], r"physics\.splits: name at least one split"),
     ],
 )
 def test_wrong_values_name_their_key(dotted, value, message):
@@ -131,7 +147,7 @@ def _tiny_stores(root: Path) -> None:
 
 def _tiny_params(tmp_path: Path) -> Path:
     params = copy.deepcopy(PARAMS)
-    params["graph"] = {"cutoff": 4.0, "max_neighbors": 12}
+    params["graph"] = {"cutoff": 4.0, "max_neighbors": 12, "on_the_fly": False}
     params["model"]["gns"].update(hidden_channels=8, num_interactions=1, num_radial=4)
     params["train"]["gns"].update(max_steps=3, eval_every=0, batch_size=4)
     path = tmp_path / "params.yaml"
@@ -192,7 +208,8 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
         }
     )
 
-    def fake_evaluate(checkpoint, inputs, *, graphs, batch_size, predictions):
+    def fake_evaluate(checkpoint, inputs, *, graphs, batch_size, predictions, on_the_fly):
+        assert on_the_fly is False  # the default: graphs read from the store
         predictions.write_bytes(b"predictions")
         return table.copy()
 
@@ -239,6 +256,52 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     with pytest.raises(RuntimeError, match="artifact store"):
         stage.main(args)
     assert not any(p.exists() for p in outs.values())
+
+
+def test_graph_on_the_fly_reaches_training_and_evaluation(tmp_path, monkeypatch):
+    """graph.on_the_fly: training gets no graph store but params.graph's settings (no
+    store is read or checked: there is none), and evaluation builds its graphs too."""
+    import pandas as pd
+
+    import forcenet.checkpoint
+    import forcenet.evaluate
+    import forcenet.train
+    from forcenet.data.graphs import GraphSettings
+    from pipeline import evaluate as evaluate_stage
+    from pipeline.train import main as train_stage
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(_with("graph.on_the_fly", True)))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    seen: dict = {}
+
+    def fake_fit(cfg, name, kwargs, *, train_dir, graphs_dir, graph, out_dir, **rest):
+        seen["fit"] = {"graphs_dir": graphs_dir, "graph": graph}
+        return Path(out_dir) / "best.pt"
+
+    monkeypatch.setattr(forcenet.train, "fit", fake_fit)
+    out = tmp_path / "out"
+    missing = tmp_path / "no-graphs"
+    base = ["gns", "--frames", str(tmp_path), "--graphs", str(missing), "--out", str(out)]
+    train_stage([*base, "--params", str(params)])
+    cutoff, neighbors = PARAMS["graph"]["cutoff"], PARAMS["graph"]["max_neighbors"]
+    assert seen["fit"] == {"graphs_dir": None, "graph": GraphSettings(cutoff, neighbors)}
+
+    def fake_evaluate(checkpoint, inputs, *, graphs, batch_size, predictions, on_the_fly):
+        seen["evaluate"] = on_the_fly
+        predictions.write_bytes(b"predictions")
+        return pd.DataFrame(
+            {"model": "gns", "split": "val_id", "metric": ["forces_mae"], "value": [0.1]}
+        )
+
+    monkeypatch.setattr(forcenet.evaluate, "evaluate_checkpoint", fake_evaluate)
+    monkeypatch.setattr(forcenet.checkpoint, "load_checkpoint", lambda p: {"model_name": "gns"})
+    (out / "best.pt").write_bytes(b"checkpoint")
+    args = [str(out / "best.pt"), str(tmp_path), "--graphs", str(missing)]
+    args += ["--out", str(tmp_path / "eval.parquet"), "--params", str(params)]
+    args += ["--metrics-json", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "p")]
+    evaluate_stage.main(args)
+    assert seen["evaluate"] is True
 
 
 def test_energy_reference_follows_the_data_source():

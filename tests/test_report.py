@@ -231,3 +231,98 @@ def test_learning_curves_take_the_training_metrics(tmp_path):
     assert path.stat().st_size > 5000
     one_point = pd.DataFrame([r for r in rows if r["step"] == 100])
     assert not plots.plot_learning_curves(one_point, tmp_path / "none.png")
+
+
+def _hybrid_relax(path) -> None:
+    """gns's relaxation aggregates of a hybrid run: two splits and ``overall``."""
+    rows = []
+    for split, saved in (("val_id", 40.0), ("val_ood_ads", 50.5), ("overall", 45.3)):
+        metrics = {
+            "relax_systems": 3.0 if split != "overall" else 6.0,
+            "adwt": 0.25,
+            "fbt_oracle": 0.0,
+            "ml_steps_limit": 60.0,
+            "hybrid_steps_saved_pct": saved,
+            "hybrid_steps_saved_pct_median": saved,
+            "hybrid_steps_saved_total_pct": saved - 1.0,
+            "hybrid_same_minimum": 2 / 3,
+            "hybrid_adwt": 0.9,
+            "hybrid_oracle_mean_steps": 12.5,
+            "oracle_only_mean_steps": 23.0,
+            "oracle_steps_limit": 400.0,
+        }
+        rows += [("gns", split, m, v, "") for m, v in metrics.items()]
+    write_table(pd.DataFrame(rows, columns=TABLE_COLUMNS), path)
+
+
+def _physics(tmp_path):
+    """The physics stages' long tables (gns and the oracle) and MD series."""
+    md = {
+        "runs": 2.0,
+        "steps": 250.0,
+        "timestep_fs": 0.5,
+        "temperature_K": 450.0,
+        "drift_abs_mean": 0.125,
+        "fluctuation_mean": 0.0025,
+        "model_drift_abs_mean": float("nan"),
+        "stable_fraction": 0.5,
+        "first_event_ps": 0.105,
+        "events_close_contact": 0.0,
+        "events_desorbed": 1.0,
+    }
+    conservation = {"structures": 2.0, "lambda_mean": 0.35, "lambda_median": 0.34}
+    conservation["loop_work_normalised_mean"] = 0.05
+    reference = {**md, "drift_abs_mean": 2e-5, "fluctuation_mean": 6e-6}
+    reference |= {"model_drift_abs_mean": 2e-5, "stable_fraction": 1.0}
+    reference |= {"first_event_ps": float("inf"), "events_desorbed": 0.0}
+    tables, series = [], []
+    for model, parts in (
+        ("gns", {"conservation": conservation, "md": md}),
+        ("oracle", {"md": reference}),
+    ):
+        rows = [(model, s, m, v, "") for s, ms in parts.items() for m, v in ms.items()]
+        tables.append(tmp_path / "physics" / f"{model}.parquet")
+        write_table(pd.DataFrame(rows, columns=TABLE_COLUMNS), tables[-1])
+        t = np.linspace(0.0, 0.125, 6)
+        frame = pd.DataFrame(
+            {
+                "model": model,
+                "name": "val_id:1",
+                "n_free": 5,
+                "step": np.arange(6) * 50,
+                "time_ps": t,
+                "oracle_potential_eV": -1.0 + t,
+                "oracle_total_eV": 0.1 * t,
+                "model_total_eV": float("nan"),
+                "kinetic_eV": 0.3,
+                "temperature_K": 450.0,
+            }
+        )
+        series.append(tmp_path / "runs" / model / "md_series.parquet")
+        write_table(frame, series[-1])
+    return tables, series
+
+
+def test_hybrid_and_physics_tables(inputs, tmp_path):
+    """The hybrid table (overall included, percentages to one decimal, the step limits),
+    force tables without the relax-only ``overall`` split, and the physics table with the
+    oracle's reference row and the MD energy plot."""
+    relax = tmp_path / "relax.parquet"
+    _hybrid_relax(relax)
+    physics, series = _physics(tmp_path)
+    out = tmp_path / "reports"
+    md = report.build_report([*inputs["metrics"], relax], out, physics=physics, md_series=series)
+    matrix = next(line for line in md.splitlines() if line.startswith("| model | val_id"))
+    assert matrix == "| model | val_id | val_ood_ads | val_ood_cat | val_ood_both |"
+    assert "ran at most 60 steps (`relax.steps`" in md
+    assert "| gns | overall | 6 | 0.2500 | 0.0000 | 60 |" in md
+    assert "## Hybrid relaxations" in md and "Step limits: ML 60, oracle 400." in md
+    assert "| gns | overall | 45.3 | 45.3 | 44.3 | 0.6667 | 0.9000 | 12.5 | 23.0 | 60 | 400 |" in md
+    assert "2 structures × 250 steps of 0.5 fs (0.125 ps) from 450 K" in md
+    gns = "| gns | 0.3500 | 0.3400 | 0.0500 | 0.1250 | 0.0025 | – | 0.5000 |"
+    assert f"{gns} 0.105 ps (desorbed ×1) |" in md
+    assert "| oracle | – | – | – | 2.0e-05 | 6.0e-06 | 2.0e-05 | 1.0000 | none |" in md
+    assert md.count("plots/md_energy.png") == 1
+    assert (out / "plots" / "md_energy.png").stat().st_size > 5000
+    table = pd.read_parquet(out / "results.parquet")
+    assert "overall" in set(table.split)  # the relaxation rows keep it

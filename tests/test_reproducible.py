@@ -127,7 +127,7 @@ def test_train_stage_twice_gives_identical_checkpoints(tmp_path, monkeypatch):
     )
     params = yaml.safe_load(open("params.yaml"))
     params = copy.deepcopy(params)
-    params["graph"] = GRAPH.as_dict()
+    params["graph"] = {**params["graph"], **GRAPH.as_dict()}
     params["model"]["hidden"] = 16  # ForceNet's width
     params["model"]["forcenet"].update(num_interactions=2, decoder_hidden_channels=16, num_freqs=8)
     params["train"]["forcenet"].update(max_steps=9, eval_every=4, batch_size=4)
