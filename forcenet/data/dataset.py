@@ -176,7 +176,7 @@ class BatchLoader:
 
     With workers, each worker reads a whole batch (one read transaction per shard, see
     :meth:`FrameDataset.__getitems__`), collates it into a slot of shared memory and
-    sends the slot's number (:mod:`forcenet.data.transfer`); this copies the batch out.
+    sends the slot's number (:mod:`forcenet.data.transfer`); this builds the batch over it.
     Without workers the batches are collated in this process. ``loader`` is the
     DataLoader underneath.
     """

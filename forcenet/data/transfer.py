@@ -7,9 +7,10 @@ sends a batch as a tensor per field, each in a shared-memory segment created for
 batches into slots of a :class:`SlotRing`, shared memory allocated once before the
 workers start, and sends only the slot number and the layout (a few hundred bytes), for
 a chunk of :data:`CHUNK` batches per message (torch's queues cost about 0.5 ms per
-message on each side). The main process copies the batch out of the slot (0.05-0.1 ms for an OC20-sized batch of
-16, into page-locked memory when the DataLoader pins) and frees the slot; nothing it
-holds ever points into a slot, so a slot is never rewritten under a batch in use.
+message on each side). The main process builds the batch's tensors over the slot
+without a copy, and the slot is freed only when the last array or tensor over it is
+gone (or copied straight into page-locked memory when the DataLoader pins, and freed),
+so a slot is never rewritten under a batch in use.
 
 A batch larger than a slot, or one made while all of the worker's slots are taken,
 travels by value instead (:class:`~forcenet.data.batch.PackedBatch`, its graph compact).
@@ -17,6 +18,8 @@ travels by value instead (:class:`~forcenet.data.batch.PackedBatch`, its graph c
 
 from __future__ import annotations
 
+import ctypes
+import math
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -30,9 +33,7 @@ from forcenet.data.batch import (
     Batch,
     PackedBatch,
     collate_arrays,
-    expand_graphs,
     pack_arrays,
-    pack_layout,
 )
 
 #: The rings of this process's loaders, by id: a :class:`SlotBatch` names its ring.
@@ -55,6 +56,7 @@ class SlotRing:
         count = workers * slots_per_worker
         self.data = torch.empty(count * slot_bytes, dtype=torch.uint8).share_memory_()
         self.busy = torch.zeros(count, dtype=torch.int32).share_memory_()
+        self.leased: set[int] = set()  # main process: slots that arrays still point into
         _RINGS[self.id] = self
 
     def acquire(self, worker: int) -> int | None:
@@ -75,11 +77,37 @@ class SlotRing:
         self.busy[slot] = 0
 
     def release_all(self) -> None:
-        """Free every slot (between epochs: batches still outstanding are discarded)."""
-        self.busy.zero_()
+        """Free every slot no batch in this process points into (between epochs: batches
+        still outstanding from an abandoned one are discarded by torch)."""
+        busy = self.busy.numpy()
+        for slot in range(len(busy)):
+            if slot not in self.leased:
+                busy[slot] = 0
+
+    def lease(self, slot: int, nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of ``slot`` as a numpy byte array that frees the slot when
+        the last array or tensor over it is gone (no copy)."""
+        start = slot * self.slot_bytes
+        raw = (ctypes.c_char * max(nbytes, 1)).from_address(self.data.data_ptr() + start)
+        raw._lease = _Lease(self, slot)  # type: ignore[attr-defined]  # lives as long as raw
+        return np.frombuffer(raw, dtype=np.uint8, count=nbytes)  # type: ignore[call-overload]
 
     def close(self) -> None:
         _RINGS.pop(self.id, None)
+
+
+class _Lease:
+    """Frees ``slot`` of ``ring`` when collected: owned by the buffer object every array
+    over the slot keeps alive (numpy collapses view chains onto it, torch tensors made
+    from those arrays hold them)."""
+
+    def __init__(self, ring: SlotRing, slot: int) -> None:
+        self.ring, self.slot = ring, slot
+        ring.leased.add(slot)
+
+    def __del__(self) -> None:
+        self.ring.leased.discard(self.slot)
+        self.ring.release(self.slot)
 
 
 class SlotBatch:
@@ -98,7 +126,9 @@ class SlotBatch:
         return PackedBatch(out, self.layout)
 
     def unpack(self) -> Batch:
-        return self._take(pin=False).unpack()
+        """The batch, its tensors views of the slot (freed once they are all gone)."""
+        ring = _RINGS[self.ring_id]
+        return PackedBatch(ring.lease(self.slot, self.nbytes), self.layout).unpack()
 
     def pin_memory(self) -> PackedBatch:
         """Copied straight into page-locked memory (the DataLoader's pinning thread)."""
@@ -128,18 +158,40 @@ class RingCollate:
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
-        compact = collate_arrays(samples, expand=False)
-        if info is None or self.ring is None:  # not in a worker, or no slots
-            return pack_arrays(compact)
-        arrays = expand_graphs(compact)
-        layout, nbytes = pack_layout(arrays)
-        slot = self.ring.acquire(info.id) if nbytes <= self.ring.slot_bytes else None
-        if slot is None:
-            return pack_arrays(compact)
-        view = self.ring.slot(slot).numpy()
-        for (_, _, _, start), a in zip(layout, arrays.values(), strict=True):
-            view[start : start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        return SlotBatch(self.ring.id, slot, layout, nbytes)
+        slot = self.ring.acquire(info.id) if info is not None and self.ring is not None else None
+        if slot is None:  # not in a worker, no slots, or all taken
+            return pack_arrays(collate_arrays(samples, expand=False))
+        assert self.ring is not None
+        place = _SlotAlloc(self.ring.slot(slot).numpy())
+        try:
+            collate_arrays(samples, alloc=place)
+        except _NoRoom:
+            self.ring.release(slot)
+            return pack_arrays(collate_arrays(samples, expand=False))
+        return SlotBatch(self.ring.id, slot, tuple(place.layout), place.used)
+
+
+class _NoRoom(Exception):
+    """A batch larger than its slot."""
+
+
+class _SlotAlloc:
+    """Places a batch's fields one after the other in a slot (8-byte aligned), recording
+    the layout; raises :class:`_NoRoom` when the slot is full."""
+
+    def __init__(self, slot: np.ndarray) -> None:
+        self.slot, self.used = slot, 0
+        self.layout: list[tuple[str, str, tuple[int, ...], int]] = []
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        start = -(-self.used // 8) * 8
+        nbytes = math.prod(shape) * dtype.itemsize
+        if start + nbytes > len(self.slot):
+            raise _NoRoom
+        self.used = start + nbytes
+        self.layout.append((name, dtype.str, tuple(int(d) for d in shape), start))
+        return self.slot[start : start + nbytes].view(dtype).reshape(shape)
 
 
 #: Batches per worker task.

@@ -3,6 +3,8 @@ fit, always the batches a loader without workers gives, and never rewritten in u
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from forcenet.data import keys as K
 from forcenet.data.batch import PackedBatch, collate, collate_arrays, expand_graphs
 from forcenet.data.dataset import BatchLoader, make_loader
-from forcenet.data.transfer import ChunkSampler, RingCollate, SlotBatch, SlotRing
+from forcenet.data.transfer import ChunkSampler, RingCollate, SlotBatch, SlotRing, _SlotAlloc
 
 
 def _same(a: dict, b: dict) -> None:
@@ -42,26 +44,32 @@ def test_workers_give_the_batches_of_a_loader_without_workers(stores, slot_bytes
     assert len(got) == len(expected) == len(loader)
     for a, b in zip(got, expected, strict=True):
         _same(a, b)
-    assert int(ring.busy.sum()) == 0  # every slot freed once its batch was copied out
+    del got, a, b
+    gc.collect()
+    assert int(ring.busy.sum()) == 0  # every slot freed once no batch points into it
 
 
-def test_a_batch_never_points_into_its_slot(stores):  # noqa: F811
-    """A batch taken from a slot is a copy: refilling the slot leaves it as it was."""
+def test_a_slot_is_not_reused_while_a_batch_points_into_it(stores):  # noqa: F811
+    """The batch's tensors are views of the slot (no copy): the slot stays taken, even
+    across an epoch start, until the last of them, views of views included, is gone."""
     ds = _dataset(stores)
     ring = SlotRing(1, slots_per_worker=1)
-    arrays = collate_arrays(ds.__getitems__([0, 1, 2]))
-    before = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
-    from forcenet.data.batch import pack_layout
-
-    layout, nbytes = pack_layout(arrays)
-    view = ring.slot(0).numpy()
-    for (_, _, _, start), a in zip(layout, arrays.values(), strict=True):
-        view[start : start + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    ring.busy[0] = 1
-    batch = SlotBatch(ring.id, 0, layout, nbytes).unpack()
-    assert int(ring.busy[0]) == 0
-    view[:nbytes] = 255  # the worker reuses the slot
-    _same(batch, before)
+    samples = ds.__getitems__([0, 1, 2])
+    place = _SlotAlloc(ring.slot(0).numpy())
+    collate_arrays(samples, alloc=place)
+    assert ring.acquire(0) == 0
+    batch = SlotBatch(ring.id, 0, tuple(place.layout), place.used).unpack()
+    _same(batch, collate(samples))
+    pos = batch[K.POS][2:5]  # a view that outlives the batch dict
+    del batch
+    gc.collect()
+    ring.release_all()  # a new epoch starts: a slot still in use is kept
+    assert ring.acquire(0) is None and int(ring.busy[0]) == 1
+    expected = pos.clone()
+    del pos
+    gc.collect()
+    assert int(ring.busy[0]) == 0 and ring.acquire(0) == 0
+    torch.testing.assert_close(expected, collate(samples)[K.POS][2:5], rtol=0, atol=0)
 
 
 def test_busy_slots_fall_back_to_compact_batches_by_value(stores, monkeypatch):  # noqa: F811
@@ -108,6 +116,8 @@ def test_slots_of_an_abandoned_epoch_come_back(stores):  # noqa: F811
     assert len(again) == len(third) == 5
     for a, b in zip(again, third, strict=True):
         _same(a, b)
+    del first, again, third, a, b
+    gc.collect()
     assert int(loader.ring.busy.sum()) == 0
 
 
@@ -117,3 +127,22 @@ def test_chunks_keep_the_order_and_the_last_partial_batch():
     assert chunks == [list(range(9)), [9, 10]] and len(ChunkSampler(batches, 3)) == 2
     split = RingCollate(None, 3)
     assert [len(b) for b in split._split(list(range(11)))] == [3, 3, 3, 2]
+
+
+def test_a_pinned_copy_unpacks_to_views_of_its_own_buffer(stores):  # noqa: F811
+    """What the DataLoader's pinning thread makes of a slot: a copy in one buffer, whose
+    tensors are views of that buffer (so a GPU copy sees pinned memory), slot freed."""
+    ds = _dataset(stores)
+    ring = SlotRing(1, slots_per_worker=1)
+    samples = ds.__getitems__([0, 4, 8])
+    place = _SlotAlloc(ring.slot(0).numpy())
+    collate_arrays(samples, alloc=place)
+    assert ring.acquire(0) == 0
+    slot = SlotBatch(ring.id, 0, tuple(place.layout), place.used)
+    copy = slot._take(pin=False)  # pin=True needs a GPU: the same path without page-locking
+    assert int(ring.busy[0]) == 0
+    batch = copy.unpack()
+    _same(batch, collate(samples))
+    assert isinstance(copy.buffer, torch.Tensor)
+    base = copy.buffer.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in batch.values())
