@@ -13,10 +13,12 @@ what a cluster job array would, each step as 2 processes with ``--shard i/2`` an
    shuffled ``make_loader`` with 2 workers, as the training loop gets it.
 
 Each step records its wall time, frames/s and the peak resident memory of each of its
-processes (``ru_maxrss`` of the finished child). Disk per frame and per edge is measured
+processes (``ru_maxrss`` of the finished child, and sampled: anonymous memory apart from the
+file pages of the mapped LMDB stores, which the kernel reclaims). Disk per frame and per edge is measured
 on the stores. The same rehearsal first runs at a tenth of the size: peak memory that
 stays flat from one to the other is memory that does not grow with the number of frames
-(streamed, not loaded whole). Results in ``reports/benchmarks/scale.json``; the data are
+(streamed, not loaded whole). A reader's mapped file pages do grow with the store it
+reads (page cache, not held memory): both are recorded. Results in ``reports/benchmarks/scale.json``; the data are
 deleted afterwards (``--keep`` keeps them).
 
     .venv/bin/python benchmarks/bench_scale.py                     # 20k, then 200k frames
@@ -40,19 +42,47 @@ PYTHON = sys.executable
 CUTOFF, MAX_NEIGHBORS, BATCH, SHARD_SIZE = 6.0, 50, 16, 5000
 
 
+def _memory(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed) resident KiB of ``pid`` now; (0, 0) once it is gone."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        return int(fields["RssAnon"].split()[0]), int(fields["RssFile"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
 def _run_parallel(commands: list[list[str]], log: Path) -> dict:
-    """Run ``commands`` at once; their wall time and each one's peak RSS (MiB)."""
+    """Run ``commands`` at once: their wall time, each one's peak RSS (MiB, ``ru_maxrss``)
+    and its peak anonymous and file-backed resident memory, sampled every 0.1 s (file
+    pages are the LMDB files mapped for reading: page cache the kernel takes back when
+    it needs it, not memory the process holds)."""
     start = time.perf_counter()
     with log.open("a") as out:
         procs = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT) for c in commands]
-        peaks = []
-        for proc in procs:
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(commands[procs.index(proc)])} failed; see {log}")
-            peaks.append(round(usage.ru_maxrss / 1024, 1))  # KiB -> MiB
-    return {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": peaks}
+        anon = [0] * len(procs)
+        file_ = [0] * len(procs)
+        peaks = [0.0] * len(procs)
+        running = set(range(len(procs)))
+        while running:
+            for k in sorted(running):
+                a, f = _memory(procs[k].pid)
+                anon[k], file_[k] = max(anon[k], a), max(file_[k], f)
+                pid, status, usage = os.wait4(procs[k].pid, os.WNOHANG)
+                if pid == 0:
+                    continue
+                running.discard(k)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise RuntimeError(f"{' '.join(commands[k])} failed; see {log}")
+                peaks[k] = round(usage.ru_maxrss / 1024, 1)  # KiB -> MiB
+            time.sleep(0.1)
+    return {
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mib": peaks,
+        "peak_anon_mib": [round(a / 1024, 1) for a in anon],
+        "peak_file_mib": [round(f / 1024, 1) for f in file_],
+    }
 
 
 def _forcenet(*args: str) -> list[str]:
@@ -187,13 +217,13 @@ def main() -> None:
             )
             shutil.rmtree(args.workdir / str(frames))  # disk for the next run
         small, big = runs[str(args.small)], runs[str(args.frames)]
-        rss_growth = {
-            name: round(
-                max(big["steps"][name]["peak_rss_mib"]) / max(small["steps"][name]["peak_rss_mib"]),
-                3,
-            )
-            for name in ("acquire", "preprocess", "neighbors", "epoch")
-        }
+
+        def growth(key: str) -> dict[str, float]:
+            return {
+                name: round(max(big["steps"][name][key]) / max(small["steps"][name][key]), 3)
+                for name in ("acquire", "preprocess", "neighbors", "epoch")
+            }
+
         result = {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "settings": {
@@ -206,7 +236,8 @@ def main() -> None:
                 "pool_seconds": round(pool_s, 1),
             },
             "runs": runs,
-            "peak_rss_ratio_big_to_small": rss_growth,
+            "peak_rss_ratio_big_to_small": growth("peak_rss_mib"),
+            "peak_anon_ratio_big_to_small": growth("peak_anon_mib"),
         }
     finally:
         if not args.keep:

@@ -168,7 +168,11 @@ def _graph_shard(
         return out_path.name, int(frames_meta["count"]), True
     meta = {"kind": store.KIND_GRAPHS, "source": source, **settings}
     count = int(frames_meta["count"])
-    written = store.write_shard(out_path, _graphs(frames, count, cutoff, max_neighbors), meta)
+    try:
+        written = store.write_shard(out_path, _graphs(frames, count, cutoff, max_neighbors), meta)
+    finally:
+        # unmap the frames read: a job's memory stays flat however many shards it does
+        store.release(frames.path)
     return out_path.name, written, False
 
 
