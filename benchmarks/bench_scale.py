@@ -42,22 +42,40 @@ PYTHON = sys.executable
 CUTOFF, MAX_NEIGHBORS, BATCH, SHARD_SIZE = 6.0, 50, 16, 5000
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a loader's worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def _memory(pid: int) -> tuple[int, int]:
-    """(anonymous, file-backed) resident KiB of ``pid`` now; (0, 0) once it is gone."""
-    try:
-        fields = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        )
-        return int(fields["RssAnon"].split()[0]), int(fields["RssFile"].split()[0])
-    except (OSError, KeyError, ValueError):
-        return 0, 0
+    """(anonymous, file-backed) resident KiB of ``pid`` and its descendants, summed."""
+    anon = file_ = 0
+    for p in _tree(pid):
+        try:
+            fields = dict(
+                line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+            )
+            anon += int(fields["RssAnon"].split()[0])
+            file_ += int(fields["RssFile"].split()[0])
+        except (OSError, KeyError, ValueError):
+            pass
+    return anon, file_
 
 
 def _run_parallel(commands: list[list[str]], log: Path) -> dict:
-    """Run ``commands`` at once: their wall time, each one's peak RSS (MiB, ``ru_maxrss``)
-    and its peak anonymous and file-backed resident memory, sampled every 0.1 s (file
+    """Run ``commands`` at once: their wall time, each one's peak RSS (MiB, ``ru_maxrss``:
+    the largest of the process and its children) and the peak anonymous and file-backed
+    resident memory of its process tree (workers included), sampled every 0.1 s. File
     pages are the LMDB files mapped for reading: page cache the kernel takes back when
-    it needs it, not memory the process holds)."""
+    it needs it, not memory the processes hold."""
     start = time.perf_counter()
     with log.open("a") as out:
         procs = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT) for c in commands]

@@ -98,6 +98,15 @@ def plan(scale: dict, gpu_rates: list[float]) -> str:
         ]
         cells += [_fmt(frames / rate / 3600) for rate in gpu_rates]
         lines.append("| " + " | ".join(cells) + " |")
+    data_json = Path("reports/benchmarks/data.json")
+    if data_json.is_file():
+        old = json.loads(data_json.read_text())["oc20"]["store"]["graph_bytes_per_edge_schema_1"]
+        tb = old * big["edges_per_frame"] * SIZES["All"] / 1e12
+        lines += [
+            "",
+            f"For comparison, the same graphs in graph schema 1 take {old} B per edge on disk",
+            f"(`reports/benchmarks/data.json`): {tb:.1f} TB for All.",
+        ]
     lines += [
         "",
         "With on-the-fly graphs (`graph.on_the_fly: true`) the graph store and the neighbors",
