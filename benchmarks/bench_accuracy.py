@@ -1,6 +1,6 @@
 """Accuracy against training compute: every model at several step budgets, and ForceNet's
 width at a fixed compute -> reports/benchmarks/accuracy.json and
-reports/plots/accuracy_vs_compute.png.
+reports/benchmarks/accuracy_vs_compute.png.
 
 Each point trains a model with the ``params.yaml`` settings (model, recipe, seed) on the
 default run's stores (``data/lmdb``, ``data/graphs``; run ``make repro`` first), with
@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="*", default=[64, 128, 256])
     parser.add_argument("--work", type=Path, default=Path("/tmp/forcenet_accuracy"))
     parser.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks/accuracy.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "reports/plots/accuracy_vs_compute.png")
+    parser.add_argument(
+        "--plot", type=Path, default=ROOT / "reports/benchmarks/accuracy_vs_compute.png"
+    )
     args = parser.parse_args()
     tune_malloc()
     params = load_params(args.params)
