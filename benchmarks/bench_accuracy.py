@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from forcenet.atomic import atomic_write, write_text  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.evaluate import evaluate_checkpoint  # noqa: E402
 from forcenet.runtime import tune_malloc  # noqa: E402
@@ -80,9 +80,7 @@ def _seconds_per_step(params, data: Path, work: Path, steps: int = 60) -> float:
 
 def _save(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -118,10 +116,9 @@ def plot(results: dict, path: Path) -> None:
         axes[2].set(ylabel="eV/Å", title="ForceNet width at fixed compute")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic import oc20_sized  # noqa: E402
 
+from forcenet.atomic import write_text  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.data import preprocess, raw, store  # noqa: E402
 from forcenet.data.dataset import FrameDataset, make_loader  # noqa: E402
@@ -260,9 +261,7 @@ def main() -> None:
         oc20 = list(oc20_sized(pool, args.frames, seed=1))
         result["oc20"] = bench_set("oc20", oc20, root / "oc20")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

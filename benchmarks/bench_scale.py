@@ -261,9 +261,9 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    from forcenet.atomic import write_text
+
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from forcenet.atomic import write_text
 
 #: OC20 S2EF training sets (frames).
 SIZES = {"200K": 200_000, "2M": 2_000_000, "20M": 20_000_000, "All": 133_934_018}
@@ -128,9 +129,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     text = plan(json.loads(args.scale.read_text()), args.gpu_graphs_per_s)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    write_text(args.out, text)
     print(text)
 
 
