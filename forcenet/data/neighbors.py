@@ -58,6 +58,8 @@ def neighbor_list(
         raise NeighborListError("periodic cell has zero volume")
     box = cell if any(periodic) else np.zeros((3, 3))
     calc = _calculator(float(cutoff))
+    # vesin's half list (each pair once), both directions written by _sorted_truncated:
+    # the search is about 20 % cheaper than vesin's full list.
     # copy=False: views into calc's buffers, valid until its next call; every array
     # returned below is a fresh copy (astype, fancy indexing)
     i, j, shifts, dist = calc.compute(
@@ -110,7 +112,8 @@ def _sorted_truncated(
     n: int,
     max_neighbors: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The edges sorted by centre, then distance (in units of :data:`DISTANCE_QUANTUM`, so
+    """Both directions of the half list (i, j, shifts, dist) -- each pair also as (j, i,
+    -shifts) -- sorted by centre, then distance (in units of :data:`DISTANCE_QUANTUM`, so
     float noise does not beat the tie rule), then neighbor index, then image offset, and
     truncated to the first ``max_neighbors`` of each centre.
 
@@ -119,68 +122,79 @@ def _sorted_truncated(
     from the sorted keys: no permutation to apply, about 3x faster than a lexsort. Larger
     structures take the lexsort, with the same order.
     """
+    half_pairs = len(i)
     span = max(int(shifts.max(initial=0)), -int(shifts.min(initial=0))) * 2 + 1
     half = span // 2
-    # ((a + half) * span + b + half) * span + c + half
-    code = shifts[:, 0] * span
-    code += shifts[:, 1]
-    code *= span
-    code += shifts[:, 2]
-    code += half * (span * span + span + 1)
+    # signed ((a * span) + b) * span + c; the image code is that + centre (for i -> j) or
+    # centre - that (for the mirrored j -> i), centre = half * (span**2 + span + 1)
+    signed = shifts[:, 0] * span
+    signed += shifts[:, 1]
+    signed *= span
+    signed += shifts[:, 2]
+    centre_code = half * (span * span + span + 1)
     levels = int(np.ceil(cutoff / DISTANCE_QUANTUM)) + 1
     scaled = dist * (1.0 / DISTANCE_QUANTUM)
     quantised = np.rint(scaled, out=scaled).astype(np.uint64)
     b_code, b_j, b_q = _bits(span**3), _bits(n), _bits(levels)
     if b_code + b_j + b_q + _bits(n) <= 64:
-        # in place where possible: fewer temporaries, less memory traffic per structure
-        key = i.astype(np.uint64)
-        key <<= np.uint64(b_q + b_j + b_code)
-        field = quantised
-        field <<= np.uint64(b_j + b_code)
-        key |= field
-        field = j.astype(np.uint64)
-        field <<= np.uint64(b_code)
-        key |= field
-        key |= code.astype(np.uint64)
+        s_code, s_j, s_i = np.uint64(b_code), np.uint64(b_j + b_code), np.uint64(b_q + b_j + b_code)
+        key = np.empty(2 * half_pairs, dtype=np.uint64)
+        fwd, back = key[:half_pairs], key[half_pairs:]
+        np.left_shift(i, s_i, out=fwd)
+        np.left_shift(j, s_i, out=back)
+        quantised <<= s_j
+        fwd |= quantised
+        back |= quantised
+        fwd |= j << s_code
+        back |= i << s_code
+        signed += centre_code
+        np.bitwise_or(fwd, signed, out=fwd, dtype=np.uint64, casting="unsafe")
+        np.subtract(2 * centre_code, signed, out=signed)
+        np.bitwise_or(back, signed, out=back, dtype=np.uint64, casting="unsafe")
         key.sort()
-        # every field is below 2**63: the uint64 values read as int64 unchanged
-        centres = (key >> np.uint64(b_q + b_j + b_code)).view(np.int64)
-        keep = _nearest(centres, n, max_neighbors)
-        if keep is not None:
-            key, centres = key[keep], centres[keep]
+        counts = np.bincount(i.view(np.int64), minlength=n)
+        counts += np.bincount(j.view(np.int64), minlength=n)
+        if counts.max(initial=0) > max_neighbors:
+            starts = np.cumsum(counts)
+            starts -= counts
+            key = key[_nearest(starts, counts, max_neighbors)]
         edge_index = np.empty((2, len(key)), dtype=np.int64)
-        field = key >> np.uint64(b_code)
-        np.bitwise_and(field, np.uint64((1 << b_j) - 1), out=field)
-        edge_index[0] = field.view(np.int64)
-        edge_index[1] = centres
-        np.bitwise_and(key, np.uint64((1 << b_code) - 1), out=key)
+        np.right_shift(key, s_i, out=edge_index[1].view(np.uint64))
+        row = edge_index[0].view(np.uint64)
+        np.right_shift(key, s_code, out=row)
+        row &= np.uint64((1 << b_j) - 1)
+        key &= np.uint64((1 << b_code) - 1)
         return edge_index, _offset_table(span).take(key.view(np.int64), axis=0)
-    order = np.lexsort((j.astype(np.int64) * span**3 + code, quantised, i.astype(np.int64)))
-    centres = i[order].astype(np.int64)
-    keep = _nearest(centres, n, max_neighbors)
-    if keep is not None:
+    # the general path: both directions as arrays, then a lexsort
+    both_i = np.concatenate([i, j]).astype(np.int64)
+    both_j = np.concatenate([j, i]).astype(np.int64)
+    both_shifts = np.concatenate([shifts, -shifts]).astype(np.int64)
+    code = np.concatenate([signed + centre_code, centre_code - signed]).astype(np.int64)
+    q = np.concatenate([quantised, quantised])
+    order = np.lexsort((both_j * span**3 + code, q, both_i))
+    centres = both_i[order]
+    counts = np.bincount(both_i, minlength=n)
+    if counts.max(initial=0) > max_neighbors:
+        starts = np.cumsum(counts) - counts
+        keep = _nearest(starts, counts, max_neighbors)
         order, centres = order[keep], centres[keep]
     edge_index = np.empty((2, len(order)), dtype=np.int64)
-    edge_index[0] = j[order]
+    edge_index[0] = both_j[order]
     edge_index[1] = centres
-    return edge_index, shifts[order].astype(np.int64)
+    return edge_index, both_shifts[order]
 
 
-def _nearest(centres: np.ndarray, n: int, max_neighbors: int) -> np.ndarray | None:
-    """Mask of the first ``max_neighbors`` edges of each centre (edges sorted by centre);
-    None when no centre has more."""
-    counts = np.bincount(centres, minlength=n)
-    if counts.max(initial=0) <= max_neighbors:
-        return None
-    starts = np.cumsum(counts) - counts
-    return np.arange(len(centres)) - np.repeat(starts, counts) < max_neighbors
+def _nearest(starts: np.ndarray, counts: np.ndarray, max_neighbors: int) -> np.ndarray:
+    """Mask of the first ``max_neighbors`` edges of each centre, for edges sorted by centre
+    with ``counts`` per centre starting at ``starts``."""
+    return np.arange(int(counts.sum())) - np.repeat(starts, counts) < max_neighbors
 
 
 _LOCAL = threading.local()
 
 
 def _calculator(cutoff: float) -> vesin.NeighborList:
-    """This thread's vesin calculator for ``cutoff``, reused across calls: a new one per
+    """This thread's vesin calculator (half list) for ``cutoff``, reused across calls: a new one per
     structure allocates its buffers afresh, which costs as much as the search on small
     structures."""
     cache = getattr(_LOCAL, "calculators", None)
@@ -188,7 +202,7 @@ def _calculator(cutoff: float) -> vesin.NeighborList:
         cache = _LOCAL.calculators = {}
     calc = cache.get(cutoff)
     if calc is None:
-        calc = cache[cutoff] = vesin.NeighborList(cutoff=cutoff, full_list=True)
+        calc = cache[cutoff] = vesin.NeighborList(cutoff=cutoff, full_list=False)
     return calc
 
 

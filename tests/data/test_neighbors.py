@@ -136,6 +136,20 @@ def test_truncation_tie_rule_on_equal_distances():
     assert len(_ours(atoms, 3.1)) == 6
 
 
+def test_large_structure_takes_the_lexsort_and_keeps_the_rule():
+    # above 8,192 atoms the packed sort key does not fit 64 bits: the general path must
+    # give the same edges in the same documented order, ties included (exact lattice)
+    m, a = 21, 2.3
+    grid = np.indices((m, m, m)).reshape(3, -1).T * a
+    atoms = Atoms(numbers=np.full(m**3, 29), positions=grid, cell=np.eye(3) * m * a, pbc=True)
+    assert len(atoms) > 8192
+    ours = _ours(atoms, 2.4, max_neighbors=4)  # 6 neighbors at exactly a: ties decide
+    assert ours == _expected_truncation(atoms, 2.4, 4)
+    shifted = atoms.copy()
+    shifted.positions += np.random.default_rng(0).normal(0.0, 0.05, (len(atoms), 3))
+    assert _ours(shifted, 3.5, max_neighbors=8) == _expected_truncation(shifted, 3.5, 8)
+
+
 def test_fewer_neighbors_than_max_keeps_all():
     atoms = ase.io.read(OC20_JSON)
     assert set(_ours(atoms, 3.0, max_neighbors=50)) == set(_ase(atoms, 3.0)[0])
