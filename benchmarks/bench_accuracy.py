@@ -5,19 +5,25 @@ reports/benchmarks/accuracy_vs_compute.png.
 Each point trains a model with the ``params.yaml`` settings (model, recipe, seed) on the
 default run's stores (``data/lmdb``, ``data/graphs``; run ``make repro`` first), with
 ``max_steps`` = the model's ``train.<model>.max_steps`` times a budget factor, and
-evaluates its ``best.pt`` on ``val_id``: force MAE overall and on adsorbate atoms, against
-the training seconds the run spent. The budget is in steps, so the weights and the MAE
-do not depend on the machine's load; the seconds do, so run it alone.
+evaluates its ``best.pt`` on ``val_id``: force MAE overall and on adsorbate atoms.
+
+The compute axis is ``steps x seconds per step``, the seconds per step of each model
+timed alone on 2 threads (``reports/benchmarks/calibration.json``, the timing the step
+budgets were set from; the widths are timed here the same way, before any point runs).
+The budget is in steps, so the weights and the MAE do not depend on the machine's load,
+and neither does the axis: the points may run side by side (``--jobs 2``, one thread
+each). Each point also records the wall-clock seconds its run spent, for reference.
 
 The width panel trains ForceNet at ``model.hidden`` = each ``--widths`` value with the
-steps scaled so that every width gets the training seconds of the default width at budget
-1: the seconds per step of each width are timed first on 60 steps.
+steps scaled so that every width gets the compute of the default width at budget 1.
 
-Points already in the output JSON are kept (the sweep resumes after an interruption).
-The full sweep (1x, 4x, 16x, 4 models, 3 widths) takes about 2.5 hours on 2 CPU cores:
+Points already in the output JSON are kept (the sweep resumes after an interruption);
+the 1x and 4x points and the widths run before the 16x ones. The full sweep (1x, 4x,
+16x, 4 models, 3 widths) is about 5.5 hours of one core per job:
 
-    .venv/bin/python benchmarks/bench_accuracy.py
+    .venv/bin/python benchmarks/bench_accuracy.py --jobs 2
     .venv/bin/python benchmarks/bench_accuracy.py --budgets 1 4 --models forcenet schnet
+    .venv/bin/python benchmarks/bench_accuracy.py --plot-only
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import dataclasses
 import json
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -36,14 +45,19 @@ sys.path.insert(0, str(ROOT))
 
 from forcenet.atomic import atomic_write, write_text  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
-from forcenet.evaluate import evaluate_checkpoint  # noqa: E402
-from forcenet.runtime import tune_malloc  # noqa: E402
-from forcenet.train import fit  # noqa: E402
-from pipeline.params import MODEL_NAMES, load_params, params_from_mapping  # noqa: E402
-from pipeline.train import model_kwargs, train_config  # noqa: E402
+from pipeline.params import MODEL_NAMES, params_from_mapping  # noqa: E402
+
+#: Where the per-step timing of the models comes from (benchmarks/calibrate_steps.py).
+CALIBRATION = ROOT / "reports/benchmarks/calibration.json"
 
 
-def _train_and_score(params, name: str, steps: int, data: Path, out: Path) -> dict:
+def _train_and_score(raw: dict, name: str, steps: int, data: Path, out: Path) -> dict:
+    """Train ``name`` for ``steps`` steps with the params mapping ``raw``; val_id MAEs."""
+    from forcenet.evaluate import evaluate_checkpoint
+    from forcenet.train import fit
+    from pipeline.train import model_kwargs, train_config
+
+    params = params_from_mapping(raw)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
     kwargs = model_kwargs(params, name)
     cfg = dataclasses.replace(train_config(params, name), max_steps=steps)
@@ -66,21 +80,83 @@ def _train_and_score(params, name: str, steps: int, data: Path, out: Path) -> di
     }
 
 
-def _with_width(raw: dict, width: int):
+def _run_point(job: dict) -> tuple[str, str, dict]:
+    """One sweep point in a worker process with ``job["threads"]`` torch threads."""
+    import torch
+
+    from forcenet.runtime import tune_malloc
+
+    torch.set_num_threads(job["threads"])
+    tune_malloc()
+    point = _train_and_score(
+        job["raw"],
+        "forcenet" if job["group"] == "widths" else job["model"],
+        job["steps"],
+        Path(job["data"]),
+        Path(job["work"]),
+    )
+    return job["group"], job["key"], {**point, **job["extra"], "threads": job["threads"]}
+
+
+def _with_width(raw: dict, width: int) -> dict:
     raw = json.loads(json.dumps(raw))
     raw["model"]["hidden"] = width
-    return params_from_mapping(raw)
+    return raw
 
 
-def _seconds_per_step(params, data: Path, work: Path, steps: int = 60) -> float:
-    """Training seconds per step of ForceNet with ``params`` (the run's own clock, which
-    leaves out start-up and evaluation), from a short run."""
-    return _train_and_score(params, "forcenet", steps, data, work)["train_seconds"] / steps
+def _model_timing(raw: dict) -> dict[str, float]:
+    """Seconds per step of each model from calibration.json, checked against params.yaml:
+    the calibration must describe the batch size the sweep trains with."""
+    if not CALIBRATION.is_file():
+        raise SystemExit(f"{CALIBRATION}: missing; run benchmarks/calibrate_steps.py alone first")
+    cal = json.loads(CALIBRATION.read_text())
+    timing = {}
+    for name in MODEL_NAMES:
+        entry = cal["models"].get(name)
+        if entry is None:
+            raise SystemExit(f"{CALIBRATION}: no timing for {name}; rerun calibrate_steps.py")
+        batch = raw["train"][name]["batch_size"]
+        if entry["batch_size"] != batch:
+            raise SystemExit(
+                f"{CALIBRATION}: {name} timed at batch {entry['batch_size']}, params.yaml "
+                f"trains at {batch}; rerun benchmarks/calibrate_steps.py"
+            )
+        timing[name] = float(entry["seconds_per_step"])
+    return timing
+
+
+def _width_timing(raw: dict, widths: list[int], data: Path, threads: int) -> dict[str, float]:
+    """Seconds per ForceNet step at each width, timed as calibrate_steps.py times a model."""
+    import torch
+
+    from benchmarks.calibrate_steps import DEFAULT_TIMED, TIMED, time_model
+    from forcenet.data.dataset import FrameDataset
+
+    torch.set_num_threads(threads)
+    dataset = FrameDataset(data / "lmdb" / K.TRAIN, data / "graphs" / K.TRAIN)
+    out = {}
+    for width in widths:
+        params = params_from_mapping(_with_width(raw, width))
+        r = time_model("forcenet", params, dataset, timed=TIMED.get("forcenet", DEFAULT_TIMED))
+        out[f"h{width}"] = r["seconds_per_step"]
+        print(f"bench_accuracy: ForceNet h{width}: {r['seconds_per_step'] * 1e3:.1f} ms/step")
+    return out
 
 
 def _save(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(results, indent=2) + "\n")
+
+
+def _with_compute(results: dict) -> None:
+    """``compute_seconds`` = steps x timed seconds per step, for every point."""
+    timing = results.get("timing", {})
+    for p in results["budgets"].values():
+        if p["model"] in timing.get("models", {}):
+            p["compute_seconds"] = p["steps"] * timing["models"][p["model"]]
+    for key, p in results["widths"].items():
+        if key in timing.get("widths", {}):
+            p["compute_seconds"] = p["steps"] * timing["widths"][key]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -92,28 +168,42 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for name in MODEL_NAMES:
         points = sorted(
-            (p for p in results["budgets"].values() if p["model"] == name),
-            key=lambda p: p["train_seconds"],
+            (
+                p
+                for p in results["budgets"].values()
+                if p["model"] == name and "compute_seconds" in p
+            ),
+            key=lambda p: p["compute_seconds"],
         )
         if not points:
             continue
-        seconds = [p["train_seconds"] for p in points]
+        seconds = [p["compute_seconds"] for p in points]
         axes[0].plot(seconds, [p["forces_mae"] for p in points], "o-", label=name)
         axes[1].plot(seconds, [p["forces_mae_adsorbate"] for p in points], "o-", label=name)
     titles = ("val_id force MAE", "val_id adsorbate force MAE")
     for ax, title in zip(axes[:2], titles, strict=True):
-        ax.set(xscale="log", yscale="log", xlabel="training seconds (2 CPU cores)")
+        ax.set(xscale="log", yscale="log", xlabel="training compute: steps × s/step (2 CPU cores)")
         ax.set(ylabel="eV/Å", title=title)
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     widths = sorted(results["widths"].values(), key=lambda p: p["width"])
     if widths:
-        axes[2].plot([p["width"] for p in widths], [p["forces_mae"] for p in widths], "o-")
-        axes[2].plot(
-            [p["width"] for p in widths], [p["forces_mae_adsorbate"] for p in widths], "s--"
-        )
-        axes[2].legend(["overall", "adsorbate"])
+        w = [p["width"] for p in widths]
+        axes[2].plot(w, [p["forces_mae"] for p in widths], "o-", label="overall")
+        axes[2].plot(w, [p["forces_mae_adsorbate"] for p in widths], "s--", label="adsorbate")
+        for p in widths:
+            axes[2].annotate(
+                f"{p['steps']} steps",
+                (p["width"], p["forces_mae"]),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
+        axes[2].legend()
         axes[2].set(xscale="log", yscale="log", xlabel="ForceNet width (hidden channels)")
-        axes[2].set(ylabel="eV/Å", title="ForceNet width at fixed compute")
+        axes[2].set_xticks(w, [str(x) for x in w])
+        axes[2].set(ylabel="eV/Å", title="ForceNet width at the compute of 1x")
+        axes[2].grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
@@ -121,55 +211,121 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _jobs(args, raw: dict, results: dict) -> list[dict]:
+    """The points still to run: every budget below 16x first, then the widths, then the
+    rest, longest first within a group so that side-by-side jobs finish together."""
+    todo = []
+    for factor in sorted(args.budgets):
+        for name in args.models:
+            key = f"{name}@{factor:g}x"
+            if key in results["budgets"]:
+                continue
+            steps = max(1, round(raw["train"][name]["max_steps"] * factor))
+            todo.append(
+                {
+                    "group": "budgets",
+                    "key": key,
+                    "model": name,
+                    "steps": steps,
+                    "raw": raw,
+                    "extra": {"budget": factor},
+                    "order": (factor > 4, 0),
+                }
+            )
+    reference = raw["train"]["forcenet"]["max_steps"] * results["timing"]["widths"].get(
+        f"h{raw['model']['hidden']}", 0.0
+    )
+    for width in args.widths:
+        key = f"h{width}"
+        if key in results["widths"]:
+            continue
+        steps = max(1, round(reference / results["timing"]["widths"][key]))
+        todo.append(
+            {
+                "group": "widths",
+                "key": key,
+                "model": "forcenet",
+                "steps": steps,
+                "raw": _with_width(raw, width),
+                "extra": {"width": width},
+                "order": (False, 1),
+            }
+        )
+    todo.sort(key=lambda j: j["order"])
+    for job in todo:
+        job.update(data=str(args.data), work=str(args.work / job["key"]), threads=args.threads)
+        del job["order"]
+    return todo
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / "data",
+        help="the default run's data/ (lmdb/ and graphs/)",
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     parser.add_argument("--widths", type=int, nargs="*", default=[64, 128, 256])
+    parser.add_argument("--jobs", type=int, default=1, help="points trained side by side")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per job (default: 2 with one job, else 1)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/forcenet_accuracy"))
     parser.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks/accuracy.json")
     parser.add_argument(
         "--plot", type=Path, default=ROOT / "reports/benchmarks/accuracy_vs_compute.png"
     )
+    parser.add_argument("--plot-only", action="store_true", help="redraw from the JSON")
     args = parser.parse_args()
-    tune_malloc()
-    params = load_params(args.params)
+    if args.threads is None:
+        args.threads = 2 if args.jobs == 1 else 1
     raw = yaml.safe_load(args.params.read_text())
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    params_from_mapping(raw)  # checked before anything runs
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results.setdefault("budgets", {})
     results.setdefault("widths", {})
-    for name in args.models:
-        base = train_config(params, name).max_steps
-        for factor in args.budgets:
-            key = f"{name}@{factor:g}x"
-            if key in results["budgets"]:
-                continue
-            steps = max(1, round(base * factor))
-            print(f"bench_accuracy: {key}: {steps} steps", flush=True)
-            point = _train_and_score(params, name, steps, args.data, args.work / key)
-            results["budgets"][key] = {**point, "budget": factor}
-            _save(results, args.out)
-    if args.widths:
-        reference = train_config(params, "forcenet").max_steps
-        per_step = {
-            w: _seconds_per_step(_with_width(raw, w), args.data, args.work / f"time_h{w}")
-            for w in args.widths
-            if f"h{w}" not in results["widths"]
-        }
-        default = raw["model"]["hidden"]
-        ref_step = per_step.get(default) or _seconds_per_step(
-            _with_width(raw, default), args.data, args.work / f"time_h{default}"
+    timing = results.setdefault("timing", {})
+    if not args.plot_only:
+        timing["models"] = _model_timing(raw)
+        timing.setdefault("widths", {})
+        missing = [
+            w for w in {*args.widths, raw["model"]["hidden"]} if f"h{w}" not in timing["widths"]
+        ]
+        if missing and args.widths:
+            timing["widths"].update(_width_timing(raw, sorted(missing), args.data, threads=2))
+        timing["note"] = (
+            "seconds per step on 2 threads, timed alone: models from "
+            "calibration.json, widths by this benchmark"
         )
-        for width, seconds in per_step.items():
-            steps = max(1, round(reference * ref_step / seconds))
-            print(f"bench_accuracy: ForceNet h{width}: {steps} steps", flush=True)
-            point = _train_and_score(
-                _with_width(raw, width), "forcenet", steps, args.data, args.work / f"h{width}"
-            )
-            results["widths"][f"h{width}"] = {**point, "width": width}
-            _save(results, args.out)
+        _with_compute(results)
+        _save(results, args.out)
+        todo = _jobs(args, raw, results)
+        print(
+            f"bench_accuracy: {len(todo)} points, {args.jobs} at a time, "
+            f"{args.threads} thread(s) each: {[j['key'] for j in todo]}",
+            flush=True,
+        )
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_point, job): job["key"] for job in todo}
+            for fut in as_completed(futures):
+                group, key, point = fut.result()
+                results[group][key] = point
+                _with_compute(results)
+                _save(results, args.out)
+                print(f"bench_accuracy: {key} done: {json.dumps(point)}", flush=True)
+                plot(results, args.plot)
+    _with_compute(results)
     plot(results, args.plot)
     print(json.dumps(results, indent=2))
 

@@ -18,7 +18,7 @@ folder, side by side in one run, and takes about two minutes on 2 CPU cores:
     frame of the frame store, and graph records read per second in both layouts;
   * ``loader``: graphs/s through ``make_loader`` (batch 16, shuffled) with 0, 1 and 2
     workers: ``first_epoch`` includes the workers' start, ``steady`` is the mean of
-    epochs 3-5 (workers persist);
+    epochs 3-10 (workers persist);
   * ``on_the_fly``: graphs/s of the frames read without graphs and the graph built per
     batch (:class:`forcenet.data.online.OnTheFlyGraphs`, CPU), against reading the stored
     graphs, both with 0 workers.
@@ -57,7 +57,7 @@ from forcenet.runtime import tune_malloc  # noqa: E402
 
 CUTOFF, MAX_NEIGHBORS, BATCH_SIZE = 6.0, 50, 16  # the ForceNet / OC20 graph settings
 SHARD_FRAMES = 1000
-EPOCHS = 5  # loader: the first pays for the workers' start, the second still warms caches
+EPOCHS = 10  # loader: the first pays for the workers' start, the second still warms caches
 
 
 def _rate(count: int, seconds: float) -> dict[str, float]:
