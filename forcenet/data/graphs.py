@@ -64,18 +64,24 @@ def encode_graph(
     return record
 
 
+def _require_compact(record: dict[str, np.ndarray], where: str) -> None:
+    """Refuse anything but a compact (graph schema 2) graph record, naming ``where``."""
+    if K.NEIGHBOR_COUNTS in record and K.NEIGHBORS in record:
+        return
+    if K.EDGE_INDEX in record:
+        raise store.GraphSchemaError(
+            f"{where}: graph schema 1 (int64 edge_index); this code reads graph schema "
+            f"{K.GRAPH_SCHEMA_VERSION}: {store.REBUILD_GRAPHS}"
+        )
+    raise store.StoreError(f"{where}: not a graph record (fields {sorted(record)})")
+
+
 def check_compact(
     record: dict[str, np.ndarray], *, natoms: int, where: str = "graph record"
 ) -> dict[str, np.ndarray]:
     """``record`` after checking it is a compact graph record of a structure of ``natoms``
     atoms (a :class:`~forcenet.data.store.StoreError` naming ``where`` otherwise)."""
-    if K.NEIGHBOR_COUNTS not in record or K.NEIGHBORS not in record:
-        if K.EDGE_INDEX in record:
-            raise store.GraphSchemaError(
-                f"{where}: graph schema 1 (int64 edge_index); this code reads graph schema "
-                f"{K.GRAPH_SCHEMA_VERSION}: {store.REBUILD_GRAPHS}"
-            )
-        raise store.StoreError(f"{where}: not a graph record (fields {sorted(record)})")
+    _require_compact(record, where)
     counts, nbrs = record[K.NEIGHBOR_COUNTS], record[K.NEIGHBORS]
     offsets = record.get(K.OFFSET_CODES, record.get(K.CELL_OFFSETS))
     edges = int(counts.sum(dtype=np.int64))
@@ -97,13 +103,7 @@ def check_compact(
 
 def decode_graph(record: dict[str, np.ndarray], *, where: str = "graph record") -> dict:
     """``edge_index`` [2, E] and ``cell_offsets`` [E, 3] (int64) of a compact graph record."""
-    if K.NEIGHBOR_COUNTS not in record or K.NEIGHBORS not in record:
-        if K.EDGE_INDEX in record:
-            raise store.GraphSchemaError(
-                f"{where}: graph schema 1 (int64 edge_index); this code reads graph schema "
-                f"{K.GRAPH_SCHEMA_VERSION}: {store.REBUILD_GRAPHS}"
-            )
-        raise store.StoreError(f"{where}: not a graph record (fields {sorted(record)})")
+    _require_compact(record, where)
     counts, nbrs = record[K.NEIGHBOR_COUNTS], record[K.NEIGHBORS]
     centres = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     if len(centres) != len(nbrs):
