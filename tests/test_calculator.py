@@ -12,10 +12,10 @@ from ase.build import add_adsorbate, fcc111, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.constraints import FixAtoms
 from ase.io import read
-from tiny import tiny_kwargs
+from tiny import save_model_checkpoint, tiny_kwargs
 
 from forcenet.calculator import ForceNetCalculator, ForcesOnlyError
-from forcenet.checkpoint import build_scaled_model, load_model, save_checkpoint
+from forcenet.checkpoint import build_scaled_model, load_model
 from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
@@ -46,18 +46,7 @@ def write_tiny_checkpoint(
     model.force_scale.fill_(force_scale)
     model.energy_scale.fill_(force_scale)  # gradient models need equal scales
     model.energy_shift.fill_(-1.5)
-    save_checkpoint(
-        path,
-        {
-            "format_version": 1,
-            "model_name": name,
-            "model_kwargs": kwargs,
-            "model_state": model.state_dict(),
-            "step": 0,
-            "epoch": 0,
-            "graph": {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS},
-        },
-    )
+    save_model_checkpoint(path, name, model, kwargs, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
     return model.eval()
 
 

@@ -14,7 +14,7 @@ import torch
 from ase import Atoms
 from ase.constraints import FixAtoms
 from test_train import CUTOFF, GRAPH, make_frames, make_samples, tiny_config
-from tiny import tiny_kwargs
+from tiny import fit_split, tiny_kwargs
 
 from forcenet import checkpoint as C
 from forcenet import train as T
@@ -43,16 +43,8 @@ def samples() -> list[dict]:
 
 
 def _fit(cfg, samples, out, *, resume=False, on_epoch_end=None):
-    return T.fit_datasets(
-        cfg,
-        "forcenet",
-        KWARGS,
-        train_set=samples[:16],
-        dev_set=samples[16:],
-        out_dir=out,
-        graph=GRAPH,
-        resume=resume,
-        on_epoch_end=on_epoch_end,
+    return fit_split(
+        cfg, "forcenet", KWARGS, samples, out, graph=GRAPH, resume=resume, on_epoch_end=on_epoch_end
     )
 
 

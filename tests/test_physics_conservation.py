@@ -16,11 +16,11 @@ from ase import Atoms
 from ase.build import add_adsorbate, fcc111
 from ase.constraints import FixAtoms
 from ase.io import write
-from tiny import CUTOFF, MAX_NEIGHBORS, tiny_kwargs
+from tiny import CUTOFF, MAX_NEIGHBORS, save_model_checkpoint, tiny_kwargs
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from forcenet.checkpoint import build_scaled_model, save_checkpoint
+from forcenet.checkpoint import build_scaled_model
 from forcenet.cli import app
 from forcenet.data import keys as K
 from forcenet.data.graphs import GraphSettings
@@ -209,18 +209,7 @@ def test_a_structure_without_free_atoms_is_refused():
 def write_checkpoint(path: Path, name: str, **overrides) -> None:
     kwargs = tiny_kwargs(name, **overrides)
     model = tiny_model(name, **overrides)
-    save_checkpoint(
-        path,
-        {
-            "format_version": 1,
-            "model_name": name,
-            "model_kwargs": kwargs,
-            "model_state": model.state_dict(),
-            "step": 0,
-            "epoch": 0,
-            "graph": {"cutoff": CUTOFF, "max_neighbors": MAX_NEIGHBORS},
-        },
-    )
+    save_model_checkpoint(path, name, model, kwargs, cutoff=CUTOFF, max_neighbors=MAX_NEIGHBORS)
 
 
 def test_cli_writes_one_row_per_structure(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_train import GRAPH, TINY_GNS, make_samples, tiny_config
+from tiny import fit_split
 
 from forcenet import checkpoint as C
 from forcenet import train as T
@@ -21,16 +22,8 @@ def samples():
 
 
 def _fit(cfg, samples, out, *, resume=False, on_epoch_end=None):
-    return T.fit_datasets(
-        cfg,
-        "gns",
-        TINY_GNS,
-        train_set=samples[:16],
-        dev_set=samples[16:],
-        out_dir=out,
-        graph=GRAPH,
-        resume=resume,
-        on_epoch_end=on_epoch_end,
+    return fit_split(
+        cfg, "gns", TINY_GNS, samples, out, graph=GRAPH, resume=resume, on_epoch_end=on_epoch_end
     )
 
 

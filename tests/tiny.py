@@ -59,3 +59,50 @@ def write_stores(
     preprocess(root / "raw", root / "lmdb")
     build_graphs(root / "lmdb", root / "graphs", cutoff=cutoff, max_neighbors=max_neighbors)
     return root
+
+
+def save_model_checkpoint(
+    path: Path, name: str, model: Any, kwargs: dict[str, Any], *, cutoff: float, max_neighbors: int
+) -> None:
+    """``model`` (untrained, step 0) saved as a real forcenet checkpoint with its graph."""
+    from forcenet.checkpoint import save_checkpoint
+
+    save_checkpoint(
+        path,
+        {
+            "format_version": 1,
+            "model_name": name,
+            "model_kwargs": kwargs,
+            "model_state": model.state_dict(),
+            "step": 0,
+            "epoch": 0,
+            "graph": {"cutoff": cutoff, "max_neighbors": max_neighbors},
+        },
+    )
+
+
+def fit_split(
+    cfg: Any,
+    name: str,
+    kwargs: dict[str, Any],
+    samples: Sequence,
+    out: Path,
+    *,
+    graph: Any,
+    train: int = 16,
+    **options: Any,
+) -> Path:
+    """:func:`forcenet.train.fit_datasets` on ``samples[:train]`` with the rest as the dev
+    set; ``options``: ``resume``, ``on_epoch_end``."""
+    from forcenet import train as T
+
+    return T.fit_datasets(
+        cfg,
+        name,
+        kwargs,
+        train_set=samples[:train],
+        dev_set=samples[train:],
+        out_dir=out,
+        graph=graph,
+        **options,
+    )
