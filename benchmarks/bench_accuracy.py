@@ -159,6 +159,19 @@ def _with_compute(results: dict) -> None:
             p["compute_seconds"] = p["steps"] * timing["widths"][key]
 
 
+def _zero_baseline() -> dict[str, float]:
+    """val_id MAE of predicting zero forces, from the default run's evaluation (the same
+    for every model and point)."""
+    import pandas as pd
+
+    path = ROOT / "reports/eval/forcenet.parquet"
+    if not path.is_file():
+        return {}
+    table = pd.read_parquet(path)
+    rows = table[(table.split == "val_id") & table.metric.str.startswith("zero_forces_mae")]
+    return {m: float(v) for m, v in zip(rows.metric, rows.value, strict=True)}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -181,13 +194,20 @@ def plot(results: dict, path: Path) -> None:
         axes[0].plot(seconds, [p["forces_mae"] for p in points], "o-", label=name)
         axes[1].plot(seconds, [p["forces_mae_adsorbate"] for p in points], "o-", label=name)
     titles = ("val_id force MAE", "val_id adsorbate force MAE")
-    for ax, title in zip(axes[:2], titles, strict=True):
+    for ax, title, field in zip(
+        axes[:2], titles, ("zero_forces_mae", "zero_forces_mae_adsorbate"), strict=True
+    ):
+        if field in results.get("zero_baseline", {}):
+            ax.axhline(results["zero_baseline"][field], color="grey", ls=":", label="zero forces")
         ax.set(xscale="log", yscale="log", xlabel="training compute: steps × s/step (2 CPU cores)")
         ax.set(ylabel="eV/Å", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     widths = sorted(results["widths"].values(), key=lambda p: p["width"])
-    if widths:
+    if not widths:
+        axes[2].text(0.5, 0.5, "width points not run yet", ha="center", transform=axes[2].transAxes)
+        axes[2].set_axis_off()
+    else:
         w = [p["width"] for p in widths]
         axes[2].plot(w, [p["forces_mae"] for p in widths], "o-", label="overall")
         axes[2].plot(w, [p["forces_mae_adsorbate"] for p in widths], "s--", label="adsorbate")
@@ -326,6 +346,8 @@ def main() -> None:
                 print(f"bench_accuracy: {key} done: {json.dumps(point)}", flush=True)
                 plot(results, args.plot)
     _with_compute(results)
+    results["zero_baseline"] = _zero_baseline()
+    _save(results, args.out)
     plot(results, args.plot)
     print(json.dumps(results, indent=2))
 
