@@ -17,7 +17,8 @@ each). Each point also records the wall-clock seconds its run spent, for referen
 The width panel trains ForceNet at ``model.hidden`` = each ``--widths`` value with the
 steps scaled so that every width gets the compute of the default width at budget 1.
 
-Points already in the output JSON are kept (the sweep resumes after an interruption);
+Points already in the output JSON are kept, and a point that was interrupted continues
+from its last checkpoint in ``--work`` (the sweep resumes after an interruption);
 the 1x and 4x points and the widths run before the 16x ones. The full sweep (1x, 4x,
 16x, 4 models, 3 widths) is about 5.5 hours of one core per job:
 
@@ -58,7 +59,14 @@ def _train_and_score(raw: dict, name: str, steps: int, data: Path, out: Path) ->
     from pipeline.train import model_kwargs, train_config
 
     params = params_from_mapping(raw)
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
+    # an interrupted point continues from its last checkpoint when it was started with
+    # exactly these settings (training resumes exactly); anything else starts afresh
+    job = json.dumps({"raw": raw, "name": name, "steps": steps}, sort_keys=True)
+    marker = out / "job.json"
+    if not (marker.is_file() and marker.read_text() == job):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        write_text(marker, job)
     kwargs = model_kwargs(params, name)
     cfg = dataclasses.replace(train_config(params, name), max_steps=steps)
     best = fit(
@@ -68,6 +76,7 @@ def _train_and_score(raw: dict, name: str, steps: int, data: Path, out: Path) ->
         train_dir=data / "lmdb" / K.TRAIN,
         graphs_dir=data / "graphs" / K.TRAIN,
         out_dir=out,
+        resume=True,
     )
     table = evaluate_checkpoint(best, [data / "lmdb" / "val_id"], graphs=data / "graphs")
     values = {(row.split, row.metric): float(row.value) for row in table.itertuples(index=False)}
