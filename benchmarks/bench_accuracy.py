@@ -68,7 +68,8 @@ def _train_and_score(raw: dict, name: str, steps: int, data: Path, out: Path) ->
         out.mkdir(parents=True)
         write_text(marker, job)
     kwargs = model_kwargs(params, name)
-    cfg = dataclasses.replace(train_config(params, name), max_steps=steps)
+    # the budget is the step count: the max_epochs cap of params.yaml must not cut it short
+    cfg = dataclasses.replace(train_config(params, name), max_steps=steps, max_epochs=10**6)
     best = fit(
         cfg,
         name,
@@ -82,7 +83,7 @@ def _train_and_score(raw: dict, name: str, steps: int, data: Path, out: Path) ->
     values = {(row.split, row.metric): float(row.value) for row in table.itertuples(index=False)}
     return {
         "model": name,
-        "steps": steps,
+        "steps": int(values[("training", "train_steps")]),
         "train_seconds": values[("training", "train_seconds")],
         "forces_mae": values[("val_id", "forces_mae")],
         "forces_mae_adsorbate": values.get(("val_id", "forces_mae_adsorbate"), float("nan")),
