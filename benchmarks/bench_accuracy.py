@@ -100,7 +100,7 @@ def _run_point(job: dict) -> tuple[str, str, dict]:
     tune_malloc()
     point = _train_and_score(
         job["raw"],
-        "forcenet" if job["group"] == "widths" else job["model"],
+        job["model"],
         job["steps"],
         Path(job["data"]),
         Path(job["work"]),
