@@ -25,6 +25,10 @@ the 1x and 4x points and the widths run before the 16x ones. The full sweep (1x,
     .venv/bin/python benchmarks/bench_accuracy.py --jobs 2
     .venv/bin/python benchmarks/bench_accuracy.py --budgets 1 4 --models forcenet schnet
     .venv/bin/python benchmarks/bench_accuracy.py --plot-only
+
+Every point is also logged to MLflow (experiment ``benchmarks``, one run per point,
+tagged ``point``; ``--no-mlflow`` to skip), and the ``report`` stage puts the tables and
+the figure into ``reports/results.md``.
 """
 
 from __future__ import annotations
@@ -241,6 +245,35 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def log_to_mlflow(results: dict, plot_path: Path, tracking_uri: str | None = None) -> int:
+    """Every point as a run of MLflow's ``benchmarks`` experiment, tagged ``point``
+    (``forcenet@16x``, ``width h128``); a point logged before is updated, not duplicated.
+    The figure goes with each run. Returns the number of points logged."""
+    from pipeline import tracking
+
+    artifacts = [plot_path] if plot_path.is_file() else []
+    points = [(key, p) for key, p in results["budgets"].items()]
+    points += [(f"width {key}", p) for key, p in results["widths"].items()]
+    for key, p in points:
+        params = {k: p[k] for k in ("model", "budget", "width", "steps", "threads") if k in p}
+        metrics = {
+            "val_id/forces_mae": p["forces_mae"],
+            "val_id/forces_mae_adsorbate": p["forces_mae_adsorbate"],
+            "compute_seconds": p.get("compute_seconds", float("nan")),
+            "train_seconds": p.get("train_seconds", float("nan")),
+            "steps": float(p["steps"]),
+        }
+        tracking.log_benchmark_point(
+            f"accuracy {key}",
+            model=p["model"],
+            params=params,
+            metrics=metrics,
+            artifacts=artifacts,
+            tracking_uri=tracking_uri,
+        )
+    return len(points)
+
+
 def _jobs(args, raw: dict, results: dict) -> list[dict]:
     """The points still to run: every budget below 16x first, then the widths, then the
     rest, longest first within a group so that side-by-side jobs finish together."""
@@ -317,6 +350,11 @@ def main() -> None:
         "--plot", type=Path, default=ROOT / "reports/benchmarks/accuracy_vs_compute.png"
     )
     parser.add_argument("--plot-only", action="store_true", help="redraw from the JSON")
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not log the points to MLflow (experiment 'benchmarks', the repo's store)",
+    )
     args = parser.parse_args()
     if args.threads is None:
         args.threads = 2 if args.jobs == 1 else 1
@@ -359,6 +397,8 @@ def main() -> None:
     results["zero_baseline"] = _zero_baseline()
     _save(results, args.out)
     plot(results, args.plot)
+    if not args.no_mlflow:
+        print(f"bench_accuracy: {log_to_mlflow(results, args.plot)} points logged to MLflow")
     print(json.dumps(results, indent=2))
 
 

@@ -11,21 +11,26 @@ training folder. Writes into ``--out``:
   adsorbate (tag 2) atoms with the adsorbate MAE per element, then the full comparison
   (cos, magnitude, energy MAE/EFwT where present, rotation-covariance error, throughput);
   then the relaxations checked by the oracle, the hybrid relaxations (ML, then the
-  oracle) against oracle-only ones, and the physics checks (lambda, NVE MD judged by the
-  oracle, with the oracle's own run as the reference);
+  oracle) against oracle-only ones, the physics checks (lambda, NVE MD judged by the
+  oracle, with the oracle's own run as the reference), and, with ``--accuracy``, the
+  accuracy-against-compute benchmark (``benchmarks/bench_accuracy.py``: force MAE per
+  model and step budget, the best model at each, ForceNet's width at fixed compute);
 * ``learning_curves.csv`` (``model, step, metric, value``; for ``dvc plots``);
 * the figures of :mod:`pipeline.plots` under ``plots/``, each model's relaxation trace and
-  the MD energy of every model and the oracle (``plots/md_energy.png``).
+  the MD energy of every model and the oracle (``plots/md_energy.png``) and the
+  benchmark's figure (``plots/accuracy_vs_compute.png``).
 
 Every file is written under a temporary name and renamed when complete.
 
     python -m pipeline.report --eval reports/eval --relax reports/relax \
         --predictions data/predictions --models data/models --relax-runs data/relax \
-        --physics reports/physics --physics-runs data/physics --out reports
+        --physics reports/physics --physics-runs data/physics \
+        --accuracy reports/benchmarks/accuracy.json --out reports
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -48,8 +53,10 @@ from pipeline.summary import (
     SUMMARY_METRICS,
     TRAINING_METRICS,
     TRAINING_SPLIT,
+    accuracy_tables,
     comparison_table,
     counts_as_integers,
+    fmt,
     force_mae_matrix,
     hybrid_table,
     load_metrics,
@@ -68,6 +75,8 @@ RELAX_TRACE = "relax_oracle_energy.png"
 #: (pipeline.physics_oracle.MD_SERIES; not imported: that module runs the MD).
 MD_SERIES = "md_series.parquet"
 MD_PLOT = "plots/md_energy.png"
+#: The accuracy-against-compute figure of benchmarks/bench_accuracy.py, as copied.
+ACCURACY_PLOT = "plots/accuracy_vs_compute.png"
 
 
 def _budget_section(training: pd.DataFrame) -> list[str]:
@@ -204,14 +213,54 @@ def _physics_section(physics: pd.DataFrame, plots: Sequence[str]) -> list[str]:
     ]
 
 
+def _accuracy_section(accuracy: dict | None, plots: Sequence[str]) -> list[str]:
+    if not accuracy:
+        return []
+    budgets, widths = accuracy_tables(accuracy)
+    if budgets.empty and widths.empty:
+        return []
+    zero = accuracy.get("zero_baseline", {})
+    baseline = (
+        f" The zero-force baseline is {fmt(zero['zero_forces_mae'])} / "
+        f"{fmt(zero['zero_forces_mae_adsorbate'])} eV/Å."
+        if {"zero_forces_mae", "zero_forces_mae_adsorbate"} <= zero.keys()
+        else ""
+    )
+    parts = [
+        "## Accuracy against training compute",
+        "",
+        "From `benchmarks/bench_accuracy.py` (not a pipeline stage: hours of training). Every "
+        "model is trained with this run's recipe at multiples of its step budget and scored "
+        "on val_id: force MAE [eV/Å] *overall / adsorbate*. Compute is steps × the seconds "
+        "per step each model takes alone on 2 CPU cores, so the axis does not depend on the "
+        "machine's load." + baseline,
+        "",
+        markdown_table(budgets) if not budgets.empty else "(no budget points)",
+        "",
+    ]
+    if not widths.empty:
+        parts += [
+            "ForceNet width at the compute of the default width's 1x budget (wider models get "
+            "fewer steps):",
+            "",
+            markdown_table(widths),
+            "",
+        ]
+    if ACCURACY_PLOT in plots:
+        parts += [f"![accuracy vs compute]({ACCURACY_PLOT})", ""]
+    return parts
+
+
 def results_markdown(
     table: pd.DataFrame,
     plots: Sequence[str],
     training: pd.DataFrame | None = None,
     physics: pd.DataFrame | None = None,
+    accuracy: dict | None = None,
 ) -> str:
     """The text of ``results.md``. ``table``: :func:`comparison_table` of the evaluation
-    and relaxation metrics; ``physics``: the physics stages' long tables."""
+    and relaxation metrics; ``physics``: the physics stages' long tables; ``accuracy``:
+    the accuracy-against-compute benchmark's JSON."""
     forces = table.dropna(subset=["forces_mae"]) if "forces_mae" in table.columns else table
     parts = [
         "# Results",
@@ -237,8 +286,9 @@ def results_markdown(
         *_relax_section(table),
         *_hybrid_section(table),
         *_physics_section(physics if physics is not None else pd.DataFrame(), plots),
+        *_accuracy_section(accuracy, plots),
     ]
-    listed = [p for p in plots if p != MD_PLOT]  # the MD plot is in the physics section
+    listed = [p for p in plots if p not in (MD_PLOT, ACCURACY_PLOT)]  # shown in their sections
     if listed:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in listed] + [""]
     return "\n".join(parts)
@@ -321,13 +371,16 @@ def build_report(
     relax_plots: Mapping[str, Path] | None = None,
     physics: Sequence[Path] = (),
     md_series: Sequence[Path] = (),
+    accuracy: Path | None = None,
+    accuracy_plot: Path | None = None,
 ) -> str:
     """Write the comparison tables and plots of all models into ``out_dir`` (see module
     docstring); returns the text of ``results.md``. ``predictions``: per-atom prediction
     Parquets (parity plots, every split); ``histories``: learning-curve CSVs;
     ``relax_plots``: each model's oracle-energy trace of its relaxations (copied);
     ``physics``: the physics stages' long tables (the models' and the oracle's);
-    ``md_series``: their MD time series, drawn in that order."""
+    ``md_series``: their MD time series, drawn in that order; ``accuracy``: the JSON of
+    ``benchmarks/bench_accuracy.py`` and ``accuracy_plot`` its figure (copied)."""
     out_dir = Path(out_dir)
     long = load_metrics(metrics_parquets)
     training = long[long.split == TRAINING_SPLIT]
@@ -350,10 +403,37 @@ def build_report(
         write_bytes(out_dir / name, Path(png).read_bytes())
         plots.append(name)
     plots += _md_plot(md_series, out_dir)
+    if accuracy_plot is not None:
+        write_bytes(out_dir / ACCURACY_PLOT, Path(accuracy_plot).read_bytes())
+        plots.append(ACCURACY_PLOT)
     physics_long = load_metrics(physics) if physics else pd.DataFrame()
-    text = results_markdown(table, plots, training, physics_long)
+    bench = _read_accuracy(accuracy) if accuracy is not None else None
+    text = results_markdown(table, plots, training, physics_long, bench)
     write_text(out_dir / "results.md", text)
     return text
+
+
+def _read_accuracy(path: Path) -> dict:
+    """The benchmark JSON, checked for the fields the report reads."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable accuracy benchmark JSON: {err}") from err
+    need = {
+        "budgets": ("model", "budget", "compute_seconds", "forces_mae", "forces_mae_adsorbate"),
+        "widths": ("width", "steps", "forces_mae", "forces_mae_adsorbate"),
+    }
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    for group, fields in need.items():
+        points = results.get(group, {})
+        if not isinstance(points, dict):
+            raise ValueError(f"{path}: {group!r} is not an object")
+        for key, point in points.items():
+            missing = [f for f in fields if not isinstance(point, dict) or f not in point]
+            if missing:
+                raise ValueError(f"{path}: point {group}/{key} lacks {', '.join(missing)}")
+    return results
 
 
 def _safe_name(name: str) -> str:
@@ -380,6 +460,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--physics", type=Path, help="folder of <model>.parquet and oracle.parquet physics metrics"
     )
     p.add_argument("--physics-runs", type=Path, help="folder of <model>/md_series.parquet")
+    p.add_argument(
+        "--accuracy",
+        type=Path,
+        help="benchmarks/bench_accuracy.py's JSON (with its figure beside it, if drawn)",
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     tables = _existing([args.eval / f"{m}.parquet" for m in MODEL_NAMES], "evaluation tables")
@@ -403,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     series: list[Path] = []
     if args.physics_runs is not None:
         series = [p for m in runs if (p := args.physics_runs / m / MD_SERIES).is_file()]
+    accuracy = None
+    if args.accuracy is not None:
+        accuracy = _existing([args.accuracy], "accuracy benchmark")[0]
     text = build_report(
         tables,
         args.out,
@@ -411,8 +499,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         relax_plots=traces,
         physics=physics,
         md_series=series,
+        accuracy=accuracy,
+        accuracy_plot=_accuracy_plot(args.accuracy),
     )
     print(text)
+
+
+def _accuracy_plot(accuracy: Path | None) -> Path | None:
+    """The figure the benchmark draws beside its JSON, if there is one."""
+    if accuracy is None:
+        return None
+    plot = accuracy.with_name("accuracy_vs_compute.png")
+    return plot if plot.is_file() else None
 
 
 if __name__ == "__main__":

@@ -295,3 +295,48 @@ def md_settings(long: pd.DataFrame) -> str:
         f"{m.get('runs', math.nan):.0f} structures × {steps:.0f} steps of {dt:g} fs "
         f"({steps * dt / 1000:g} ps) from {m.get('temperature_K', math.nan):.0f} K"
     )
+
+
+def _mae_pair(point: dict | None) -> str:
+    if point is None:
+        return "–"
+    return f"{fmt(point['forces_mae'])} / {fmt(point['forces_mae_adsorbate'])}"
+
+
+def _best(points: dict[str, dict], field: str) -> str:
+    scored = {m: p[field] for m, p in points.items() if math.isfinite(p.get(field, math.nan))}
+    return min(scored, key=scored.__getitem__) if scored else "–"
+
+
+def accuracy_tables(results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The accuracy-against-compute benchmark (``reports/benchmarks/accuracy.json``) as
+    two tables: one row per budget with each model's val_id force MAE ``overall /
+    adsorbate`` and the best model on each, and one row per ForceNet width at fixed
+    compute. Models in the order of their first point; a model without a point at some
+    budget shows –."""
+    budgets = results.get("budgets", {}).values()
+    models = list(dict.fromkeys(p["model"] for p in budgets))
+    rows = []
+    for factor in sorted({float(p["budget"]) for p in budgets}):
+        at = {p["model"]: p for p in budgets if float(p["budget"]) == factor}
+        seconds = sorted(p["compute_seconds"] for p in at.values())[len(at) // 2]
+        rows.append(
+            {
+                "budget": f"{factor:g}x",
+                "compute [s]": f"{seconds:,.0f}",
+                **{m: _mae_pair(at.get(m)) for m in models},
+                "best overall": _best(at, "forces_mae"),
+                "best adsorbate": _best(at, "forces_mae_adsorbate"),
+            }
+        )
+    widths = sorted(results.get("widths", {}).values(), key=lambda p: p["width"])
+    width_rows = [
+        {
+            "width": f"h{p['width']}",
+            "steps": f"{p['steps']:,}",
+            "force MAE [eV/Å]": p["forces_mae"],
+            "adsorbate force MAE [eV/Å]": p["forces_mae_adsorbate"],
+        }
+        for p in widths
+    ]
+    return pd.DataFrame(rows), pd.DataFrame(width_rows)

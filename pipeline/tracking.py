@@ -291,3 +291,38 @@ def finish_run(run: TrackedRun | None, status: str = "FINISHED") -> None:
     """Mark the run FINISHED (or FAILED/KILLED)."""
     if run is not None:
         run.client.set_terminated(run.run_id, status=status)
+
+
+#: The MLflow experiment of the benchmarks' points (one run per point).
+BENCHMARK_EXPERIMENT = "benchmarks"
+
+
+def log_benchmark_point(
+    point: str,
+    *,
+    model: str,
+    params: Mapping,
+    metrics: Mapping[str, float],
+    artifacts: Iterable[Path] = (),
+    experiment: str = BENCHMARK_EXPERIMENT,
+    tracking_uri: str | None = None,
+) -> TrackedRun | None:
+    """Log one benchmark point (e.g. ``"forcenet@16x"``) as a finished run tagged
+    ``point``. A point logged before is found by that tag and updated, not duplicated, so
+    a benchmark can log all its points again after each sweep. Rank 0 only."""
+    if not is_rank_zero():
+        return None
+    client = _client(tracking_uri)
+    exp_id = _experiment_id(client, experiment, None)
+    escaped = point.replace("'", "\\'")
+    found = client.search_runs([exp_id], filter_string=f"tags.point = '{escaped}'", max_results=1)
+    if found:
+        run = TrackedRun(client, found[0].info.run_id, exp_id)
+    else:
+        run = TrackedRun(client, client.create_run(exp_id, run_name=point).info.run_id, exp_id)
+        _log_tags(run, _base_tags(model, "benchmark", None) | {"point": point})
+    log_params(run, params)
+    log_metrics(run, metrics)
+    log_artifacts(run, artifacts)
+    finish_run(run)
+    return run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -326,3 +328,77 @@ def test_hybrid_and_physics_tables(inputs, tmp_path):
     assert (out / "plots" / "md_energy.png").stat().st_size > 5000
     table = pd.read_parquet(out / "results.parquet")
     assert "overall" in set(table.split)  # the relaxation rows keep it
+
+
+def _accuracy_point(model: str, budget: float, mae: float, ads: float) -> dict:
+    return {
+        "model": model,
+        "budget": budget,
+        "steps": int(100 * budget),
+        "compute_seconds": 150.0 * budget,
+        "forces_mae": mae,
+        "forces_mae_adsorbate": ads,
+    }
+
+
+def test_accuracy_section_shows_where_the_curves_cross(inputs, tmp_path):
+    """The best model per budget is read off the points: here ForceNet leads at 1x and
+    SchNet at 4x overall, while on the adsorbate ForceNet leads at both."""
+    results = {
+        "budgets": {
+            "forcenet@1x": _accuracy_point("forcenet", 1.0, 0.05, 0.10),
+            "schnet@1x": _accuracy_point("schnet", 1.0, 0.06, 0.15),
+            "forcenet@4x": _accuracy_point("forcenet", 4.0, 0.03, 0.05),
+            "schnet@4x": _accuracy_point("schnet", 4.0, 0.02, 0.06),
+            "schnet@16x": _accuracy_point("schnet", 16.0, 0.01, 0.03),
+        },
+        "widths": {
+            "h128": {
+                "model": "forcenet",
+                "width": 128,
+                "steps": 2031,
+                "forces_mae": 0.06,
+                "forces_mae_adsorbate": 0.16,
+            },
+            "h64": {
+                "model": "forcenet",
+                "width": 64,
+                "steps": 3720,
+                "forces_mae": 0.05,
+                "forces_mae_adsorbate": 0.12,
+            },
+        },
+        "zero_baseline": {"zero_forces_mae": 0.114, "zero_forces_mae_adsorbate": 0.214},
+    }
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps(results))
+    figure = tmp_path / "accuracy_vs_compute.png"
+    figure.write_bytes(b"\x89PNG fake")
+    out = tmp_path / "reports"
+    md = report.build_report(inputs["metrics"], out, accuracy=path, accuracy_plot=figure)
+    section = md[md.index("## Accuracy against training compute") :]
+    lines = section.splitlines()
+    assert "| budget | compute [s] | forcenet | schnet | best overall | best adsorbate |" in lines
+    assert "| 1x | 150 | 0.0500 / 0.1000 | 0.0600 / 0.1500 | forcenet | forcenet |" in lines
+    assert "| 4x | 600 | 0.0300 / 0.0500 | 0.0200 / 0.0600 | schnet | forcenet |" in lines
+    assert "| 16x | 2,400 | – | 0.0100 / 0.0300 | schnet | schnet |" in lines
+    widths = [line for line in lines if line.startswith("| h")]
+    assert widths == ["| h64 | 3,720 | 0.0500 | 0.1200 |", "| h128 | 2,031 | 0.0600 | 0.1600 |"]
+    assert "0.1140 / 0.2140 eV/Å" in section
+    assert f"]({report.ACCURACY_PLOT})" in section
+    assert (out / report.ACCURACY_PLOT).read_bytes() == figure.read_bytes()
+    assert md.count(report.ACCURACY_PLOT) == 1  # not listed again under Plots
+
+
+def test_accuracy_json_without_a_field_names_the_point(inputs, tmp_path):
+    path = tmp_path / "accuracy.json"
+    point = _accuracy_point("gns", 4.0, 0.05, 0.1)
+    del point["forces_mae_adsorbate"]
+    path.write_text(json.dumps({"budgets": {"gns@4x": point}}))
+    with pytest.raises(
+        ValueError, match=r"accuracy.json: point budgets/gns@4x lacks forces_mae_ad"
+    ):
+        report.build_report(inputs["metrics"], tmp_path / "out", accuracy=path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="accuracy.json: not a readable"):
+        report.build_report(inputs["metrics"], tmp_path / "out", accuracy=path)

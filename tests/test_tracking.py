@@ -150,3 +150,38 @@ def test_bad_run_id_file_is_rejected(tmp_path):
     (tmp_path / tracking.RUN_ID_FILE).write_text("../../etc\n")
     with pytest.raises(ValueError, match="run_id.txt"):
         tracking.read_run_id(tmp_path)
+
+
+def test_a_benchmark_point_logged_twice_is_one_run(store, in_repo):
+    import mlflow
+
+    first = tracking.log_benchmark_point(
+        "accuracy forcenet@4x",
+        model="forcenet",
+        params={"budget": 4.0, "steps": 14880},
+        metrics={"val_id/forces_mae": 0.03},
+        experiment="bench",
+        tracking_uri=store,
+    )
+    again = tracking.log_benchmark_point(
+        "accuracy forcenet@4x",
+        model="forcenet",
+        params={"budget": 4.0, "steps": 14880},
+        metrics={"val_id/forces_mae": 0.029},
+        experiment="bench",
+        tracking_uri=store,
+    )
+    other = tracking.log_benchmark_point(
+        "accuracy schnet@4x",
+        model="schnet",
+        params={"budget": 4.0, "steps": 2440},
+        metrics={"val_id/forces_mae": 0.02},
+        experiment="bench",
+        tracking_uri=store,
+    )
+    assert again.run_id == first.run_id != other.run_id
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["point"] == "accuracy forcenet@4x" and run.data.tags["model"] == "forcenet"
+    assert run.data.params == {"budget": "4.0", "steps": "14880"}
+    assert run.data.metrics["val_id/forces_mae"] == pytest.approx(0.029)  # the latest value
