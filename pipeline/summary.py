@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.params import MODEL_NAMES
 from pipeline.plots import TAG_GROUPS, split_order
 
 #: Metrics of the comparison, in column order, with their Markdown headers.
@@ -312,10 +313,11 @@ def accuracy_tables(results: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The accuracy-against-compute benchmark (``reports/benchmarks/accuracy.json``) as
     two tables: one row per budget with each model's val_id force MAE ``overall /
     adsorbate`` and the best model on each, and one row per ForceNet width at fixed
-    compute. Models in the order of their first point; a model without a point at some
-    budget shows –."""
+    compute. Models in the pipeline's order; a model without a point at some budget
+    shows –."""
     budgets = results.get("budgets", {}).values()
-    models = list(dict.fromkeys(p["model"] for p in budgets))
+    found = {p["model"] for p in budgets}
+    models = [m for m in MODEL_NAMES if m in found] + sorted(found - set(MODEL_NAMES))
     rows = []
     for factor in sorted({float(p["budget"]) for p in budgets}):
         at = {p["model"]: p for p in budgets if float(p["budget"]) == factor}
