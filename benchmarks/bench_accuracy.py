@@ -252,7 +252,7 @@ def log_to_mlflow(results: dict, plot_path: Path, tracking_uri: str | None = Non
     from pipeline import tracking
 
     artifacts = [plot_path] if plot_path.is_file() else []
-    points = [(key, p) for key, p in results["budgets"].items()]
+    points = list(results["budgets"].items())
     points += [(f"width {key}", p) for key, p in results["widths"].items()]
     for key, p in points:
         params = {k: p[k] for k in ("model", "budget", "width", "steps", "threads") if k in p}

@@ -155,30 +155,19 @@ def test_bad_run_id_file_is_rejected(tmp_path):
 def test_a_benchmark_point_logged_twice_is_one_run(store, in_repo):
     import mlflow
 
-    first = tracking.log_benchmark_point(
-        "accuracy forcenet@4x",
-        model="forcenet",
-        params={"budget": 4.0, "steps": 14880},
-        metrics={"val_id/forces_mae": 0.03},
-        experiment="bench",
-        tracking_uri=store,
-    )
-    again = tracking.log_benchmark_point(
-        "accuracy forcenet@4x",
-        model="forcenet",
-        params={"budget": 4.0, "steps": 14880},
-        metrics={"val_id/forces_mae": 0.029},
-        experiment="bench",
-        tracking_uri=store,
-    )
-    other = tracking.log_benchmark_point(
-        "accuracy schnet@4x",
-        model="schnet",
-        params={"budget": 4.0, "steps": 2440},
-        metrics={"val_id/forces_mae": 0.02},
-        experiment="bench",
-        tracking_uri=store,
-    )
+    def log(model: str, steps: int, mae: float):
+        return tracking.log_benchmark_point(
+            f"accuracy {model}@4x",
+            model=model,
+            params={"budget": 4.0, "steps": steps},
+            metrics={"val_id/forces_mae": mae},
+            experiment="bench",
+            tracking_uri=store,
+        )
+
+    first = log("forcenet", 14880, 0.03)
+    again = log("forcenet", 14880, 0.029)
+    other = log("schnet", 2440, 0.02)
     assert again.run_id == first.run_id != other.run_id
     run = mlflow.MlflowClient(tracking_uri=store).get_run(first.run_id)
     assert run.info.status == "FINISHED"
