@@ -43,8 +43,8 @@ from forcenet.data.batch import collate  # noqa: E402
 from forcenet.data.dataset import FrameDataset  # noqa: E402
 from forcenet.geometry import random_rotations, rotate_batch  # noqa: E402
 from forcenet.runtime import tune_malloc  # noqa: E402
-from forcenet.train_config import make_loss  # noqa: E402
-from forcenet.train_data import label_stats, set_scales  # noqa: E402
+from forcenet.scaling import label_stats, set_scales  # noqa: E402
+from forcenet.train.config import make_loss  # noqa: E402
 from pipeline.params import MODEL_NAMES, Params, load_params, params_from_mapping  # noqa: E402
 from pipeline.train import model_kwargs, train_config  # noqa: E402
 

@@ -4,7 +4,7 @@ A checkpoint is a plain dict (keys below) written with ``torch.save`` and read b
 ``torch.load(..., weights_only=True)`` only, so a checkpoint from elsewhere cannot run
 code. ``load_model`` rebuilds the network from the file alone:
 ``forcenet.models.build_model(ckpt["model_name"], ckpt["model_kwargs"])`` wrapped in
-:class:`ScaledModel`, whose buffers (part of ``model_state``) hold the label normalisation,
+:class:`forcenet.scaling.ScaledModel`, whose buffers (part of ``model_state``) hold the label normalisation,
 so the returned module predicts physical units (forces eV/Å, energies eV: referenced as the
 training labels were, totals again when per-element reference energies were fitted).
 
@@ -14,7 +14,7 @@ Keys: ``format_version`` (1), ``model_name``, ``model_kwargs`` (plain JSON types
 ``epoch`` (index of the current epoch), ``best_metric`` (best dev ``forces_mae``, eV/Å, or None),
 ``rng`` (RNG states as tensors), ``params`` (params snapshot), ``graph``
 (``{"cutoff", "max_neighbors"}``), ``train_info`` (plain dict: batches done in the current
-epoch, elapsed training seconds, normalisation constants with the per-element reference
+epoch, the dev metrics of the evaluation that wrote it, normalisation constants with the per-element reference
 energies by symbol, history). Checkpoints written before the per-element references
 existed load with all of them 0 (what those models were trained with).
 """
@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from forcenet.atomic import atomic_write
-from forcenet.data import keys as K
-from forcenet.data.frame import MAX_Z
+from forcenet.scaling import ScaledModel, element_energies
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -46,68 +45,6 @@ REQUIRED_KEYS = (
 
 class CheckpointError(ValueError):
     """A file that is not a readable forcenet checkpoint; the message names the file."""
-
-
-class ScaledModel(nn.Module):
-    """Wraps a model that predicts normalised labels and returns physical units.
-
-    ``forces = force_scale * inner forces`` (eV/Å) and
-    ``energy = energy_scale * inner energy + energy_shift + sum_i element_energies[Z_i]``
-    (eV, per structure; the per-element reference energies are 0 unless fitted, see
-    :func:`forcenet.train_data.label_stats`). For models whose forces are -dE/dpos the two
-    scales must be equal so the forces stay the gradient of the energy; the per-element
-    term does not depend on positions, so it leaves the forces alone. The constants are
-    buffers, so they travel in the state dict.
-    """
-
-    force_scale: Tensor  # [] buffer, eV/Å
-    energy_scale: Tensor  # [] buffer, eV
-    energy_shift: Tensor  # [] buffer, eV
-    element_energies: Tensor  # [MAX_Z + 1] float64 buffer, eV per atom of element Z
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        force_scale: float = 1.0,
-        energy_scale: float = 1.0,
-        energy_shift: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        # the instance's: ForceNet(forces="gradient") is a gradient model, its class is not
-        self.energy_from_gradient = bool(getattr(model, "energy_from_gradient", False))
-        if self.energy_from_gradient and force_scale != energy_scale:
-            raise ValueError("a gradient-force model needs force_scale == energy_scale")
-        self.register_buffer("force_scale", torch.tensor(float(force_scale)))
-        self.register_buffer("energy_scale", torch.tensor(float(energy_scale)))
-        self.register_buffer("energy_shift", torch.tensor(float(energy_shift)))
-        self.register_buffer("element_energies", torch.zeros(MAX_Z + 1, dtype=torch.float64))
-
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.model(batch)
-        scaled = {K.OUT_FORCES: out[K.OUT_FORCES] * self.force_scale}  # [N, 3] eV/Å
-        if K.OUT_ENERGY in out:
-            energy = out[K.OUT_ENERGY] * self.energy_scale + self.energy_shift  # [G] eV
-            per_atom = self.element_energies[batch[K.ATOMIC_NUMBERS]]  # [N] float64
-            reference = torch.zeros(
-                energy.shape[0], dtype=per_atom.dtype, device=per_atom.device
-            ).index_add_(0, batch[K.BATCH], per_atom)  # [G] float64
-            scaled[K.OUT_ENERGY] = energy + reference.to(energy.dtype)
-        return scaled
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # checkpoints from before the per-element references: all 0, as they were trained
-        state_dict.setdefault(prefix + "element_energies", torch.zeros_like(self.element_energies))
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-def element_energies(model: ScaledModel) -> dict[str, float]:
-    """The wrapper's non-zero per-element reference energies, by element symbol (eV)."""
-    from ase.data import chemical_symbols
-
-    values = model.element_energies.tolist()
-    return {chemical_symbols[z]: float(e) for z, e in enumerate(values) if e != 0.0}
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -203,7 +140,9 @@ def training_state(
 ) -> dict[str, Any]:
     """The checkpoint dict of a training run (see the module docstring for the keys).
 
-    ``progress``: ``{"step", "epoch", "batches_in_epoch", "elapsed_s", "best_metric"}``.
+    ``progress``: ``{"step", "epoch", "batches_in_epoch", "graphs_seen", "best_metric"}``
+    (and ``"elapsed_s"`` for a run with a wall-clock cap). No wall-clock figure belongs in
+    a checkpoint otherwise: the same state then gives the same bytes.
     The sampler and augmentation draws are functions of (seed, epoch, step), so these
     counters plus the global RNG states are all that resuming needs.
     """

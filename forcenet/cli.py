@@ -285,7 +285,7 @@ def train(
     from forcenet.distributed import is_rank_zero
     from forcenet.outdir import exclusive_folder, prepare_run_folder
     from forcenet.train import fit
-    from forcenet.train_config import load_run_config
+    from forcenet.train.config import load_run_config
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 LrDecay = Literal["cosine", "step", "none"]
@@ -71,3 +72,30 @@ def total_steps(steps_per_epoch: int, max_epochs: int, max_steps: int = 0) -> in
     ``max_epochs`` epochs of ``steps_per_epoch``."""
     cap = steps_per_epoch * max_epochs
     return min(cap, max_steps) if max_steps > 0 else cap
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of a run against its step: ``lr`` times :func:`lr_factor`."""
+
+    lr: float
+    warmup_steps: int
+    warmup_start: float
+    decay: LrDecay
+    milestones: tuple[float, ...]
+    gamma: float
+    min_factor: float
+
+    def lr_at(self, step: int, progress: float) -> float:
+        """The learning rate at optimizer step ``step`` with ``progress`` in [0, 1] of the
+        budget used (:func:`budget_progress`)."""
+        return self.lr * lr_factor(
+            step,
+            progress,
+            warmup_steps=self.warmup_steps,
+            warmup_start=self.warmup_start,
+            decay=self.decay,
+            milestones=self.milestones,
+            gamma=self.gamma,
+            min_factor=self.min_factor,
+        )

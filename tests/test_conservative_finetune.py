@@ -22,8 +22,8 @@ from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.frame import Frame
 from forcenet.physics.conservation import conservation_table
-from forcenet.train_config import load_run_config
-from forcenet.train_state import phase_kwargs, start_conservative_phase
+from forcenet.train.config import load_run_config
+from forcenet.train.conservative import phase_kwargs, start_conservative_phase
 
 KWARGS = tiny_kwargs("forcenet", cutoff=CUTOFF)
 SEED = 3  # the frames of the samples below

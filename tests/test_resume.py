@@ -68,13 +68,13 @@ def test_budget_stop_inside_epoch_then_resume_matches(samples, tmp_path, monkeyp
     cfg = tiny_config(max_epochs=2, lr_decay="none", warmup_steps=2)
     _fit(cfg, samples, tmp_path / "full")
     ticks = iter(range(100_000))
-    monkeypatch.setattr(T, "_now", lambda: float(next(ticks)))  # one "second" per clock read
+    monkeypatch.setattr(T.loop, "_now", lambda: float(next(ticks)))  # one "second" per clock read
     stop = T.TrainConfig(**{**cfg.__dict__, "time_budget_s": 6.0})
     _fit(stop, samples, tmp_path / "cut")
     cut = C.load_checkpoint(tmp_path / "cut" / "last.pt")
     assert 0 < cut["train_info"]["progress"]["batches_in_epoch"] < 4  # inside epoch 1
     assert cut["epoch"] == 0
-    monkeypatch.setattr(T, "_now", lambda: 0.0)
+    monkeypatch.setattr(T.loop, "_now", lambda: 0.0)
     _fit(cfg, samples, tmp_path / "cut", resume=True)
     full = C.load_checkpoint(tmp_path / "full" / "last.pt")
     resumed = C.load_checkpoint(tmp_path / "cut" / "last.pt")

@@ -27,7 +27,8 @@ from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import Frame
 from forcenet.data.graphs import GraphSettings
 from forcenet.losses import TrainLoss
-from forcenet.train_data import dev_split, label_stats
+from forcenet.scaling import label_stats
+from forcenet.train.data import dev_split
 
 CUTOFF = 4.0
 MAX_NEIGHBORS = 16
@@ -244,7 +245,7 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
 
 def test_fit_stops_at_wall_clock_budget(samples, tmp_path, monkeypatch):
     ticks = iter(range(10_000))
-    monkeypatch.setattr(T, "_now", lambda: float(next(ticks)))  # one "second" per clock read
+    monkeypatch.setattr(T.loop, "_now", lambda: float(next(ticks)))  # one "second" per clock read
     seen = []
     cfg = tiny_config(max_epochs=50, time_budget_s=12.0)
     T.fit_datasets(

@@ -22,9 +22,10 @@ from forcenet import train as T
 from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
-from forcenet.data.frame import Frame
-from forcenet.train_data import MIN_DEV_SYSTEMS, dev_split, label_stats
-from forcenet.train_log import start_line
+from forcenet.data.frame import MAX_Z, Frame
+from forcenet.scaling import label_stats
+from forcenet.train.data import MIN_DEV_SYSTEMS, dev_split
+from forcenet.train.log import start_line
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_nan_dev_metric_stops_naming_step_and_metric(samples, tmp_path, monkeypa
             metrics["energy_mae"] = float("nan")
         return metrics
 
-    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(T.data, "evaluate", evaluate)  # the dev slice's
     with pytest.raises(RuntimeError, match=r"train gns: dev energy_mae is nan at step 5") as err:
         _fit(tiny_config(max_epochs=5, eval_every=3), samples, tmp_path)
     assert isinstance(err.value, FloatingPointError)
@@ -78,7 +79,7 @@ def test_nan_training_loss_stops_naming_step(samples, tmp_path, monkeypatch):
             batch = dict(batch, **{K.FORCES: torch.full_like(batch[K.FORCES], float("nan"))})
         return real(model, batch, optimizer, **kwargs)
 
-    monkeypatch.setattr(T, "train_step", train_step)
+    monkeypatch.setattr(T.loop, "train_step", train_step)
     with pytest.raises(RuntimeError, match=r"non-finite training loss nan at step 5;") as err:
         _fit(tiny_config(max_epochs=5, eval_every=3), samples, tmp_path)
     assert "keeps the last good state (step 3)" in str(err.value)
@@ -260,7 +261,7 @@ def test_per_element_references_make_schnet_energies_learnable(tmp_path):
     assert "e_Z (fitted) H -99" in lines["per_element"] and "e_Z" not in lines["mean"]
     model, ckpt = C.load_model(tmp_path / "per_element" / "last.pt")
     table = model.element_energies
-    assert table.dtype == torch.float64 and table.shape == (C.MAX_Z + 1,)
+    assert table.dtype == torch.float64 and table.shape == (MAX_Z + 1,)
     assert abs(float(table[8]) - OFFSET[8]) < 5.0
     assert set(ckpt["train_info"]["normalizer"]["element_energies"]) == {"H", "C", "N", "O"}
     dev_metrics = T.evaluate(model, DataLoader(dev, batch_size=4, collate_fn=collate), device="cpu")

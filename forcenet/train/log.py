@@ -1,5 +1,6 @@
 """What the training loop tells a person: a start line (data sizes, normalisation), a
-tqdm bar on a terminal or plain lines in a log file, and one line per dev evaluation."""
+tqdm bar on a terminal or plain lines in a log file, one line per dev evaluation, and the
+warnings of a run that ended short."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import sys
 
 from tqdm import tqdm
 
-from forcenet import checkpoint as C
-from forcenet.train_config import TrainConfig
-from forcenet.train_data import describe_element_energies
-from forcenet.train_state import Progress
+from forcenet.scaling import ScaledModel, describe_element_energies
+from forcenet.train.config import TrainConfig
+from forcenet.train.state import Progress
 
 
 def start_line(
-    name: str, cfg: TrainConfig, model: C.ScaledModel, n_train: int, n_dev: int, *, resumed: bool
+    name: str, cfg: TrainConfig, model: ScaledModel, n_train: int, n_dev: int, *, resumed: bool
 ) -> str:
     """One plain line at the start: data sizes and the label normalisation in use."""
     refs = {z: float(v) for z, v in enumerate(model.element_energies.tolist()) if v != 0.0}
@@ -75,3 +75,37 @@ def progress_line(name: str, progress: Progress, budget: int, metrics: dict) -> 
         if key in metrics:
             parts.append(f"{label} {metrics[key]:.4g}")
     return ", ".join(parts)
+
+
+def fine_tune_line(name: str, step: int, budget: int, model: ScaledModel) -> str:
+    """The line that marks the switch to the conservative fine-tune."""
+    return (
+        f"train {name}: step {step}: conservative fine-tune, forces = -dE/dx for the last "
+        f"{budget - step} steps, energy scale {float(model.energy_scale):.4g} eV (= the force "
+        "scale); best.pt from this phase only"
+    )
+
+
+def end_warnings(
+    name: str,
+    cfg: TrainConfig,
+    model: ScaledModel,
+    progress: Progress,
+    switch_at: int,
+    n_train: int,
+) -> list[str]:
+    """What a finished run must not hide: a fine-tune it never reached, too few steps."""
+    lines = []
+    if cfg.conservative_finetune_steps and not model.energy_from_gradient:
+        lines.append(
+            f"WARNING: train {name}: the run ended at step {progress.step}, before the "
+            f"conservative fine-tune (step {switch_at}): its checkpoints predict direct forces"
+        )
+    if progress.graphs_seen < n_train:
+        lines.append(
+            f"WARNING: train {name}: {progress.step} steps saw {progress.graphs_seen} "
+            f"structures, {progress.graphs_seen / n_train:.2f} of one pass over the "
+            f"{n_train} training frames: the model is under-trained (raise "
+            "train.<model>.max_steps, or lower the model's size)"
+        )
+    return lines

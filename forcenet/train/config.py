@@ -12,10 +12,10 @@ from typing import Any, Literal
 import yaml
 from ase.data import atomic_numbers
 
-from forcenet import checkpoint as C
 from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
-from forcenet.schedule import LrDecay
+from forcenet.scaling import ScaledModel
+from forcenet.schedule import LrDecay, Schedule
 
 #: How energies are referenced before normalisation (see :class:`TrainConfig`).
 EnergyReference = Literal["mean", "per_element"]
@@ -40,7 +40,7 @@ class TrainConfig:
     ``clip_grad`` [normalised units] 0 = off. ``rotation_augment``: a random SO(3) rotation
     of every training structure (pos, cell, forces) at each draw. ``amp``: bf16 autocast,
     CUDA and direct-force models only. ``dev_fraction``: share of training systems held out
-    (of frames when there are fewer than ``forcenet.train_data.MIN_DEV_SYSTEMS`` systems).
+    (of frames when there are fewer than ``forcenet.train.data.MIN_DEV_SYSTEMS`` systems).
     ``energy_reference``: how energies are referenced before normalisation: ``"mean"``
     (one per-structure mean, for energies already referenced, e.g. adsorption energies)
     or ``"per_element"`` (E ~ sum_Z n_Z e_Z fitted on the training split by least squares,
@@ -51,7 +51,7 @@ class TrainConfig:
     the step budget (``max_steps``, or fewer when ``max_epochs`` binds first) train the
     ForceNet with forces = -dE/dpos of its energy head (``forces="gradient"``, the energy
     head switched on), after direct forces before; the checkpoints of that phase predict
-    conservative forces. See :func:`forcenet.train_state.start_conservative_phase`.
+    conservative forces. See :func:`forcenet.train.conservative.start_conservative_phase`.
     """
 
     lr: float = 2e-3
@@ -128,8 +128,21 @@ class TrainConfig:
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         object.__setattr__(self, "tag_weights", tuple(float(w) for w in self.tag_weights))
 
+    @property
+    def schedule(self) -> Schedule:
+        """The learning-rate schedule these settings define."""
+        return Schedule(
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            warmup_start=self.warmup_start,
+            decay=self.lr_decay,
+            milestones=self.milestones,
+            gamma=self.gamma,
+            min_factor=self.min_lr_factor,
+        )
 
-def make_loss(cfg: TrainConfig, model: C.ScaledModel) -> TrainLoss:
+
+def make_loss(cfg: TrainConfig, model: ScaledModel) -> TrainLoss:
     """The loss in the model's normalised units (the wrapper's scales)."""
     return TrainLoss(
         kind=cfg.force_loss,

@@ -1,76 +1,85 @@
-"""What training takes from its data: the dev slice (whole systems held out of the
-training split, by ``sid``; frames when there are too few systems) and the label
-normalisation (force RMS; per-element reference energies, then the energy mean/std) put
-into the :class:`forcenet.checkpoint.ScaledModel` wrapper."""
+"""The label scaling: how a model that predicts normalised labels returns physical units.
+
+:class:`ScaledModel` wraps every trained model; its buffers hold the normalisation, so a
+checkpoint's state dict carries it. :func:`label_stats` measures it on a training set (the
+force RMS; per-element reference energies, then the energy mean/std) and
+:func:`set_scales` puts it into the wrapper.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence, Sized
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from ase.data import atomic_numbers, chemical_symbols
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from forcenet import checkpoint as C
 from forcenet.data import keys as K
 from forcenet.data.frame import MAX_Z
 
-#: Fewer training systems than this and the dev slice is drawn by frame, not by system:
-#: with one long trajectory (a single ``sid``) a system split would leave no dev slice,
-#: and with a handful of systems it would hold out a large, lumpy share.
-MIN_DEV_SYSTEMS = 10
 
+class ScaledModel(nn.Module):
+    """Wraps a model that predicts normalised labels and returns physical units.
 
-def _unit(seed: int, key: str) -> float:
-    """A uniform number in [0, 1) from a hash of (seed, key)."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
-
-
-def dev_split_by_frame(sids: Sequence[int]) -> bool:
-    """Whether :func:`dev_split` holds out frames (fewer than :data:`MIN_DEV_SYSTEMS`
-    systems, at least two frames) instead of whole systems."""
-    return len({int(s) for s in sids}) < MIN_DEV_SYSTEMS and len(sids) > 1
-
-
-def dev_split(sids: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, dev indices) with whole systems (``sid``) held out for the dev slice.
-
-    A system is in the dev slice when a hash of (seed, sid) falls below ``fraction``, so the
-    choice of one system does not depend on which other systems are present. With
-    ``fraction`` > 0 at least one system (the smallest hash) is held out.
-
-    With fewer than :data:`MIN_DEV_SYSTEMS` systems (e.g. one MD trajectory, one ``sid``)
-    frames are held out instead: frame ``i`` when a hash of (seed, ``frame``, i) falls below
-    ``fraction``, at least one, never all. Frames of one trajectory are correlated, so such a
-    dev MAE is optimistic; it still selects the checkpoint and shows divergence.
+    ``forces = force_scale * inner forces`` (eV/Å) and
+    ``energy = energy_scale * inner energy + energy_shift + sum_i element_energies[Z_i]``
+    (eV, per structure; the per-element reference energies are 0 unless fitted, see
+    :func:`label_stats`). For models whose forces are -dE/dpos the two
+    scales must be equal so the forces stay the gradient of the energy; the per-element
+    term does not depend on positions, so it leaves the forces alone. The constants are
+    buffers, so they travel in the state dict.
     """
-    if dev_split_by_frame(sids):
-        units = [_unit(seed, f"frame{i}") for i in range(len(sids))]
-        held = {i for i, u in enumerate(units) if u < fraction}
-        if fraction > 0 and not held:
-            held = {min(range(len(sids)), key=units.__getitem__)}
-        if len(held) == len(sids):  # keep something to train on
-            held.discard(max(held, key=units.__getitem__))
-        return [i for i in range(len(sids)) if i not in held], sorted(held)
-    systems = sorted({int(s) for s in sids})
-    dev = {s for s in systems if _unit(seed, str(int(s))) < fraction}
-    if fraction > 0 and not dev and len(systems) > 1:
-        dev = {min(systems, key=lambda s: _unit(seed, str(int(s))))}
-    dev_idx = [i for i, s in enumerate(sids) if int(s) in dev]
-    train_idx = [i for i, s in enumerate(sids) if int(s) not in dev]
-    return train_idx, dev_idx
+
+    force_scale: Tensor  # [] buffer, eV/Å
+    energy_scale: Tensor  # [] buffer, eV
+    energy_shift: Tensor  # [] buffer, eV
+    element_energies: Tensor  # [MAX_Z + 1] float64 buffer, eV per atom of element Z
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        force_scale: float = 1.0,
+        energy_scale: float = 1.0,
+        energy_shift: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        # the instance's: ForceNet(forces="gradient") is a gradient model, its class is not
+        self.energy_from_gradient = bool(getattr(model, "energy_from_gradient", False))
+        if self.energy_from_gradient and force_scale != energy_scale:
+            raise ValueError("a gradient-force model needs force_scale == energy_scale")
+        self.register_buffer("force_scale", torch.tensor(float(force_scale)))
+        self.register_buffer("energy_scale", torch.tensor(float(energy_scale)))
+        self.register_buffer("energy_shift", torch.tensor(float(energy_shift)))
+        self.register_buffer("element_energies", torch.zeros(MAX_Z + 1, dtype=torch.float64))
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = self.model(batch)
+        scaled = {K.OUT_FORCES: out[K.OUT_FORCES] * self.force_scale}  # [N, 3] eV/Å
+        if K.OUT_ENERGY in out:
+            energy = out[K.OUT_ENERGY] * self.energy_scale + self.energy_shift  # [G] eV
+            per_atom = self.element_energies[batch[K.ATOMIC_NUMBERS]]  # [N] float64
+            reference = torch.zeros(
+                energy.shape[0], dtype=per_atom.dtype, device=per_atom.device
+            ).index_add_(0, batch[K.BATCH], per_atom)  # [G] float64
+            scaled[K.OUT_ENERGY] = energy + reference.to(energy.dtype)
+        return scaled
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # checkpoints from before the per-element references: all 0, as they were trained
+        state_dict.setdefault(prefix + "element_energies", torch.zeros_like(self.element_energies))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-def dataset_size(dataset: Dataset) -> int:
-    """``len(dataset)``; a TypeError for a dataset without a length (an iterable one)."""
-    if not isinstance(dataset, Sized):
-        raise TypeError(f"training needs a dataset with a length, got {type(dataset).__name__}")
-    return len(dataset)
+def element_energies(model: ScaledModel) -> dict[str, float]:
+    """The wrapper's non-zero per-element reference energies, by element symbol (eV)."""
+    values = model.element_energies.tolist()
+    return {chemical_symbols[z]: float(e) for z, e in enumerate(values) if e != 0.0}
 
 
 def label_stats(
@@ -89,7 +98,9 @@ def label_stats(
     With ``"mean"`` the result has no ``element_energies`` (all 0).
     """
     sq, n_comp, energies, numbers = 0.0, 0, [], []
-    for i in range(dataset_size(dataset)):
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"training needs a dataset with a length, got {type(dataset).__name__}")
+    for i in range(len(dataset)):
         sample = dataset[i]
         free = ~np.asarray(sample[K.FIXED], dtype=bool)
         forces = np.asarray(sample[K.FORCES], dtype=np.float64)[free]
@@ -158,15 +169,7 @@ def describe_element_energies(refs: Mapping[int, float]) -> str:
     return ", ".join(f"{chemical_symbols[z]} {v:.4g}" for z, v in sorted(refs.items())) + " eV"
 
 
-def read_sids(frames_dir: Path) -> list[int]:
-    """The ``sid`` of every frame of a frame store, in dataset order (frames only, no graphs)."""
-    from forcenet.data.dataset import FrameDataset
-
-    frames = FrameDataset(frames_dir)
-    return [int(frames[i][K.SID]) for i in range(len(frames))]
-
-
-def set_scales(model: C.ScaledModel, stats: dict[str, Any]) -> None:
+def set_scales(model: ScaledModel, stats: dict[str, Any]) -> None:
     """Put the training-set normalisation (:func:`label_stats`) into the wrapper's buffers.
 
     Direct-force models: forces scaled by the force RMS. Gradient-force models: energy and
