@@ -13,7 +13,8 @@ Keys: ``format_version`` (1), ``model_name``, ``model_kwargs`` (plain JSON types
 (``{"step", "base_lr"}``: the schedule is a pure function), ``step`` (optimizer steps done),
 ``epoch`` (index of the current epoch), ``best_metric`` (best dev ``forces_mae``, eV/Å, or None),
 ``rng`` (RNG states as tensors), ``params`` (params snapshot), ``graph``
-(``{"cutoff", "max_neighbors"}``), ``train_info`` (plain dict: batches done in the current
+(``{"cutoff", "max_neighbors"}``), ``frame_averaging`` (:data:`forcenet.frames.FrameMode`;
+"none" when absent), ``train_info`` (plain dict: batches done in the current
 epoch, the dev metrics of the evaluation that wrote it, normalisation constants with the per-element reference
 energies by symbol, history). Checkpoints written before the per-element references
 existed load with all of them 0 (what those models were trained with).
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from forcenet.atomic import atomic_write
+from forcenet.frames import FrameMode
 from forcenet.scaling import ScaledModel, element_energies
 
 FORMAT_VERSION = 1
@@ -88,9 +90,11 @@ def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return _build(name, kwargs)
 
 
-def build_scaled_model(name: str, kwargs: dict[str, Any]) -> ScaledModel:
+def build_scaled_model(
+    name: str, kwargs: dict[str, Any], frame_averaging: FrameMode = "none"
+) -> ScaledModel:
     """A fresh :class:`ScaledModel` around ``build_model(name, kwargs)`` (unit scales)."""
-    return ScaledModel(build_model(name, kwargs))
+    return ScaledModel(build_model(name, kwargs), frame_averaging=frame_averaging)
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -100,7 +104,10 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     buffers of the :class:`ScaledModel` restored from ``model_state``.
     """
     ckpt = load_checkpoint(path)
-    model = build_scaled_model(ckpt["model_name"], dict(ckpt["model_kwargs"]))
+    frames = ckpt.get("frame_averaging", "none")  # checkpoints before frame averaging: none
+    if frames not in ("none", "stochastic", "full"):
+        raise CheckpointError(f"{path}: unknown frame_averaging {frames!r}")
+    model = build_scaled_model(ckpt["model_name"], dict(ckpt["model_kwargs"]), frames)
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
@@ -159,6 +166,7 @@ def training_state(
         "rng": rng_state(),
         "params": params,
         "graph": {"cutoff": float(graph["cutoff"]), "max_neighbors": int(graph["max_neighbors"])},
+        "frame_averaging": model.frame_averaging,
         "train_info": {
             "progress": dict(progress),
             "metrics": {k: float(v) for k, v in metrics.items()},

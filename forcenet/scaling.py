@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from forcenet.data import keys as K
 from forcenet.data.frame import MAX_Z
+from forcenet.frames import FrameAveraging, FrameMode
 
 
 class ScaledModel(nn.Module):
@@ -31,7 +32,9 @@ class ScaledModel(nn.Module):
     :func:`label_stats`). For models whose forces are -dE/dpos the two
     scales must be equal so the forces stay the gradient of the energy; the per-element
     term does not depend on positions, so it leaves the forces alone. The constants are
-    buffers, so they travel in the state dict.
+    buffers, so they travel in the state dict. ``frame_averaging`` (direct-force models):
+    the model runs in the principal-axis frames of each structure
+    (:class:`forcenet.frames.FrameAveraging`), which makes it exactly covariant.
     """
 
     force_scale: Tensor  # [] buffer, eV/Å
@@ -46,6 +49,7 @@ class ScaledModel(nn.Module):
         force_scale: float = 1.0,
         energy_scale: float = 1.0,
         energy_shift: float = 0.0,
+        frame_averaging: FrameMode = "none",
     ) -> None:
         super().__init__()
         self.model = model
@@ -53,13 +57,21 @@ class ScaledModel(nn.Module):
         self.energy_from_gradient = bool(getattr(model, "energy_from_gradient", False))
         if self.energy_from_gradient and force_scale != energy_scale:
             raise ValueError("a gradient-force model needs force_scale == energy_scale")
+        if frame_averaging != "none" and self.energy_from_gradient:
+            raise ValueError(
+                f"frame_averaging={frame_averaging!r} is for direct-force models (ForceNet, "
+                "GNS): the forces of an energy model are already covariant"
+            )
+        self.frame_averaging = frame_averaging
+        # no parameters or buffers: the state dict is the same with or without frames
+        self.frames = FrameAveraging(frame_averaging) if frame_averaging != "none" else None
         self.register_buffer("force_scale", torch.tensor(float(force_scale)))
         self.register_buffer("energy_scale", torch.tensor(float(energy_scale)))
         self.register_buffer("energy_shift", torch.tensor(float(energy_shift)))
         self.register_buffer("element_energies", torch.zeros(MAX_Z + 1, dtype=torch.float64))
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.model(batch)
+        out = self.model(batch) if self.frames is None else self.frames(self.model, batch)
         scaled = {K.OUT_FORCES: out[K.OUT_FORCES] * self.force_scale}  # [N, 3] eV/Å
         if K.OUT_ENERGY in out:
             energy = out[K.OUT_ENERGY] * self.energy_scale + self.energy_shift  # [G] eV

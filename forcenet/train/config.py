@@ -13,6 +13,7 @@ import yaml
 from ase.data import atomic_numbers
 
 from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
+from forcenet.frames import FrameMode
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
 from forcenet.scaling import ScaledModel
 from forcenet.schedule import LrDecay, Schedule
@@ -52,6 +53,14 @@ class TrainConfig:
     ForceNet with forces = -dE/dpos of its energy head (``forces="gradient"``, the energy
     head switched on), after direct forces before; the checkpoints of that phase predict
     conservative forces. See :func:`forcenet.train.conservative.start_conservative_phase`.
+    That phase has a schedule of its own when ``conservative_lr`` > 0: warm-up over
+    ``conservative_warmup_steps`` from ``warmup_start * conservative_lr``, then a cosine
+    over the phase to ``min_lr_factor * conservative_lr`` (0 = the run's schedule goes on).
+    ``frame_averaging`` (direct-force models): ``"none"``, ``"stochastic"`` (one random
+    principal-axis frame per structure and step in training, all 8 in evaluation) or
+    ``"full"`` (all 8 always); see :mod:`forcenet.frames`. ``ema_decay`` (0 = off): an
+    exponential moving average of the weights, updated after every step with this decay;
+    the dev metrics, ``best.pt`` and ``last.pt``'s model are the averaged weights.
     """
 
     lr: float = 2e-3
@@ -85,6 +94,10 @@ class TrainConfig:
     energy_reference: EnergyReference = "per_element"
     element_energies: dict[str, float] = field(default_factory=dict)
     conservative_finetune_steps: int = 0
+    conservative_lr: float = 0.0
+    conservative_warmup_steps: int = 0
+    frame_averaging: FrameMode = "none"
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -98,6 +111,11 @@ class TrainConfig:
             "warmup_steps >= 0": self.warmup_steps >= 0,
             "loss_beta > 0": self.loss_beta > 0,
             "conservative_finetune_steps >= 0": self.conservative_finetune_steps >= 0,
+            "conservative_lr >= 0": self.conservative_lr >= 0,
+            "conservative_warmup_steps >= 0": self.conservative_warmup_steps >= 0,
+            "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
+            "frame_averaging in none/stochastic/full": self.frame_averaging
+            in ("none", "stochastic", "full"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -108,6 +126,11 @@ class TrainConfig:
                 f"invalid TrainConfig: conservative_finetune_steps={n} needs a step budget "
                 f"max_steps >= {n} (got max_steps={self.max_steps}): the conservative "
                 "fine-tune is the last conservative_finetune_steps of max_steps"
+            )
+        if n > 0 and self.frame_averaging != "none":
+            raise ValueError(
+                "invalid TrainConfig: frame_averaging is for direct forces and "
+                "conservative_finetune_steps trains -dE/dx: use one of them"
             )
         if self.energy_reference not in ("mean", "per_element"):
             raise ValueError(
@@ -127,6 +150,20 @@ class TrainConfig:
         )
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         object.__setattr__(self, "tag_weights", tuple(float(w) for w in self.tag_weights))
+
+    @property
+    def conservative_schedule(self) -> Schedule:
+        """The conservative phase's own schedule (``conservative_lr`` > 0), its step
+        counted from the phase's start and its progress over the phase."""
+        return Schedule(
+            lr=self.conservative_lr,
+            warmup_steps=self.conservative_warmup_steps,
+            warmup_start=self.warmup_start,
+            decay="cosine",
+            milestones=self.milestones,
+            gamma=self.gamma,
+            min_factor=self.min_lr_factor,
+        )
 
     @property
     def schedule(self) -> Schedule:

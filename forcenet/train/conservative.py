@@ -60,14 +60,26 @@ def start_conservative_phase(
     model_name: str,
     model_kwargs: dict[str, Any],
 ) -> tuple[C.ScaledModel, torch.optim.Optimizer]:
-    """The same ForceNet with forces = -dE/dpos of its energy head, and its optimizer.
+    """The same ForceNet with forces = -dE/dpos of its energy head
+    (:func:`conservative_model`), and its optimizer: the AdamW state carries over (the
+    parameters are the same, in the same order)."""
+    new = conservative_model(cfg, model, model_name, model_kwargs)
+    fresh = torch.optim.AdamW(new.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fresh.load_state_dict(optimizer.state_dict())
+    return new, fresh
 
-    Weights, buffers and the AdamW state carry over (the parameters are the same, in the
-    same order). The force normalisation is kept; the energy scale becomes the force scale
-    (a gradient-force model needs one scale, see :class:`forcenet.scaling.ScaledModel`
-    and :func:`forcenet.scaling.set_scales`), and the energy head's weight and bias are
-    multiplied by old energy scale / force scale, so the energy in eV is unchanged. The
-    global RNG is not touched, so a resumed run switches the same way.
+
+def conservative_model(
+    cfg: TrainConfig, model: C.ScaledModel, model_name: str, model_kwargs: dict[str, Any]
+) -> C.ScaledModel:
+    """``model`` (a ForceNet with its energy head) as forces = -dE/dpos of that head.
+
+    Weights and buffers carry over. The force normalisation is kept; the energy scale
+    becomes the force scale (a gradient-force model needs one scale, see
+    :class:`forcenet.scaling.ScaledModel` and :func:`forcenet.scaling.set_scales`), and the
+    energy head's weight and bias are multiplied by old energy scale / force scale, so the
+    energy in eV is unchanged. The global RNG is not touched, so a resumed run switches
+    the same way.
     """
     kwargs = phase_kwargs(cfg, model_name, model_kwargs, conservative=True)
     with torch.random.fork_rng(devices=[]):  # the fresh initialisation is overwritten
@@ -80,7 +92,16 @@ def start_conservative_phase(
         for p in head.parameters():  # weight and bias
             p.mul_(ratio)
         energy_scale.copy_(force_scale)
-    new.to(next(model.parameters()).device)
-    fresh = torch.optim.AdamW(new.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fresh.load_state_dict(optimizer.state_dict())
-    return new, fresh
+    return new.to(next(model.parameters()).device)
+
+
+def learning_rate(
+    cfg: TrainConfig, step: int, progress: float, *, conservative: bool, switch_at: int, budget: int
+) -> float:
+    """The learning rate at ``step``: the run's schedule at ``progress`` of the budget, or
+    in the conservative phase with ``cfg.conservative_lr`` > 0 the phase's own schedule,
+    counted from its start ``switch_at`` to the end of the budget."""
+    if conservative and cfg.conservative_lr > 0:
+        into = step - switch_at
+        return cfg.conservative_schedule.lr_at(into, into / max(budget - switch_at, 1))
+    return cfg.schedule.lr_at(step, progress)

@@ -46,8 +46,9 @@ from forcenet.train.data import (
     dev_split_by_frame,
     read_sids,
 )
+from forcenet.train.ema import WeightAverage
 from forcenet.train.log import StepLog, end_warnings, fine_tune_line, progress_line, start_line
-from forcenet.train.state import Progress, start_training
+from forcenet.train.state import TRAINED_STATE, Progress, start_training
 from forcenet.train.step import NonFiniteError, train_step
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -90,7 +91,7 @@ def fit_datasets(
     if info.device.type == "cpu":
         tune_malloc()  # keep large activations mapped across steps (forcenet.runtime)
     ckpts = Checkpoints(Path(out_dir), cfg, model_name, model_kwargs, params_snapshot, graph)
-    model, optimizer, progress = start_training(
+    model, averaged, optimizer, progress = start_training(
         cfg, model_name, model_kwargs, train_set, ckpts.last, resume=resume, device=info.device
     )
     builder = OnTheFlyGraphs(graph) if on_the_fly else None
@@ -110,6 +111,10 @@ def fit_datasets(
             model, optimizer = conservative.start_conservative_phase(
                 cfg, model, optimizer, model_name, model_kwargs
             )
+            if averaged is not None:
+                averaged = averaged.converted(
+                    lambda m: conservative.conservative_model(cfg, m, model_name, model_kwargs)
+                )
             loss_fn, net = make_loss(cfg, model), _wrap(model, info)
             progress.best_metric = None  # from here only conservative checkpoints are best.pt
             log.write(fine_tune_line(model_name, progress.step, budget, model))
@@ -120,7 +125,10 @@ def fit_datasets(
                 progress.step, per_epoch, cfg.max_epochs, progress.elapsed_s,
                 cfg.time_budget_s, cfg.max_steps,
             )  # fmt: skip
-            lr = set_lr(optimizer, cfg.schedule.lr_at(progress.step, frac))
+            lr = set_lr(optimizer, conservative.learning_rate(
+                cfg, progress.step, frac, conservative=model.energy_from_gradient,
+                switch_at=switch_at, budget=budget,
+            ))  # fmt: skip
             amp = cfg.amp and not model.energy_from_gradient  # no double backward in bf16
             try:
                 diag = train_step(
@@ -130,19 +138,22 @@ def fit_datasets(
                 raise NonFiniteError(
                     f"train {model_name}: {exc} at step {progress.step + 1}; {ckpts.kept()}"
                 ) from exc
+            if averaged is not None:
+                averaged.update(model)
             progress.advance(graphs=len(batch[K.NATOMS]) * info.world_size)
             window.add(diag["loss"], len(batch[K.NATOMS]) * info.world_size, lr)
             log.step(progress.step, loss=diag["loss"], graphs_per_s=window.rate(), lr=lr)
             if not evaluation_due(progress, cfg.eval_every, per_epoch, (switch_at, budget)):
                 continue
         progress.elapsed_s = clock.elapsed()
-        metrics = {**dev.evaluate(model), **window.close(progress)}
+        evaluated = model if averaged is None else averaged.model
+        metrics = {**dev.evaluate(evaluated), **window.close(progress)}
         try:
             progress.record_eval(metrics, per_epoch)
         except NonFiniteError as exc:
             raise NonFiniteError(f"train {model_name}: {exc}; {ckpts.kept()}") from exc
         if info.is_main:
-            ckpts.save(model, optimizer, progress, metrics)
+            ckpts.save(model, optimizer, progress, metrics, averaged)
         D.barrier()
         if info.is_main and on_epoch_end is not None:
             on_epoch_end(progress.step, metrics)
@@ -230,13 +241,20 @@ class Checkpoints:
         self.saved_step: int | None = None  # the step of the last.pt this run wrote
 
     def save(
-        self, model: C.ScaledModel, optimizer: Optimizer, progress: Progress, metrics: dict
+        self,
+        model: C.ScaledModel,
+        optimizer: Optimizer,
+        progress: Progress,
+        metrics: dict,
+        averaged: WeightAverage | None = None,
     ) -> None:
+        """Write ``last.pt`` (and ``best.pt`` at a new best); with a weight average, its
+        model is the average and the trained weights are kept as ``trained_state``."""
         kwargs = conservative.phase_kwargs(
             self.cfg, self.model_name, self.model_kwargs, conservative=model.energy_from_gradient
         )
         state = C.training_state(
-            model,
+            model if averaged is None else averaged.model,
             optimizer,
             model_name=self.model_name,
             model_kwargs=kwargs,
@@ -246,6 +264,8 @@ class Checkpoints:
             metrics={k: v for k, v in metrics.items() if k not in TIMINGS},
             base_lr=self.cfg.lr,
         )
+        if averaged is not None:
+            state[TRAINED_STATE] = model.state_dict()
         C.save_checkpoint(self.last, state)
         self.saved_step = progress.step
         if progress.best_metric is not None and metrics.get("forces_mae") == progress.best_metric:

@@ -16,7 +16,11 @@ from forcenet import checkpoint as C
 from forcenet.scaling import label_stats, set_scales
 from forcenet.train.config import TrainConfig
 from forcenet.train.conservative import phase_kwargs
+from forcenet.train.ema import WeightAverage
 from forcenet.train.step import NonFiniteError
+
+#: The checkpoint key of the trained weights when the model it holds is their average.
+TRAINED_STATE = "trained_state"
 
 #: Dev metrics that must stay finite (a NaN here means the model or the data diverged).
 CHECKED_METRICS = ("forces_mae", "energy_mae", "train_loss")
@@ -75,11 +79,13 @@ def start_training(
     *,
     resume: bool,
     device: torch.device,
-) -> tuple[C.ScaledModel, torch.optim.Optimizer, Progress]:
+) -> tuple[C.ScaledModel, WeightAverage | None, torch.optim.Optimizer, Progress]:
     """The model (on ``device``), optimizer and progress to train from: new ones (seeded
     by ``cfg.seed``, label scales and energy references (``cfg.energy_reference``) from
     ``train_set``), or with ``resume`` those of the checkpoint ``last`` when it exists
-    (with its RNG states restored).
+    (with its RNG states restored). With ``cfg.ema_decay`` > 0 also the average of the
+    weights (:class:`forcenet.train.ema.WeightAverage`): a copy of the new model, or the
+    checkpoint's model, whose trained weights are then its ``trained_state``.
 
     The model is built with :func:`forcenet.train.conservative.phase_kwargs` (direct
     forces), or, resuming a checkpoint of the conservative fine-tune, with that phase's."""
@@ -89,7 +95,7 @@ def start_training(
         fine = phase_kwargs(cfg, model_name, model_kwargs, conservative=True)
         kwargs = fine if dict(ckpt["model_kwargs"]) == fine else kwargs
     torch.manual_seed(cfg.seed)
-    model = C.build_scaled_model(model_name, kwargs)
+    model = C.build_scaled_model(model_name, kwargs, cfg.frame_averaging)
     progress = Progress()
     if ckpt is None:
         stats = label_stats(
@@ -98,14 +104,22 @@ def start_training(
         set_scales(model, stats)
     else:
         check_same_model(last, ckpt, model_name, kwargs)
-        model.load_state_dict(ckpt["model_state"])
+        model.load_state_dict(ckpt.get(TRAINED_STATE, ckpt["model_state"]))
     model.to(device)
+    averaged = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if ckpt is not None:
+        if averaged is not None:
+            if TRAINED_STATE not in ckpt:
+                raise C.CheckpointError(
+                    f"{last}: cannot resume with ema_decay={cfg.ema_decay}: it was written "
+                    "without a weight average (ema_decay 0)"
+                )
+            averaged.model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         progress = Progress(**ckpt["train_info"]["progress"])
         C.restore_rng(ckpt["rng"])
-    return model, optimizer, progress
+    return model, averaged, optimizer, progress
 
 
 def check_same_model(path: Path, ckpt: dict, name: str, kwargs: dict[str, Any]) -> None:
