@@ -51,9 +51,11 @@ def pca_frames(pos: Tensor, batch: Tensor, num_graphs: int) -> tuple[Tensor, Ten
     [G, 8, 3, 3] (orthogonal; column ``a`` of ``frames[g, k]`` is principal axis ``a``
     times its sign in choice ``k``, axes by increasing variance) and ``degenerate`` [G]
     bool. Computed in float64 whatever the dtype of ``pos``; the frames are returned in
-    it. A structure of one atom has a zero covariance: degenerate, identity axes.
+    it. Differentiable in ``pos`` (so a Jacobian of the averaged forces includes how the
+    frames move), except at degenerate frames, whose eigenvector derivatives diverge. A
+    structure of one atom has a zero covariance: degenerate, identity axes.
     """
-    p = pos.detach().to(torch.float64)
+    p = pos.to(torch.float64)
     ones = torch.ones(len(p), dtype=p.dtype, device=p.device)
     count = torch.zeros(num_graphs, dtype=p.dtype, device=p.device).index_add_(0, batch, ones)
     mean = torch.zeros(num_graphs, 3, dtype=p.dtype, device=p.device).index_add_(0, batch, p)
