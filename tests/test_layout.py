@@ -61,6 +61,58 @@ def direct_imports(path: Path) -> frozenset[Path]:
     return frozenset(found)
 
 
+def module_level_imports(path: Path) -> set[Path]:
+    """Files of this repository that importing ``path`` imports: its statements outside
+    functions and classes, ``if TYPE_CHECKING:`` blocks included (a circle there is still
+    one that a reader must follow). ``from pkg import mod`` counts as ``pkg.mod``."""
+    statements: list[ast.Import | ast.ImportFrom] = []
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            statements.append(node)
+        for field in ("body", "orelse", "handlers", "finalbody"):
+            todo.extend(getattr(node, field, None) or [])
+    found: set[Path] = set()
+    for node in statements:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif node.module and node.level == 0:
+            names = [
+                f"{node.module}.{a.name}" if module_file(f"{node.module}.{a.name}") else node.module
+                for a in node.names
+            ]
+        else:
+            names = []
+        found.update(f for f in map(module_file, names) if f is not None and f != path)
+    return found
+
+
+def import_circles() -> list[list[str]]:
+    """Groups of repository modules that import each other at module level, directly or
+    through others (the strongly connected components with more than one file)."""
+    files = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    graph = {f: module_level_imports(f) for f in files}
+    reach = {f: closure_in(graph, f) for f in files}
+    circles = {
+        tuple(sorted(str(g.relative_to(ROOT)) for g in reach[f] if f in reach[g])) for f in files
+    }
+    return sorted(list(c) for c in circles if len(c) > 1)
+
+
+def closure_in(graph: dict[Path, set[Path]], start: Path) -> set[Path]:
+    """``start`` and every file reachable from it in ``graph``."""
+    seen, todo = set(), [start]
+    while todo:
+        file = todo.pop()
+        if file not in seen:
+            seen.add(file)
+            todo.extend(graph.get(file, ()))
+    return seen
+
+
 def closure(path: Path) -> set[Path]:
     """``path`` and every repository file it imports, transitively."""
     seen, todo = set(), [path]
@@ -115,6 +167,27 @@ def test_library_never_imports_the_pipeline():
         if any(d.parts[len(ROOT.parts)] == "pipeline" for d in direct_imports(f))
     }
     assert offenders == {}
+
+
+def test_no_module_imports_itself_back():
+    """No module is imported, at module level, by a module it imports (directly or
+    through others): each layer reads one way."""
+    assert import_circles() == []
+
+
+def test_circle_scan_finds_a_circle(tmp_path, monkeypatch):
+    """The circle scan sees a two-module circle under ``if TYPE_CHECKING:`` (or the test
+    above would pass vacuously)."""
+    pkg = tmp_path / "forcenet"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from forcenet.b import B\nA = 1\n")
+    (pkg / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from forcenet.a import A\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("forcenet",))
+    assert import_circles() == [["forcenet/a.py", "forcenet/b.py"]]
 
 
 def test_import_scan_sees_lazy_imports():

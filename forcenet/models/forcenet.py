@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from forcenet.data import keys as K
 from forcenet.geometry import cosine_envelope, edge_vectors
 from forcenet.models import elements
-from forcenet.models.forcenet_blocks import InteractionBlock, interaction_block
+from forcenet.models.forcenet_blocks import AblationName, InteractionBlock, interaction_block
 from forcenet.nn import (
     ActivationName,
     DistanceEdgeBasis,
@@ -58,9 +58,6 @@ BasisName = Literal[
     "sphcosinecat",
     "sphcosinem40",
     "sphcosinenosine",
-]
-AblationName = Literal[
-    "none", "nofilter", "nocond", "nodistlist", "onlydist", "nodelinear", "edgelinear", "noself"
 ]
 DecoderType = Literal["mlp", "linear"]
 ForceMode = Literal["direct", "gradient"]

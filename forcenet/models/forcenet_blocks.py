@@ -12,7 +12,7 @@ edge pass can run fused and chunked (:mod:`forcenet.models.forcenet_kernel`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,11 @@ from forcenet.nn import (
     xavier_linears_,
 )
 
-if TYPE_CHECKING:  # the hyperparameter's type lives with the model (no import cycle at run time)
-    from forcenet.models.forcenet import AblationName
+#: ForceNet's ``ablation`` hyperparameter: the reference ablations. This module builds the
+#: block variants of ``nocond``, ``nofilter`` and ``noself``; the model reads the others.
+AblationName = Literal[
+    "none", "nofilter", "nocond", "nodistlist", "onlydist", "nodelinear", "edgelinear", "noself"
+]
 
 
 def _edge_tail(hidden: int, depth: int, act: ActivationName) -> nn.Sequential:

@@ -1,13 +1,17 @@
 """``forcenet physics ...``: the physics checks of a trained model.
 
 Each command lives in its own module (:mod:`forcenet.physics.cli_conservation`,
-:mod:`forcenet.physics.cli_md`), which registers itself on :data:`physics_app`; heavy
-libraries are imported inside the commands so that ``forcenet --help`` stays fast.
+:mod:`forcenet.physics.cli_md`) as a plain function; this module registers them on
+:data:`physics_app`. Heavy libraries are imported inside the commands so that
+``forcenet --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import typer
+
+from forcenet.physics.cli_conservation import conservation
+from forcenet.physics.cli_md import md
 
 physics_app = typer.Typer(
     help=(
@@ -17,6 +21,5 @@ physics_app = typer.Typer(
     ),
     no_args_is_help=True,
 )
-
-# the command modules register on physics_app when imported
-from forcenet.physics import cli_conservation, cli_md  # noqa: E402, F401
+physics_app.command("conservation")(conservation)
+physics_app.command("md")(md)

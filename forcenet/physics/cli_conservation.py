@@ -1,4 +1,4 @@
-"""``forcenet physics conservation`` (registered on :data:`forcenet.physics.cli.physics_app`)."""
+"""``forcenet physics conservation`` (registered by :mod:`forcenet.physics.cli`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from forcenet.physics.cli import physics_app
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -40,7 +38,6 @@ def read_inputs(inputs: list[Path], limit: int | None) -> tuple[list[Atoms], lis
     return structures, names
 
 
-@physics_app.command("conservation")
 def conservation(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
     inputs: Annotated[

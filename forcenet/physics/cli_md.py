@@ -1,4 +1,4 @@
-"""``forcenet physics md`` (registered on :data:`forcenet.physics.cli.physics_app`)."""
+"""``forcenet physics md`` (registered by :mod:`forcenet.physics.cli`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from forcenet.physics.cli import physics_app
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,7 +67,6 @@ def md_command(
     return summary
 
 
-@physics_app.command("md")
 def md(
     checkpoint: Annotated[
         str,
