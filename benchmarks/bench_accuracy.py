@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from forcenet.atomic import atomic_write, write_text  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from pipeline.params import MODEL_NAMES, params_from_mapping  # noqa: E402
+from pipeline.plots import plain_log_ticks  # noqa: E402
 
 #: Where the per-step timing of the models comes from (benchmarks/calibrate_steps.py).
 CALIBRATION = ROOT / "reports/benchmarks/calibration.json"
@@ -192,7 +193,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     for name in MODEL_NAMES:
         points = sorted(
             (
@@ -215,8 +216,10 @@ def plot(results: dict, path: Path) -> None:
             ax.axhline(results["zero_baseline"][field], color="grey", ls=":", label="zero forces")
         ax.set(xscale="log", yscale="log", xlabel="training compute: steps × s/step (2 CPU cores)")
         ax.set(ylabel="eV/Å", title=title)
+        plain_log_ticks(ax.xaxis)
+        plain_log_ticks(ax.yaxis)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower left")  # the curves fall from the upper left
     widths = sorted(results["widths"].values(), key=lambda p: p["width"])
     if not widths:
         axes[2].text(0.5, 0.5, "width points not run yet", ha="center", transform=axes[2].transAxes)
@@ -229,13 +232,14 @@ def plot(results: dict, path: Path) -> None:
             axes[2].annotate(
                 f"{p['steps']} steps",
                 (p["width"], p["forces_mae"]),
-                fontsize=8,
+                fontsize="small",
                 textcoords="offset points",
                 xytext=(4, 4),
             )
         axes[2].legend()
         axes[2].set(xscale="log", yscale="log", xlabel="ForceNet width (hidden channels)")
-        axes[2].set_xticks(w, [str(x) for x in w])
+        plain_log_ticks(axes[2].xaxis, at=w)
+        plain_log_ticks(axes[2].yaxis)
         axes[2].set(ylabel="eV/Å", title="ForceNet width at the compute of 1x")
         axes[2].grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -314,6 +314,22 @@ def metrics_long_table(aggregate: pd.DataFrame, run_id: str | None = None) -> pd
     return pd.concat(parts, ignore_index=True)
 
 
+def _energy_axis(ax, energies: np.ndarray) -> None:
+    """A symmetric-log y axis (linear within 0.01 eV) with plain labels at 1, 2 and 5 per
+    decade where the energies span more than a decade; linear where they do not (a log
+    axis inside one decade may show no label at all)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter, SymmetricalLogLocator
+
+    size = np.abs(np.asarray(energies, dtype=float))
+    size = size[np.isfinite(size)]
+    if len(size) == 0 or size.max() <= 10 * max(size.min(), 1e-2):
+        return
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=1e-2, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_oracle_energy(
     systems: pd.DataFrame, path: Path, *, per_split: int = PLOT_SYSTEMS, max_frames: int = 60
 ) -> None:
@@ -328,10 +344,12 @@ def plot_oracle_energy(
     import matplotlib.pyplot as plt
 
     splits = list(dict.fromkeys(systems["split"]))
-    fig, axes = plt.subplots(
-        1, max(len(splits), 1), figsize=(4.5 * max(len(splits), 1), 3.5), squeeze=False
-    )
-    for ax, split in zip(axes[0], splits, strict=False):
+    cols = min(max(len(splits), 1), 2)
+    rows = -(-max(len(splits), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(splits) :]:
+        ax.set_visible(False)
+    for ax, split in zip(axes.flat, splits, strict=False):
         for row in systems[systems.split == split].head(per_split).itertuples():
             with Trajectory(row.trajectory) as traj:
                 picks = np.unique(
@@ -339,13 +357,15 @@ def plot_oracle_energy(
                 )
                 energies = [oracle_check(traj[int(i)])[1] - row.oracle_min_energy for i in picks]
             ax.plot(picks, energies, marker=".", label=f"sid {row.sid}")
-        ax.set_yscale("symlog", linthresh=1e-2)
+        _energy_axis(ax, np.concatenate([line.get_ydata() for line in ax.get_lines()]))
         ax.set(
             title=f"{systems.model.iloc[0]} · {split}",
             xlabel="ML relaxation step",
             ylabel="E_EMT − E_EMT,min (eV)",
         )
-        ax.legend(fontsize=7)
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     try:
         with atomic_write(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")

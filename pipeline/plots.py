@@ -47,6 +47,19 @@ def split_order(splits) -> list[str]:
     return known + sorted(set(splits) - set(known))
 
 
+def plain_log_ticks(axis, at: list[float] | None = None) -> None:
+    """Label a log-scaled ``axis`` with plain numbers: at ``at``, or else at 1, 2 and 5
+    times the powers of ten in view; minor ticks stay unlabelled (their "3×10²" labels
+    crowd into each other and into the major ones)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(
+        FixedLocator(at) if at is not None else LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    )
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _save_figure(fig, path: Path) -> None:
     try:
         with atomic_write(path) as tmp:
@@ -140,8 +153,9 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path) -> bool:
 
 
 def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
-    """Force MAE per split and model for surface and adsorbate atoms (one panel each),
-    the zero-force baseline as a dashed tick; False when the data have no tags."""
+    """Force MAE per split and model for surface and adsorbate atoms (one panel each, one
+    above the other), the zero-force baseline as a dashed tick; False when the data have
+    no tags."""
     groups = [g for g in ("_surface", "_adsorbate") if f"forces_mae{g}" in table.columns]
     if not groups:
         return False
@@ -149,8 +163,10 @@ def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
     models = sorted(table.model.unique())
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(splits))
-    fig, axes = plt.subplots(1, len(groups), figsize=(2 + 3 * len(splits), 3.8), squeeze=False)
-    for ax, g in zip(axes[0], groups, strict=True):
+    fig, axes = plt.subplots(
+        len(groups), 1, figsize=(1.6 + 1.6 * len(splits), 3.4 * len(groups)), squeeze=False
+    )
+    for ax, g in zip(axes[:, 0], groups, strict=True):
         for k, model in enumerate(models):
             rows = table[table.model == model].set_index("split").reindex(splits)
             ax.bar(
@@ -164,12 +180,13 @@ def plot_force_mae_by_tag(table: pd.DataFrame, path: Path) -> bool:
         ax.hlines(
             zero, x - 0.45, x + 0.45, colors="black", linestyles="--", label="zero-force baseline"
         )
-        ax.set_xticks(x, splits, fontsize="small")
+        ax.set_xticks(x, splits)
         ax.set_title(TAG_GROUPS[g])
         ax.set_ylabel("force MAE on free atoms [eV/Å]")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0][0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Force MAE by tag and split")
+    fig.tight_layout()
     _save_figure(fig, path)
     return True
 

@@ -39,11 +39,12 @@ of the free atoms removed, then rescaled so that the starting temperature is exa
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,9 @@ from scipy.sparse.csgraph import connected_components
 
 from forcenet.atomic import atomic_write
 from forcenet.data.frame import fixed_mask
+
+if TYPE_CHECKING:
+    from matplotlib.lines import Line2D
 
 #: The unphysical events that end a run (checked after every step, and at the start):
 #: ``non_finite`` (NaN/inf positions or driver forces), ``close_contact`` (two atoms closer
@@ -378,18 +382,35 @@ def plot_md_energy(series: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(series["model"]))
-    n = max(len(models), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=False):
-        for k, (name, part) in enumerate(series[series.model == model].groupby("name", sort=False)):
-            color = f"C{k % 10}"
+    cols = min(max(len(models), 1), 3)
+    rows = math.ceil(max(len(models), 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    # one colour per structure in every panel, and one legend for the whole figure
+    colours = {str(n): f"C{k % 10}" for k, n in enumerate(dict.fromkeys(series["name"]))}
+    handles: dict[str, Line2D] = {}
+    for ax, model in zip(axes.flat, models, strict=False):
+        for name, part in series[series.model == model].groupby("name", sort=False):
+            color = colours[str(name)]
             for column, style in (("oracle_total_eV", "-"), ("model_total_eV", ":")):
                 energy = part[column].to_numpy() / part["n_free"].to_numpy()
                 if np.isfinite(energy).any():
                     ax.plot(part.time_ps, energy - energy[0], style, color=color, label=None)
-            ax.plot([], [], "-", color=color, label=str(name))
+            handles.setdefault(str(name), ax.plot([], [], "-", color=color)[0])
         ax.set(title=f"{model}: NVE", xlabel="time (ps)", ylabel="ΔE_total / free atom (eV)")
-        ax.legend(fontsize=7, title="— EMT, ··· model", title_fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(models) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        title="solid: EMT energy, dotted: the model's own",
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncols=min(len(handles), 4) or 1,
+        fontsize="small",
+        title_fontsize="small",
+    )
     try:
         with atomic_write(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
