@@ -95,7 +95,7 @@ def element_energies(model: ScaledModel) -> dict[str, float]:
 
 
 def label_stats(
-    dataset: Dataset,
+    dataset: Dataset | Sequence[Mapping[str, Any]],
     *,
     reference: Literal["mean", "per_element"] = "mean",
     element_energies: Mapping[str, float] | None = None,
