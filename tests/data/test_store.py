@@ -17,6 +17,7 @@ from forcenet.data import keys as K
 from forcenet.data.frame import Frame
 from forcenet.data.graphs import build_graphs, decode_graph
 from forcenet.data.neighbors import NeighborListError, neighbor_list
+from forcenet.outdir import FolderLockedError
 
 
 def make_frames(n: int, seed: int, sid: int = 0) -> list[Frame]:
@@ -219,6 +220,41 @@ def test_sharded_runs_plus_manifest_equal_a_full_run(tmp_path):
     assert full["train"]["frames"] == merged["total"] == 6
     with pytest.raises(ValueError, match="shard"):
         preprocess.preprocess(tmp_path / "raw", tmp_path / "x", shard=(2, 2))
+
+
+def test_a_second_preprocess_into_the_same_output_is_refused_while_one_runs(tmp_path, monkeypatch):
+    make_raw(tmp_path / "raw", {"train": [2, 3]})
+    convert, refused = preprocess._convert_raw_shard, []
+
+    def convert_while_another_run_starts(*job):
+        with pytest.raises(FolderLockedError, match=r"lmdb: another run \(pid \d+\) is writing"):
+            preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+        refused.append(job)
+        return convert(*job)
+
+    monkeypatch.setattr(preprocess, "_convert_raw_shard", convert_while_another_run_starts)
+    summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    assert len(refused) == 2 and summary["train"]["manifest"] is True
+    assert manifest.require_manifest(tmp_path / "lmdb" / "train", "frames")["total"] == 5
+
+
+def test_job_array_tasks_share_the_output_but_a_full_run_is_refused_meanwhile(
+    tmp_path, monkeypatch
+):
+    make_raw(tmp_path / "raw", {"train": [2, 3]})
+    convert, nested = preprocess._convert_raw_shard, []
+
+    def convert_while_other_runs_start(*job):
+        if job[1].endswith("0.lmdb"):  # inside task 0/2: task 1/2 runs beside it, a full run not
+            nested.append(preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", shard=(1, 2)))
+            with pytest.raises(FolderLockedError, match="another run"):
+                preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+        return convert(*job)
+
+    monkeypatch.setattr(preprocess, "_convert_raw_shard", convert_while_other_runs_start)
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", shard=(0, 2))
+    assert nested[0]["train"]["written"] == 1
+    assert manifest.write_manifest(tmp_path / "lmdb" / "train", "frames")["total"] == 5
 
 
 def test_write_manifest_detects_stale_and_foreign_shards(tmp_path):
