@@ -5,6 +5,8 @@ from __future__ import annotations
 import lzma
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -255,6 +257,28 @@ def test_job_array_tasks_share_the_output_but_a_full_run_is_refused_meanwhile(
     preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", shard=(0, 2))
     assert nested[0]["train"]["written"] == 1
     assert manifest.write_manifest(tmp_path / "lmdb" / "train", "frames")["total"] == 5
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "inspect", "{frames}/train"],
+        ["neighbors", "{frames}", "{graphs}", "--workers", "1"],
+    ],
+    ids=["inspect", "neighbors"],
+)
+def test_a_truncated_shard_is_refused_with_its_name_instead_of_a_crash(tmp_path, command):
+    make_raw(tmp_path / "raw", {"train": [300]})
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    shard = (tmp_path / "lmdb" / "train" / "0.lmdb").resolve()
+    os.truncate(shard, shard.stat().st_size // 2)  # the manifest is kept
+    args = [a.format(frames=tmp_path / "lmdb", graphs=tmp_path / "graphs") for a in command]
+    proc = subprocess.run(
+        [sys.executable, "-m", "forcenet.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not SIGBUS (-7)
+    assert f"{shard}: truncated LMDB shard" in proc.stderr
+    assert "rerun `forcenet preprocess`" in proc.stderr
 
 
 def test_write_manifest_detects_stale_and_foreign_shards(tmp_path):
