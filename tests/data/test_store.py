@@ -281,6 +281,17 @@ def test_a_truncated_shard_is_refused_with_its_name_instead_of_a_crash(tmp_path,
     assert "rerun `forcenet preprocess`" in proc.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_progress_in_a_log_is_plain_lines(tmp_path, capsys, workers):
+    make_raw(tmp_path / "raw", {"train": [2, 1, 2]})
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", workers=workers)
+    err = capsys.readouterr().err  # not a terminal, as in a log file
+    assert "\r" not in err
+    assert [line.split(",")[0] for line in err.splitlines()] == [
+        f"preprocess train: {k}/3 shards" for k in (1, 2, 3)
+    ]
+
+
 def test_write_manifest_detects_stale_and_foreign_shards(tmp_path):
     make_raw(tmp_path / "raw", {"train": [2, 2]})
     preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
