@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from forcenet.atomic import write_text
+from forcenet.atomic import NotRegularFileError, open_regular, write_text
 from forcenet.data import keys as K
 from forcenet.data.raw import XYZ_SUFFIX, count_frames, list_shards
 
@@ -156,6 +156,8 @@ def _open(url: str, offset: int) -> http.client.HTTPResponse | None:
 
 def _download(url: str, part: Path, *, progress: bool, chunk: int) -> None:
     """Append the missing bytes of ``url`` to ``part`` (or restart it if Range is ignored)."""
+    if os.path.lexists(part):  # a planted link or FIFO is refused before anything is read
+        os.close(open_regular(part, os.O_RDONLY))
     offset = part.stat().st_size if part.exists() else 0
     response = _open(url, offset)
     if response is None:
@@ -170,8 +172,10 @@ def _download(url: str, part: Path, *, progress: bool, chunk: int) -> None:
             offset = 0
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+        # never through a symbolic link: the target would be appended to or emptied
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if offset else os.O_TRUNC)
         with (
-            open(part, "ab" if offset else "wb") as out,
+            os.fdopen(open_regular(part, flags), "ab" if offset else "wb") as out,
             tqdm(
                 total=total,
                 initial=offset,
@@ -211,6 +215,8 @@ def fetch(
         try:
             _download(url, part, progress=progress, chunk=chunk)
             break
+        except NotRegularFileError:
+            raise  # retrying cannot help
         except (OSError, http.client.HTTPException) as exc:
             if attempt == RETRIES:
                 raise DownloadError(

@@ -30,12 +30,24 @@ MAX_Z = 100
 MIN_DISTANCE = 0.1
 
 
+#: Structures up to this many atoms are checked pair by pair (a cell list costs more there).
+_DIRECT_MAX_ATOMS = 256
+#: Radius (Å) of the cell-list search for candidate pairs: any radius >= MIN_DISTANCE finds
+#: every close pair; a larger one keeps vesin's grid coarse (its cost grows as radius⁻³).
+_SEARCH_RADIUS = 2.0
+_BLOCK = 128  # rows per block of the pair-by-pair check
+
+
 def close_pair(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[int, int, float] | None:
     """A pair of atoms (i < j, distance in Å) closer than :data:`MIN_DISTANCE`,
     periodic images included (minimum image along periodic directions), or None.
 
-    Exact for cells whose widths exceed 2 * MIN_DISTANCE (an atom's own images are not
-    checked); done in blocks of rows, so a large structure needs O(N) memory per block.
+    The distance of a pair is that of its image nearest in fractional coordinates
+    (exact for cells whose widths exceed 2 * MIN_DISTANCE; an atom's own images are
+    not checked). Small structures are checked pair by pair; larger ones only on the
+    candidate pairs of a cell-list search (vesin), O(N), with the same arithmetic and
+    the same answer (which pair is named, too). Among several close pairs the one named
+    is the closest of those whose first atom lies in the lowest block of 128 atoms.
     """
     pos = np.asarray(pos, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
@@ -43,14 +55,28 @@ def close_pair(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[int,
     periodic = bool(pbc.any())
     # fractional coordinates along the cell when periodic (the cell has volume: validated)
     coords = np.linalg.solve(cell.T, pos.T).T if periodic else pos  # [N, 3]
-    n, block = len(pos), 128
-    for start in range(0, n, block):
-        rows = np.arange(start, min(start + block, n))  # [B]
-        diff = coords[None, :] - coords[rows, None]  # [B, N, 3]
-        if periodic:
-            diff[..., pbc] -= np.round(diff[..., pbc])
-            diff = diff @ cell
-        d2 = np.einsum("bnk,bnk->bn", diff, diff)  # [B, N]
+    if len(pos) <= _DIRECT_MAX_ATOMS:
+        return _close_pair_direct(coords, cell, pbc)
+    return _close_pair_searched(pos, coords, cell, pbc)
+
+
+def _squared_distances(diff: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """[...] squared lengths of ``diff`` [..., 3] (fractional when periodic: the image
+    nearest in fractional coordinates along each periodic direction)."""
+    if pbc.any():
+        diff[..., pbc] -= np.round(diff[..., pbc])
+        diff = diff @ cell
+    return np.einsum("...k,...k->...", diff, diff)
+
+
+def _close_pair_direct(
+    coords: np.ndarray, cell: np.ndarray, pbc: np.ndarray
+) -> tuple[int, int, float] | None:
+    """:func:`close_pair` over all pairs, in blocks of rows (O(N) memory per block)."""
+    n = len(coords)
+    for start in range(0, n, _BLOCK):
+        rows = np.arange(start, min(start + _BLOCK, n))  # [B]
+        d2 = _squared_distances(coords[None, :] - coords[rows, None], cell, pbc)  # [B, N]
         d2[np.arange(len(rows)), rows] = np.inf  # not an atom with itself
         k = int(np.argmin(d2))
         r, c = divmod(k, n)
@@ -58,6 +84,33 @@ def close_pair(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[int,
             i, j = sorted((int(rows[r]), c))
             return i, j, float(np.sqrt(d2[r, c]))
     return None
+
+
+def _close_pair_searched(
+    pos: np.ndarray, coords: np.ndarray, cell: np.ndarray, pbc: np.ndarray
+) -> tuple[int, int, float] | None:
+    """:func:`close_pair` on the pairs within :data:`_SEARCH_RADIUS` of any image: a pair
+    whose nearest fractional image is within MIN_DISTANCE is among them."""
+    import vesin  # here: importing it costs time that small structures need not pay
+
+    box = cell if pbc.any() else np.zeros((3, 3))
+    search = vesin.NeighborList(cutoff=_SEARCH_RADIUS, full_list=False)
+    i, j = search.compute(points=pos, box=box, periodic=pbc.tolist(), quantities="ij")
+    pairs = np.unique(np.sort(np.stack([i, j], axis=1), axis=1), axis=0)  # [P, 2] i <= j
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    # both orders, as the direct check sees each pair once from each of its atoms
+    rows = np.concatenate([pairs[:, 0], pairs[:, 1]])  # [2P]
+    cols = np.concatenate([pairs[:, 1], pairs[:, 0]])  # [2P]
+    d2 = _squared_distances(coords[cols] - coords[rows], cell, pbc)  # [2P]
+    close = d2 < MIN_DISTANCE**2
+    if not close.any():
+        return None
+    rows, cols, d2 = rows[close], cols[close], d2[close]
+    first = rows // _BLOCK == (rows // _BLOCK).min()  # the block the direct check stops at
+    rows, cols, d2 = rows[first], cols[first], d2[first]
+    k = np.lexsort((cols, rows, d2))[0]  # its argmin: closest, then by row, then column
+    i, j = sorted((int(rows[k]), int(cols[k])))
+    return i, j, float(np.sqrt(d2[k]))
 
 
 class FrameError(ValueError):

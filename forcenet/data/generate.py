@@ -34,13 +34,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,7 +46,6 @@ import numpy as np
 from ase import Atoms
 from ase.io import write as ase_write
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from forcenet.atomic import write_text
 from forcenet.data import keys as K
@@ -57,6 +54,8 @@ from forcenet.data.emt_system import SystemResult, SystemSettings, SystemSpec, r
 from forcenet.data.frame import Frame
 from forcenet.data.raw import write_shard
 from forcenet.data.slabs import FACETS, ID_CATALYSTS, OOD_CATALYSTS, SITES, relax_clean_slab
+from forcenet.data.workers import worker_pool
+from forcenet.progress import progress
 
 SID_STRIDE = 1_000_000
 IS2RS_CANDIDATES = 4  # candidate systems per requested IS2RS system (EMT often dissociates)
@@ -112,9 +111,8 @@ def _mapper(workers: int) -> Iterator[Callable]:
             yield map
         return
     # spawn, not fork: the parent may hold threads (torch, tqdm); a crashed worker raises
-    # BrokenProcessPool instead of hanging.
-    context = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+    # BrokenProcessPool instead of hanging. The workers exit when this process dies.
+    with worker_pool(workers, start_method="spawn", initializer=_init_worker) as pool:
         yield pool.map
 
 
@@ -286,7 +284,7 @@ def _simulate(pmap: Callable, specs: list[SystemSpec], settings: SystemSettings)
     keys = list(dict.fromkeys((s.catalyst, s.facet) for s in specs))
     slabs = dict(zip(keys, pmap(_call_slab, [(settings.seed, *k) for k in keys]), strict=True))
     jobs = [(s, *slabs[(s.catalyst, s.facet)], settings) for s in specs]
-    return tqdm(pmap(_call_system, jobs), total=len(jobs), desc="emt systems", unit="system")
+    return progress(pmap(_call_system, jobs), total=len(jobs), desc="emt systems", unit="system")
 
 
 def _collect(results: Iterable[SystemResult], tmp: Path, shard_size: int, is2rs_systems: int):

@@ -5,26 +5,21 @@ Used by :func:`forcenet.data.preprocess.preprocess` (raw -> frames) and
 this task's shards of a job array (``shard=(i, n)``), tell whether an output was built
 from exactly its input, and run the jobs in this process or in worker processes. Worker
 processes die with the process that started them, even when it is killed with SIGKILL
-(which runs no cleanup): otherwise they would wait for work forever.
+(which runs no cleanup): otherwise they would wait for work forever
+(:mod:`forcenet.data.workers`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_all_start_methods, get_context
+from concurrent.futures import as_completed
+from multiprocessing import get_all_start_methods
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from forcenet.data.store import StoreError, read_meta
+from forcenet.data.workers import worker_pool
+from forcenet.progress import ProgressLog
 
 
 def shard_number(path: Path, position: int) -> int:
@@ -69,43 +64,14 @@ def select_shards(items: list[Path], shard: tuple[int, int] | None) -> list[tupl
     return [(k, p) for k, p in numbered if k % n == i]
 
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_WATCHDOG_PERIOD_S = 0.5
-
-
-def _watch_parent(parent: int) -> None:
-    """Exit this process as soon as ``parent`` is no longer its parent (it died)."""
-    while os.getppid() == parent:
-        time.sleep(_WATCHDOG_PERIOD_S)
-    os._exit(1)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer: end this worker when ``parent`` (the pool's owner) dies.
-
-    On Linux the kernel sends SIGKILL at once (``prctl(PR_SET_PDEATHSIG)``; it fires when
-    the thread that started the worker ends, here the pool owner's calling thread). A
-    watchdog thread polling ``os.getppid()`` is the portable fallback; checking once
-    right away also covers a parent that died before the ``prctl`` call.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # no prctl: the watchdog alone
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watchdog").start()
-
-
 def run_jobs(
     fn: Callable[..., tuple[str, int, bool]], jobs: list[tuple], workers: int, desc: str
 ) -> list[tuple[str, int, bool]]:
     """Run ``fn(*job)`` for every job, in this process or in ``workers`` worker processes
-    (which exit if this process dies, see :func:`_die_with_parent`)."""
+    (which exit if this process dies, see :mod:`forcenet.data.workers`)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    bar = tqdm(total=len(jobs), desc=desc, unit="shard", leave=False, disable=None)
+    bar = ProgressLog(len(jobs), desc, "shard")  # a bar on a terminal, else plain lines
     results = []
     try:
         if workers == 1 or len(jobs) <= 1:
@@ -115,13 +81,8 @@ def run_jobs(
         else:
             # fork where available: spawn re-imports the caller's main module (torch, ...) in
             # every worker, seconds per start; inherited LMDB handles are reopened per pid.
-            ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=ctx,
-                initializer=_die_with_parent,
-                initargs=(os.getpid(),),
-            ) as pool:
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            with worker_pool(workers, start_method=method) as pool:
                 futures = [pool.submit(fn, *job) for job in jobs]
                 try:
                     for fut in as_completed(futures):

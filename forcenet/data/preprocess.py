@@ -14,6 +14,7 @@ from forcenet.data import raw
 from forcenet.data.jobs import is_current, run_jobs, select_shards, source_identity, split_dirs
 from forcenet.data.manifest import MANIFEST, summarise
 from forcenet.data.store import KIND_FRAMES, SUFFIX, read_meta, write_shard
+from forcenet.outdir import exclusive_folder, shared_folder
 
 
 def _convert_raw_shard(xyz: str, out: str, split_shards: int) -> tuple[str, int, bool]:
@@ -45,13 +46,25 @@ def preprocess(
     ``workers``: processes converting shards in parallel (1 = in this process).
     ``shard=(i, n)``: only raw shards with ``k % n == i`` (one task of a job array);
     the split manifest is written only once every shard of the split exists.
-    Shards whose output already matches its source are skipped. Returns, per split,
+    Shards whose output already matches its source are skipped. ``out_root`` is locked
+    while the run writes into it (:mod:`forcenet.outdir`): a second run into it is refused
+    with :class:`~forcenet.outdir.FolderLockedError`, except that the tasks of one job
+    array share it. Returns, per split,
     ``{"shards", "written", "skipped", "frames", "manifest"}``.
     """
+    dirs = split_dirs(raw_root, splits, _has_raw_shards)
+    # one run per output at a time (the tasks of a job array write disjoint shards side by side)
+    with exclusive_folder(out_root) if shard is None else shared_folder(out_root):
+        return _preprocess(dirs, Path(out_root), workers, shard)
+
+
+def _preprocess(
+    dirs: list[Path], out_root: Path, workers: int, shard: tuple[int, int] | None
+) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
-    for split_dir in split_dirs(raw_root, splits, _has_raw_shards):
+    for split_dir in dirs:
         inputs = raw.list_shards(split_dir)
-        out_dir = Path(out_root) / split_dir.name
+        out_dir = out_root / split_dir.name
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # invalid until every shard is current
         jobs = [

@@ -97,41 +97,48 @@ def write_shard(directory: Path, k: int, frames: Iterable[Frame]) -> int:
 # --------------------------------------------------------------------------- reading
 
 
-_CHUNK = 1 << 20  # compressed bytes read at a time
+_CHUNK = 1 << 20  # compressed bytes read from the file at a time
+# compressed bytes given to the decoder at a time: what it decoded from the piece in which
+# it meets damage is lost, so a small piece keeps every frame before the damage readable
+_PIECE = 1 << 10
 
 
 def _xz_lines(path: Path) -> Generator[bytes, None, None]:
     """The lines of an xz file (multi-stream too), every intact line before a defect.
 
     ``lzma.open`` behind a read buffer can lose what it had decoded when the stream
-    ends early (a truncated file reported as broken at its first frame); decoding
-    chunk by chunk here yields each complete line first, then raises ``EOFError``
-    (truncated) or ``lzma.LZMAError`` (corrupt) where the data stop making sense. A
-    final line without its newline is kept only when the stream ended properly.
+    ends early or is damaged (a defect reported at the first frame); decoding
+    :data:`_PIECE` bytes at a time here yields each complete line first, then raises
+    ``EOFError`` (truncated) or ``lzma.LZMAError`` (corrupt) where the data stop making
+    sense. A final line without its newline is kept only when the stream ended properly.
     """
     decoder, pending, data, fresh = lzma.LZMADecompressor(), b"", b"", False
     with open(path, "rb") as fh:
         while True:
             if decoder.eof:  # a stream ended: another may follow (xz allows concatenation)
-                data = decoder.unused_data or fh.read(_CHUNK)
+                data = decoder.unused_data + data or fh.read(_CHUNK)
                 if not data:
                     break
                 decoder, fresh = lzma.LZMADecompressor(), True
-            if decoder.needs_input and not data:
-                data = fh.read(_CHUNK)
+            piece = b""
+            if decoder.needs_input:
                 if not data:
-                    raise EOFError("the file ends before the end-of-stream marker")
+                    data = fh.read(_CHUNK)
+                    if not data:
+                        raise EOFError("the file ends before the end-of-stream marker")
+                piece, data = data[:_PIECE], data[_PIECE:]
             try:
-                text = decoder.decompress(data, _CHUNK * 8)
+                text = decoder.decompress(piece, _CHUNK * 8)
             except lzma.LZMAError:
                 if fresh:  # padding or garbage after a complete stream: ignored, as lzma.open
                     break
                 raise
-            data, fresh = b"", False
-            lines = (pending + text).split(b"\n")
-            pending = lines.pop()
-            for line in lines:
-                yield line + b"\n"
+            fresh = False
+            if text:
+                lines = (pending + text).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
     if pending:
         yield pending
 

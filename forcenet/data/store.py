@@ -18,7 +18,9 @@ remove what a killed one left). Building shards from their inputs is
 :mod:`forcenet.data.jobs` (runner), :mod:`forcenet.data.preprocess` (raw -> frames) and
 :mod:`forcenet.data.graphs`; the split's ``manifest.json`` is :mod:`forcenet.data.manifest`.
 
-Readers open files lazily, read-only and lock-free, once per process (py-lmdb refuses to
+A shard shorter than its own LMDB header says (a truncated copy) is refused before it is
+mapped (:func:`check_size`): reading past the end of a mapped file kills the process
+with SIGBUS. Readers open files lazily, read-only and lock-free, once per process (py-lmdb refuses to
 open one file twice in a process, and a forked DataLoader worker must not use its
 parent's handle); reader objects pickle without the handle.
 """
@@ -29,6 +31,7 @@ import errno
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +117,7 @@ def _shared_env(key: str) -> lmdb.Environment:
     if env is None:
         if not os.path.isfile(key):
             raise StoreError(f"{key}: no such LMDB shard")
+        check_size(Path(key))
         try:
             env = lmdb.open(
                 key, subdir=False, readonly=True, lock=False, readahead=False, meminit=False
@@ -122,6 +126,49 @@ def _shared_env(key: str) -> lmdb.Environment:
             raise StoreError(f"{key}: cannot open as LMDB: {exc}") from exc
         _ENVS[key] = env
     return env
+
+
+# The meta pages that begin an LMDB file (lmdb.h, mdb.c: MDB_page header, then MDB_meta):
+# magic and version, then at byte 24 the free DB's md_pad (the page size), at 120 the
+# last page in use and at 128 the transaction id. 64-bit builds, data version 1.
+_META = struct.Struct("<II8x8xI92xQQ")
+_META_OFFSET = 16  # the page header before the meta
+_MAGIC, _DATA_VERSION = 0xBEEFC0DE, 1
+
+
+def _lmdb_size(head: bytes, second: bytes) -> int | None:
+    """Bytes the file needs per its newest meta page (None: not an LMDB file we know)."""
+    metas = []
+    for page in (head, second):
+        if len(page) < _META_OFFSET + _META.size:
+            continue
+        magic, version, psize, last_page, txnid = _META.unpack_from(page, _META_OFFSET)
+        if magic == _MAGIC and version == _DATA_VERSION:
+            metas.append((txnid, (last_page + 1) * psize))
+    return max(metas)[1] if metas else None
+
+
+def check_size(path: Path) -> None:
+    """Raise :class:`StoreError` if the file at ``path`` is shorter than its own LMDB meta
+    says (a truncated copy): mapping it would crash the process with SIGBUS, without a
+    message, on the first read past the end. Files that are not LMDB are left to LMDB.
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(_META_OFFSET + _META.size)
+        if len(head) < _META_OFFSET + _META.size:
+            return  # too short to be LMDB: lmdb.open refuses it
+        psize = _META.unpack_from(head, _META_OFFSET)[2]
+        second = b""
+        if 0 < psize <= 1 << 16:
+            fh.seek(psize)
+            second = fh.read(_META_OFFSET + _META.size)
+    need = _lmdb_size(head, second)
+    if need is not None and size < need:
+        raise StoreError(
+            f"{path}: truncated LMDB shard ({size} bytes, its own header needs {need}): "
+            f"{REBUILD_HINT}"
+        )
 
 
 def release(path: Path) -> None:

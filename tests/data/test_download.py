@@ -274,3 +274,17 @@ def test_official_table() -> None:
     assert sum(a.frames for a in dl.VAL_ARCHIVES.values()) == 3_999_457
     with pytest.raises(ValueError, match="unknown train split '3M'"):
         dl.download_splits(Path("unused"), train="3M", val=[])
+
+
+def test_a_partial_file_that_is_a_symbolic_link_is_refused_and_its_target_kept(
+    server: Server, tmp_path: Path
+) -> None:
+    (server.root / "blob.bin").write_bytes(b"payload" * 100)
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"keep me")
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.part").symlink_to(victim)
+    with pytest.raises(OSError, match=r"blob\.bin\.part: is a symbolic link"):
+        dl.fetch(server.url + "blob.bin", dest, None, progress=False)
+    assert victim.read_bytes() == b"keep me" and not dest.exists()
+    assert server.requests == []

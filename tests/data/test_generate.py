@@ -102,6 +102,17 @@ def test_same_seed_same_files_whatever_the_worker_count(dataset, tmp_path):
     assert plan_systems(4, TINY["n_systems"]) != plan_systems(3, TINY["n_systems"])
 
 
+def test_generator_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    settings = {**TINY, "n_systems": {"train": 2}, "is2rs_systems": 0, "relax_steps": 2}
+    generate_emt(tmp_path / "raw", workers=1, **settings)
+    err = capsys.readouterr().err  # not a terminal, as in a log file
+    assert "\r" not in err
+    assert [line.split(",")[0] for line in err.splitlines() if line.startswith("emt")] == [
+        "emt systems: 1/2 systems",
+        "emt systems: 2/2 systems",
+    ]
+
+
 def test_output_replaced_atomically_and_report_consistent(dataset):
     out, _, report = dataset
     assert not (out / "train" / "99.extxyz.xz").exists()  # stale shard gone

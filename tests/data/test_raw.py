@@ -211,6 +211,30 @@ def test_truncated_xz_names_last_good_frame_and_line(tmp_path: Path) -> None:
     assert "corrupt or truncated xz data" in message
 
 
+def test_damage_inside_an_xz_shard_names_the_last_good_frame(tmp_path: Path) -> None:
+    """Bytes overwritten mid-file: every frame before the damage comes through intact,
+    then the error names the last good frame, as for a cut file."""
+    rng = np.random.default_rng(3)
+    frames = [make_frame(rng, i) for i in range(400)]
+    path = tmp_path / "0.extxyz.xz"
+    write_shard(tmp_path, 0, frames)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    read: list[Frame] = []
+    with pytest.raises(RawFormatError) as err:
+        read.extend(iter_shard(path))
+    good = len(read)
+    assert 100 < good < 300  # the frames before the damage came through
+    for got, want in zip(read, frames, strict=False):
+        assert (got.sid, got.fid) == (want.sid, want.fid)
+        np.testing.assert_allclose(got.pos, want.pos, atol=1e-9)
+    message = str(err.value)
+    assert f"frame {good} (the last good frame is {good - 1})" in message
+    assert "corrupt or truncated xz data" in message
+
+
 def test_sidecar_with_fewer_rows(tmp_path: Path) -> None:
     path = write_text(tmp_path, 0, frame_text() * 3, ["random1,frame0,0.0", "random1,frame1,0.0"])
     with pytest.raises(RawFormatError, match=r"0\.txt\.xz: has 2 rows.*no row for frame 2"):

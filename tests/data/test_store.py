@@ -5,6 +5,8 @@ from __future__ import annotations
 import lzma
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -17,6 +19,7 @@ from forcenet.data import keys as K
 from forcenet.data.frame import Frame
 from forcenet.data.graphs import build_graphs, decode_graph
 from forcenet.data.neighbors import NeighborListError, neighbor_list
+from forcenet.outdir import FolderLockedError
 
 
 def make_frames(n: int, seed: int, sid: int = 0) -> list[Frame]:
@@ -219,6 +222,74 @@ def test_sharded_runs_plus_manifest_equal_a_full_run(tmp_path):
     assert full["train"]["frames"] == merged["total"] == 6
     with pytest.raises(ValueError, match="shard"):
         preprocess.preprocess(tmp_path / "raw", tmp_path / "x", shard=(2, 2))
+
+
+def test_a_second_preprocess_into_the_same_output_is_refused_while_one_runs(tmp_path, monkeypatch):
+    make_raw(tmp_path / "raw", {"train": [2, 3]})
+    convert, refused = preprocess._convert_raw_shard, []
+
+    def convert_while_another_run_starts(*job):
+        with pytest.raises(FolderLockedError, match=r"lmdb: another run \(pid \d+\) is writing"):
+            preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+        refused.append(job)
+        return convert(*job)
+
+    monkeypatch.setattr(preprocess, "_convert_raw_shard", convert_while_another_run_starts)
+    summary = preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    assert len(refused) == 2 and summary["train"]["manifest"] is True
+    assert manifest.require_manifest(tmp_path / "lmdb" / "train", "frames")["total"] == 5
+
+
+def test_job_array_tasks_share_the_output_but_a_full_run_is_refused_meanwhile(
+    tmp_path, monkeypatch
+):
+    make_raw(tmp_path / "raw", {"train": [2, 3]})
+    convert, nested = preprocess._convert_raw_shard, []
+
+    def convert_while_other_runs_start(*job):
+        if job[1].endswith("0.lmdb"):  # inside task 0/2: task 1/2 runs beside it, a full run not
+            nested.append(preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", shard=(1, 2)))
+            with pytest.raises(FolderLockedError, match="another run"):
+                preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+        return convert(*job)
+
+    monkeypatch.setattr(preprocess, "_convert_raw_shard", convert_while_other_runs_start)
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", shard=(0, 2))
+    assert nested[0]["train"]["written"] == 1
+    assert manifest.write_manifest(tmp_path / "lmdb" / "train", "frames")["total"] == 5
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "inspect", "{frames}/train"],
+        ["neighbors", "{frames}", "{graphs}", "--workers", "1"],
+    ],
+    ids=["inspect", "neighbors"],
+)
+def test_a_truncated_shard_is_refused_with_its_name_instead_of_a_crash(tmp_path, command):
+    make_raw(tmp_path / "raw", {"train": [300]})
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
+    shard = (tmp_path / "lmdb" / "train" / "0.lmdb").resolve()
+    os.truncate(shard, shard.stat().st_size // 2)  # the manifest is kept
+    args = [a.format(frames=tmp_path / "lmdb", graphs=tmp_path / "graphs") for a in command]
+    proc = subprocess.run(
+        [sys.executable, "-m", "forcenet.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not SIGBUS (-7)
+    assert f"{shard}: truncated LMDB shard" in proc.stderr
+    assert "rerun `forcenet preprocess`" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_progress_in_a_log_is_plain_lines(tmp_path, capsys, workers):
+    make_raw(tmp_path / "raw", {"train": [2, 1, 2]})
+    preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb", workers=workers)
+    err = capsys.readouterr().err  # not a terminal, as in a log file
+    assert "\r" not in err
+    assert [line.split(",")[0] for line in err.splitlines()] == [
+        f"preprocess train: {k}/3 shards" for k in (1, 2, 3)
+    ]
 
 
 def test_write_manifest_detects_stale_and_foreign_shards(tmp_path):
