@@ -3,7 +3,7 @@
 Writes ``reports/benchmarks/data.json`` (and prints it). Everything runs in a temporary
 folder, side by side in one run, and takes about two minutes on 2 CPU cores:
 
-* ``generate``: frames/s of :func:`forcenet.data.generate.generate_emt` (EMT labels).
+* ``generate``: frames/s of :func:`forcenet.emt.generate.generate_emt` (EMT labels).
 * Per frame set, ``small`` (the generated frames, about 28 atoms, replicated) and
   ``oc20`` (those frames tiled to 60-90 atoms and rattled, :mod:`synthetic`):
 
@@ -49,10 +49,10 @@ from forcenet.atomic import write_text  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.data import preprocess, raw, store  # noqa: E402
 from forcenet.data.dataset import FrameDataset, make_loader  # noqa: E402
-from forcenet.data.generate import generate_emt  # noqa: E402
 from forcenet.data.graphs import GraphSettings, build_graphs, decode_graph  # noqa: E402
 from forcenet.data.neighbors import neighbor_list  # noqa: E402
 from forcenet.data.online import OnTheFlyGraphs  # noqa: E402
+from forcenet.emt.generate import generate_emt  # noqa: E402
 from forcenet.runtime import tune_malloc  # noqa: E402
 
 CUTOFF, MAX_NEIGHBORS, BATCH_SIZE = 6.0, 50, 16  # the ForceNet / OC20 graph settings

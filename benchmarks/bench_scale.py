@@ -218,7 +218,7 @@ def main() -> None:
     if args.epoch:
         epoch_pass(*args.epoch)
         return
-    from forcenet.data.generate import generate_emt
+    from forcenet.emt.generate import generate_emt
 
     if args.workdir.exists():
         shutil.rmtree(args.workdir)

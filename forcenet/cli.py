@@ -88,7 +88,7 @@ def data_generate(
 ) -> None:
     """Generate an OC20-like dataset: adsorbates on metal slabs labelled by EMT, in the
     OC20 raw layout (OUT/SPLIT/K.extxyz.xz + K.txt.xz)."""
-    from forcenet.data.generate import generate_emt
+    from forcenet.emt.generate import generate_emt
 
     counts: dict[str, int] = {}
     for item in systems:

@@ -20,7 +20,7 @@ from pipeline.params import DataConfig, load_params
 
 def generate(cfg: DataConfig, out: Path, is2rs_out: Path) -> dict[str, Any]:
     """The embedded EMT dataset, sized by ``data.emt``."""
-    from forcenet.data.generate import generate_emt
+    from forcenet.emt.generate import generate_emt
 
     e = cfg.emt
     return generate_emt(

@@ -29,7 +29,7 @@ PARAMS_FILE = Path("params.yaml")
 
 @dataclass(frozen=True)
 class EmtConfig:
-    """``data.emt``: the embedded OC20-like dataset (:func:`forcenet.data.generate.generate_emt`)."""
+    """``data.emt``: the embedded OC20-like dataset (:func:`forcenet.emt.generate.generate_emt`)."""
 
     seed: int
     n_systems: dict[str, int]  # systems per split (train, val_id, val_ood_ads, ...)

@@ -1,7 +1,7 @@
 """Worker-process pools whose workers die with the process that started them.
 
 Used by the shard jobs of :mod:`forcenet.data.jobs` (preprocess, neighbors) and by the
-EMT generator (:mod:`forcenet.data.generate`). A pool's workers wait for work on a pipe
+EMT generator (:mod:`forcenet.emt.generate`). A pool's workers wait for work on a pipe
 that they hold open themselves, so without help they outlive a parent killed with
 SIGKILL or SIGTERM (neither runs the parent's cleanup), and with them the
 ``resource_tracker`` process that they keep alive: each worker here exits as soon as its

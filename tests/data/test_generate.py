@@ -15,7 +15,8 @@ from ase.data import covalent_radii
 from ase.io import read
 
 from forcenet.data import keys as K
-from forcenet.data.adsorbates import (
+from forcenet.data.raw import iter_split
+from forcenet.emt.adsorbates import (
     ADSORBATES,
     ID_ADSORBATES,
     OOD_ADSORBATES,
@@ -25,10 +26,8 @@ from forcenet.data.adsorbates import (
     gas_references,
     place_adsorbate,
 )
-from forcenet.data.emt_system import SystemSettings, run_system
-from forcenet.data.generate import SPLIT_POOLS, generate_emt, plan_systems
-from forcenet.data.raw import iter_split
-from forcenet.data.slabs import (
+from forcenet.emt.generate import SPLIT_POOLS, generate_emt, plan_systems
+from forcenet.emt.slabs import (
     ADSORBATE_ZONE,
     CATALYSTS,
     FACETS,
@@ -43,6 +42,7 @@ from forcenet.data.slabs import (
     lattice_constant,
     relax_clean_slab,
 )
+from forcenet.emt.system import SystemSettings, run_system
 
 TINY = dict(
     seed=3,

@@ -19,7 +19,7 @@ _GENERATOR_POOL = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from forcenet.data.generate import _mapper
+    from forcenet.emt.generate import _mapper
 
     def job(i):
         Path(sys.argv[1], f"{i}.pid").write_text(str(os.getpid()))

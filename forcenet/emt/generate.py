@@ -2,14 +2,14 @@
 
 Each *system* is one adsorbate on a small metal or alloy slab, relaxed and then run as MD
 under EMT; how one system is sampled, labelled and filtered is in
-:mod:`forcenet.data.emt_system`. This module plans the systems of every split, runs them
+:mod:`forcenet.emt.system`. This module plans the systems of every split, runs them
 over worker processes and writes the dataset.
 
 Splits mirror OC20 S2EF: ``train`` and ``val_id`` draw from the in-domain adsorbates and
 catalysts, ``val_ood_ads`` from the held-out adsorbates on in-domain catalysts,
 ``val_ood_cat`` from in-domain adsorbates on held-out catalysts, ``val_ood_both`` from
-both held-out sets (the partitions are fixed tables in :mod:`forcenet.data.adsorbates`
-and :mod:`forcenet.data.slabs`). System ``i`` of split ``s`` has
+both held-out sets (the partitions are fixed tables in :mod:`forcenet.emt.adsorbates`
+and :mod:`forcenet.emt.slabs`). System ``i`` of split ``s`` has
 ``sid = SID_STRIDE * s + i`` and all its random choices come from
 ``numpy.random.default_rng([seed, s, i, ...])``: the output depends on the seed only,
 not on the number of workers.
@@ -49,12 +49,12 @@ from threadpoolctl import threadpool_limits
 
 from forcenet.atomic import write_text
 from forcenet.data import keys as K
-from forcenet.data.adsorbates import ID_ADSORBATES, OOD_ADSORBATES
-from forcenet.data.emt_system import SystemResult, SystemSettings, SystemSpec, run_system
 from forcenet.data.frame import Frame
 from forcenet.data.raw import write_shard
-from forcenet.data.slabs import FACETS, ID_CATALYSTS, OOD_CATALYSTS, SITES, relax_clean_slab
 from forcenet.data.workers import worker_pool
+from forcenet.emt.adsorbates import ID_ADSORBATES, OOD_ADSORBATES
+from forcenet.emt.slabs import FACETS, ID_CATALYSTS, OOD_CATALYSTS, SITES, relax_clean_slab
+from forcenet.emt.system import SystemResult, SystemSettings, SystemSpec, run_system
 from forcenet.progress import progress
 
 SID_STRIDE = 1_000_000

@@ -1,7 +1,7 @@
 """One system of the EMT dataset: an adsorbate on a slab, relaxed then run as MD, labelled.
 
-The adsorbate (:mod:`forcenet.data.adsorbates`) is placed binding-atom-down at a
-top/bridge/hollow site of a small metal or alloy slab (:mod:`forcenet.data.slabs`),
+The adsorbate (:mod:`forcenet.emt.adsorbates`) is placed binding-atom-down at a
+top/bridge/hollow site of a small metal or alloy slab (:mod:`forcenet.emt.slabs`),
 rattled (free atoms, :data:`RATTLE_STD` Å), then
 
 1. relaxed with ASE's BFGS under EMT until max |F| on free atoms < :data:`RELAX_FMAX`
@@ -20,12 +20,12 @@ Rejected frames are dropped and counted by reason:
 * ``max_force``: some atom's |F| exceeds ``max_force`` eV/Å (the frame alone is dropped);
 * ``desorbed``: the lowest adsorbate atom is more than ``DESORB_HEIGHT`` (3 Å) above the
   initial top slab layer, or any adsorbate atom leaves the adsorbate zone
-  (:data:`forcenet.data.slabs.ADSORBATE_ZONE` Å), which would eat into the vacuum;
+  (:data:`forcenet.emt.slabs.ADSORBATE_ZONE` Å), which would eat into the vacuum;
 * ``dissociated``: a bond of the placed adsorbate stretched beyond
   ``DISSOCIATION_FACTOR`` (1.6) times its covalent length;
 * ``slab_displaced``: a slab atom moved more than ``SLAB_DISPLACEMENT`` (1 Å).
 
-(thresholds in :mod:`forcenet.data.adsorbates`, :class:`StructureCheck`). The last three
+(thresholds in :mod:`forcenet.emt.adsorbates`, :class:`StructureCheck`). The last three
 end the trajectory they occur in (what follows is the same broken structure); the
 breaking frame is the one counted. EMT is a metal potential: adsorbates with two or
 more H atoms (``*OH2``, ``*NH3``, ``*CH2OH``...) often lose an H to the metal, so
@@ -51,9 +51,9 @@ from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 
 from forcenet.data import keys as K
-from forcenet.data.adsorbates import StructureCheck, adsorbate_reference, place_adsorbate
 from forcenet.data.frame import Frame, fixed_mask
-from forcenet.data.slabs import ADSORBATE_ZONE, catalyst_slab
+from forcenet.emt.adsorbates import StructureCheck, adsorbate_reference, place_adsorbate
+from forcenet.emt.slabs import ADSORBATE_ZONE, catalyst_slab
 
 RATTLE_STD = 0.05  # Å, Gaussian displacement of free atoms of the starting placement
 RELAX_FMAX = 0.05  # eV/Å, convergence of the sampled relaxation
@@ -78,7 +78,7 @@ class SystemSpec:
 
 @dataclass(frozen=True)
 class SystemSettings:
-    """Sampling settings shared by all systems (from :func:`~forcenet.data.generate.generate_emt`)."""
+    """Sampling settings shared by all systems (from :func:`~forcenet.emt.generate.generate_emt`)."""
 
     seed: int
     frames_per_system: int
