@@ -63,6 +63,7 @@ from forcenet.checkpoint import load_model
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.data.dataset import sample_from_atoms
+from forcenet.data.frame import geometry_problem
 from forcenet.distributed import pick_device
 from forcenet.inference import predict
 
@@ -195,7 +196,12 @@ class ForceNetCalculator(Calculator):
         return super().get_property(name, atoms, allow_calculation)
 
     def sample(self, atoms: Atoms) -> dict[str, np.ndarray]:
-        """The model input for ``atoms``: frame fields + graph, as in training."""
+        """The model input for ``atoms``: frame fields + graph, as in training; positions
+        or a cell that cannot make a neighbor list (NaN, a flat periodic cell) are a
+        ``ValueError`` naming the structure."""
+        problem = geometry_problem(atoms.positions, atoms.cell.array, atoms.pbc)
+        if problem is not None:
+            raise ValueError(f"structure {atoms.get_chemical_formula()}: {problem}")
         return sample_from_atoms(atoms, cutoff=self.cutoff, max_neighbors=self.max_neighbors)
 
     def batch(self, structures: Sequence[Atoms]) -> Batch:

@@ -300,6 +300,13 @@ def train(
     else:
         assert cutoff is not None and max_neighbors is not None
         settings = GraphSettings(cutoff=cutoff, max_neighbors=max_neighbors)
+    if "cutoff" in kwargs and float(kwargs["cutoff"]) != float(settings.cutoff):
+        source = f"the graph store {graphs}" if graphs is not None else "--cutoff"
+        raise ValueError(
+            f"model.cutoff={kwargs['cutoff']} differs from the cutoff {settings.cutoff} Å of "
+            f"{source}: the model's cutoff is its graphs'; leave model.cutoff out, or build "
+            "graphs with that cutoff"
+        )
     kwargs["cutoff"] = settings.cutoff
     rank_zero = is_rank_zero()  # under torchrun, rank 0 owns OUT
     with exclusive_folder(out) if rank_zero else contextlib.nullcontext(out):
@@ -355,9 +362,12 @@ def evaluate(
     """OC20 metrics on free atoms (force MAE with the zero-force baseline, cosine,
     magnitude, energy MAE and EFwT where the model has an energy), inference throughput
     and the rotation-covariance error, per split."""
-    from forcenet.evaluate import evaluate_checkpoint
+    from forcenet.evaluate import evaluate_checkpoint, read_paths
+    from forcenet.inputs import check_outputs
     from forcenet.tables import write_metrics_json, write_table
 
+    outputs = {"--out": out, "--predictions": predictions, "--metrics-json": metrics_json}
+    check_outputs(outputs, read_paths(checkpoint, inputs, graphs))
     table = evaluate_checkpoint(
         checkpoint,
         inputs,

@@ -104,10 +104,35 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps
+    the last one silently, so a second ``graph:`` section would win unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged by the base class
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            seen[key] = line
+            if first is not None:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}, line {line}: key {key!r} is given twice "
+                    f"(first on line {first}); keep one"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """The raw params mapping (plain dict) of a YAML file."""
+    """The raw params mapping (plain dict) of a YAML file; a key given twice in one
+    mapping is a :class:`ConfigError` naming the file and both lines."""
     with open(path) as fh:
-        data = yaml.safe_load(fh)
+        data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -46,10 +46,24 @@ def pick_device(device: str | None = None) -> torch.device:
     ``cuda:0`` otherwise), else CPU. The one device rule of training, evaluation and the
     ASE calculator."""
     if device:
-        return torch.device(device)
+        return _available(torch.device(device))
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def _available(device: torch.device) -> torch.device:
+    """``device``, or a ``ValueError`` saying why this machine cannot run on it."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            reason = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU"
+            raise ValueError(f"device {device}: CUDA is not available ({reason}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device}: only {torch.cuda.device_count()} GPU(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    return device
 
 
 def init_distributed() -> DistInfo:

@@ -32,6 +32,7 @@ from forcenet.data.online import OnTheFlyGraphs
 from forcenet.distributed import pick_device
 from forcenet.geometry import random_rotation, rotate_batch
 from forcenet.inference import predict, sync
+from forcenet.inputs import check_outputs
 from forcenet.metrics import OC20Metrics
 from forcenet.tables import TRAINING_ROWS, PredictionWriter, long_table
 
@@ -200,7 +201,7 @@ def evaluate_files(
     ``predictions``: stream per-atom predictions to this Parquet file, renamed into place
     only when every input is done. ``on_the_fly``: LMDB splits are read without their
     graph store, and their graphs built with ``settings`` on the evaluation device."""
-    from forcenet.inputs import open_input
+    from forcenet.inputs import check_split_names, open_input
 
     opened = [
         open_input(
@@ -213,6 +214,7 @@ def evaluate_files(
         )
         for p in inputs
     ]
+    check_split_names(list(inputs), [split for split, _ in opened])
     writer = PredictionWriter(predictions) if predictions is not None else None
     try:
         results = evaluate_model(
@@ -256,6 +258,7 @@ def evaluate_checkpoint(
     """
     from forcenet.checkpoint import load_model
 
+    check_outputs({"the predictions": predictions}, read_paths(checkpoint, inputs, graphs))
     model, ckpt = load_model(Path(checkpoint), device="cpu")
     name = str(ckpt["model_name"])
     table = evaluate_files(
@@ -275,6 +278,20 @@ def evaluate_checkpoint(
         training["parameters"] = float(sum(p.numel() for p in model.parameters()))
         table = pd.concat([table, long_table(name, TRAINING_ROWS, training, None)])
     return table.reset_index(drop=True)
+
+
+def read_paths(
+    checkpoint: Path, inputs: Sequence[Path], graphs: Path | None = None
+) -> dict[str, Path | None]:
+    """Every path an evaluation of ``checkpoint`` reads (``last.pt`` beside it included),
+    named for :func:`forcenet.inputs.check_outputs`."""
+    paths: dict[str, Path | None] = {"the checkpoint": Path(checkpoint)}
+    last = Path(checkpoint).with_name("last.pt")
+    if last.exists():
+        paths["its training record"] = last
+    paths.update({f"input {k}": Path(p) for k, p in enumerate(inputs)})
+    paths["the graph store"] = graphs
+    return paths
 
 
 def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:

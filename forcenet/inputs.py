@@ -8,7 +8,8 @@ built on the fly with the same settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, collate
 from forcenet.data.graphs import GraphSettings, read_graph_settings
+from forcenet.data.raw import check_regular_file
+from forcenet.tables import TRAINING_ROWS
 
 #: ASE formats accepted as evaluation inputs (all plain data; no pickle-based format).
 ASE_FORMATS = ("extxyz", "xyz", "traj", "db", "json")
@@ -60,15 +63,25 @@ def _ase_labels(atoms, index: int) -> dict[str, np.ndarray]:
     energy with a referenced prediction."""
     if atoms.calc is None:
         raise ValueError("no energies/forces stored (no calculator results)")
+    forces = np.asarray(atoms.get_forces(apply_constraint=False), dtype=np.float64)
+    if not np.isfinite(forces).all():
+        bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
+        raise ValueError(
+            f"forces contain NaN or inf ({len(bad)} atom(s), first atom {int(bad[0])}): "
+            "a non-finite label would make every metric NaN"
+        )
     out: dict[str, np.ndarray] = {
-        K.FORCES: np.asarray(atoms.get_forces(apply_constraint=False), dtype=np.float32),
+        K.FORCES: forces.astype(np.float32),
         K.SID: np.asarray(int(atoms.info.get("sid", index)), dtype=np.int64),
         K.FID: np.asarray(int(atoms.info.get("fid", index)), dtype=np.int64),
     }
     ref = atoms.info.get("reference_energy", atoms.info.get("ref_energy"))
     if ref is not None:
         total = float(atoms.get_potential_energy(apply_constraint=False))
-        out[K.ENERGY] = np.asarray(total - float(ref), dtype=np.float64)
+        energy = total - float(ref)
+        if not np.isfinite(energy):
+            raise ValueError(f"energy {total} minus reference_energy {ref} is not finite")
+        out[K.ENERGY] = np.asarray(energy, dtype=np.float64)
     return out
 
 
@@ -80,7 +93,13 @@ def ase_batches(path: Path, *, settings: GraphSettings, batch_size: int) -> Iter
 
     from forcenet.data.dataset import sample_from_atoms
 
-    fmt = filetype(str(path), read=True)
+    check_regular_file(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (no structures)")
+    try:
+        fmt = filetype(str(path), read=True)
+    except Exception as exc:  # ASE's UnknownFileTypeError and read errors
+        raise ValueError(f"{path}: unknown file format ({exc})") from exc
     if fmt not in ASE_FORMATS:
         raise ValueError(f"{path}: format {fmt!r} is not accepted; use one of {ASE_FORMATS}")
 
@@ -96,6 +115,8 @@ def ase_batches(path: Path, *, settings: GraphSettings, batch_size: int) -> Iter
                 index += 1
         except Exception as exc:
             raise ValueError(f"{path}: frame {index}: {exc}") from exc
+        if index == 0:
+            raise ValueError(f"{path}: no structures in the file")
 
     yield from _chunks(samples(), batch_size)
 
@@ -130,6 +151,49 @@ def open_input(
         )
         batches = lmdb_batches(path, graphs_dir, batch_size=batch_size, num_workers=num_workers)
         return path.name, batches
-    if path.is_file():
+    if path.exists():
         return path.stem, ase_batches(path, settings=settings, batch_size=batch_size)
     raise FileNotFoundError(f"evaluation input not found: {path}")
+
+
+def check_split_names(inputs: Sequence[Path], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` when two inputs would report under one split name (a file's
+    stem or a folder's name: ``a/val.extxyz`` and ``b/val.extxyz``), or when one is named
+    ``training``, the name of the rows that describe the training run."""
+    seen: dict[str, Path] = {}
+    for path, name in zip(inputs, names, strict=True):
+        if name == TRAINING_ROWS:
+            raise ValueError(
+                f"{path}: the split name {TRAINING_ROWS!r} is reserved for the rows that "
+                "describe the training run; rename the input"
+            )
+        if name in seen:
+            raise ValueError(
+                f"{seen[name]} and {path} both give split {name!r} (a split is named by the "
+                "file stem or folder name); rename one, so that neither is dropped"
+            )
+        seen[name] = path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def check_outputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
+    """Raise ``ValueError`` when an output would overwrite an input or another output:
+    the same path after resolving links, or the same file (hard links). Keys name the
+    paths in the message (e.g. ``"--out"``, ``"the checkpoint"``)."""
+    given_outputs = [(k, Path(p)) for k, p in outputs.items() if p is not None]
+    given_inputs = [(k, Path(p)) for k, p in inputs.items() if p is not None]
+    for n, (name, out) in enumerate(given_outputs):
+        for other, path in given_outputs[n + 1 :] + given_inputs:
+            if _same_file(out, path):
+                raise ValueError(
+                    f"{name} {out} is the same file as {other} {path}: it would be "
+                    "overwritten; write to another path"
+                )

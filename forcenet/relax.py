@@ -32,7 +32,8 @@ from ase.optimize.optimize import Optimizer
 
 from forcenet.atomic import atomic_write
 from forcenet.calculator import ForceNetCalculator
-from forcenet.data.frame import fixed_mask
+from forcenet.data.frame import check_atoms_geometry, fixed_mask
+from forcenet.data.raw import check_regular_file
 from forcenet.tables import write_table
 
 OptimizerName = Literal["lbfgs", "fire"]
@@ -207,6 +208,8 @@ def relax_structures(
             f"need steps >= 0, fmax >= 0, batch_size >= 1; got {steps}, {fmax}, {batch_size}"
         )
     labels = _names(structures, names)
+    for label, atoms in zip(labels, structures, strict=True):  # before any trajectory
+        check_atoms_geometry(atoms, f"structure {label}")
     traj_dir = Path(traj_dir)
     traj_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -241,7 +244,8 @@ def write_extxyz(path: Path, images: list[Atoms]) -> None:
 
 
 def read_structures(inputs: Sequence[Path]) -> tuple[list[Atoms], list[str]]:
-    """Every structure of every ASE-readable file, with unique names.
+    """Every structure of every ASE-readable file, with unique names; a structure whose
+    positions or cell cannot make a neighbor list is a ``ValueError`` naming it.
 
     A structure's name is its ``info["sid"]`` when every sid is an integer and unique,
     else ``<file stem>-<index in file>``.
@@ -250,11 +254,13 @@ def read_structures(inputs: Sequence[Path]) -> tuple[list[Atoms], list[str]]:
     sids: list[str | None] = []
     fallback: list[str] = []
     for path in map(Path, inputs):
+        check_regular_file(path)
         try:
             images = read(str(path), index=":")
         except Exception as exc:  # ASE raises many types for unreadable files
             raise ValueError(f"{path}: cannot read structures ({exc})") from exc
         for k, atoms in enumerate(images):
+            check_atoms_geometry(atoms, f"{path}: structure {k}")
             structures.append(atoms)
             sid = atoms.info.get("sid")
             sids.append(str(sid) if isinstance(sid, int | np.integer) else None)

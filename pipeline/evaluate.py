@@ -23,7 +23,8 @@ from pipeline.params import load_params
 
 def main(argv: Sequence[str] | None = None) -> None:
     from forcenet.checkpoint import load_checkpoint
-    from forcenet.evaluate import evaluate_checkpoint
+    from forcenet.evaluate import evaluate_checkpoint, read_paths
+    from forcenet.inputs import check_outputs
 
     p = stage.parser(__doc__)
     p.add_argument("checkpoint", type=Path)
@@ -35,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--predictions", type=Path, required=True, help="per-atom predictions")
     p.add_argument("--metrics-json", type=Path, required=True, help="metrics for DVC")
     args = p.parse_args(argv)
+    outputs = {"--out": args.out, "--predictions": args.predictions}
+    outputs["--metrics-json"] = args.metrics_json
+    # before anything: a failed run removes its outputs, which must never be an input
+    check_outputs(outputs, read_paths(args.checkpoint, args.inputs, args.graphs))
     params = load_params(args.params)
     start = time.perf_counter()
     name = str(load_checkpoint(args.checkpoint)["model_name"])

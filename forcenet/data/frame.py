@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,55 @@ _DIRECT_MAX_ATOMS = 256
 #: every close pair; a larger one keeps vesin's grid coarse (its cost grows as radius⁻³).
 _SEARCH_RADIUS = 2.0
 _BLOCK = 128  # rows per block of the pair-by-pair check
+
+
+def geometry_problem(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> str | None:
+    """What makes a structure's positions and cell unusable for a neighbor list, or None.
+
+    Positions and the cell must be finite (a NaN reaching the neighbor search is a
+    floating-point crash, not an error message), a periodic cell must have volume, and
+    along every periodic direction its width (the spacing of the lattice planes) must be
+    at least :data:`MIN_DISTANCE`: a thinner cell puts an atom closer than that to its own
+    image, and the search would have to visit millions of images.
+    """
+    pos = np.asarray(pos)
+    if not np.isfinite(pos).all():
+        rows = np.flatnonzero(~np.isfinite(pos.reshape(len(pos), -1)).all(axis=1))
+        return f"positions contain NaN or inf (atom {int(rows[0])})"
+    rows = [[float(x) for x in row] for row in np.asarray(cell, dtype=np.float64).reshape(3, 3)]
+    if not all(math.isfinite(x) for row in rows for x in row):
+        return f"cell contains NaN or inf: {rows}"
+    periodic = [bool(p) for p in np.asarray(pbc, dtype=bool).reshape(3)]
+    if not any(periodic):
+        return None
+    a, b, c = rows
+    volume = abs(_dot(a, _cross(b, c)))
+    if volume < 1e-9:
+        return "periodic cell has zero volume"
+    for k, (u, v) in enumerate(((b, c), (c, a), (a, b))):
+        width = volume / math.sqrt(_dot(_cross(u, v), _cross(u, v)))
+        if periodic[k] and width < MIN_DISTANCE:
+            return (
+                f"periodic cell is degenerate: {width:.3g} Å wide along cell vector {k}, "
+                f"below the minimum distance {MIN_DISTANCE} Å"
+            )
+    return None
+
+
+def _cross(u: list[float], v: list[float]) -> list[float]:
+    return [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+
+
+def _dot(u: list[float], v: list[float]) -> float:
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+def check_atoms_geometry(atoms: Atoms, where: str) -> None:
+    """Raise :class:`FrameError` (prefixed by ``where``, e.g. the file and structure)
+    unless the positions and cell of ``atoms`` pass :func:`geometry_problem`."""
+    problem = geometry_problem(atoms.positions, atoms.cell.array, atoms.pbc)
+    if problem is not None:
+        raise FrameError(f"{where}: {problem}")
 
 
 def close_pair(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[int, int, float] | None:

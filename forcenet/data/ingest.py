@@ -33,7 +33,7 @@ from ase import Atoms
 from ase.constraints import FixAtoms, FixCartesian
 
 from forcenet.data.frame import Frame, FrameError
-from forcenet.data.raw import write_shard
+from forcenet.data.raw import check_regular_file, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def atoms_to_frame(
 def iter_file(path: Path, *, sid: int, reference_energy: float) -> Iterator[Frame]:
     """Frames of one ASE-readable file, in file order."""
     path = Path(path)
+    check_regular_file(path)
     index = -1
     try:
         for index, atoms in enumerate(ase.io.iread(str(path), index=":")):

@@ -10,6 +10,10 @@ Rules (tested against ASE's neighbor list in ``tests/data/test_neighbors.py``):
   :data:`forcenet.data.frame.MIN_DISTANCE` (0.1 Å) are refused with a
   :class:`NeighborListError` naming both atoms (duplicate positions would otherwise be
   a zero-length edge, dropped silently); callers add the file and record.
+* Positions and cell must be finite, a periodic cell must have volume and be at least
+  :data:`~forcenet.data.frame.MIN_DISTANCE` wide along each periodic direction
+  (:func:`forcenet.data.frame.geometry_problem`); the cutoff is at most
+  :data:`MAX_CUTOFF`. Anything else is a :class:`NeighborListError` before the search.
 * Non-periodic directions (``pbc`` False) get no images; ``pbc`` all False is a
   molecule in free space.
 * Truncation: for each centre i, edges are sorted by distance and the first
@@ -27,10 +31,15 @@ import threading
 import numpy as np
 import vesin
 
-from forcenet.data.frame import MIN_DISTANCE
+from forcenet.data.frame import MIN_DISTANCE, geometry_problem
 
 #: Distances are compared in units of 1e-8 Å for the tie rule.
 DISTANCE_QUANTUM = 1e-8
+#: Largest accepted cutoff (Å). Force fields of this kind use 5-12 Å (OC20: 6 Å); at 20 Å
+#: a metal slab already has ~3,000 neighbors per atom to find before truncation, and a
+#: cutoff far above the cell size makes the search visit ever more periodic images
+#: (1e6 Å never finishes).
+MAX_CUTOFF = 20.0
 
 
 class NeighborListError(ValueError):
@@ -40,6 +49,10 @@ class NeighborListError(ValueError):
 def check_params(cutoff: float, max_neighbors: int) -> None:
     if not (np.isfinite(cutoff) and cutoff > 0):
         raise NeighborListError(f"cutoff must be a positive number of Å, got {cutoff}")
+    if cutoff > MAX_CUTOFF:
+        raise NeighborListError(
+            f"cutoff {cutoff} Å is above the maximum {MAX_CUTOFF} Å (OC20 uses 6 Å)"
+        )
     if int(max_neighbors) != max_neighbors or max_neighbors <= 0:
         raise NeighborListError(f"max_neighbors must be a positive integer, got {max_neighbors}")
 
@@ -54,8 +67,9 @@ def neighbor_list(
     periodic = [bool(p) for p in np.asarray(pbc, dtype=bool).reshape(3)]
     if len(pos) == 0:
         return np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int64)
-    if any(periodic) and abs(_det3(cell.tolist())) < 1e-9:
-        raise NeighborListError("periodic cell has zero volume")
+    problem = geometry_problem(pos, cell, periodic)
+    if problem is not None:
+        raise NeighborListError(problem)
     box = cell if any(periodic) else np.zeros((3, 3))
     calc = _calculator(float(cutoff))
     # vesin's half list (each pair once), both directions written by _sorted_truncated:
@@ -204,12 +218,3 @@ def _calculator(cutoff: float) -> vesin.NeighborList:
     if calc is None:
         calc = cache[cutoff] = vesin.NeighborList(cutoff=cutoff, full_list=False)
     return calc
-
-
-def _det3(m: list[list[float]]) -> float:
-    """Determinant of a 3x3 matrix given as nested lists (no numpy call per structure)."""
-    return (
-        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
-    )

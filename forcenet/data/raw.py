@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import lzma
+import os
 import re
+import stat
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,6 +44,7 @@ __all__ = [
     "TXT_SUFFIX",
     "XYZ_SUFFIX",
     "RawFormatError",
+    "check_regular_file",
     "count_frames",
     "iter_shard",
     "iter_split",
@@ -57,6 +60,17 @@ TXT_SUFFIX = ".txt.xz"
 XZ_PRESET = 1
 
 _SIDECAR = re.compile(r"random(-?\d+),frame(-?\d+),(\S+)")
+
+
+def check_regular_file(path: Path) -> None:
+    """Raise :class:`RawFormatError` naming ``path`` unless it is a regular file (links
+    followed): reading a FIFO, device or socket would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise RawFormatError(f"{path}: not a regular file (a FIFO, device or socket); refused")
 
 
 # --------------------------------------------------------------------------- writing
@@ -240,8 +254,10 @@ def iter_shard(xyz_path: Path) -> Iterator[Frame]:
     """
     xyz_path = Path(xyz_path)
     txt_path = sidecar_path(xyz_path)
-    if not txt_path.is_file():
+    if not txt_path.exists():
         raise RawFormatError(f"{xyz_path}: sidecar {txt_path.name} is missing")
+    check_regular_file(xyz_path)
+    check_regular_file(txt_path)
     xyz, txt = _Lines(xyz_path), _Lines(txt_path)
     index = 0
     with contextlib.closing(xyz), contextlib.closing(txt):
@@ -285,8 +301,10 @@ def list_shards(split_dir: Path) -> list[Path]:
         stem = path.name[: -len(XYZ_SUFFIX)]
         if not stem.isdigit():
             raise RawFormatError(f"{path}: shard name must be <integer>{XYZ_SUFFIX}")
-        if not sidecar_path(path).is_file():
+        check_regular_file(path)
+        if not sidecar_path(path).exists():
             raise RawFormatError(f"{path}: sidecar {sidecar_path(path).name} is missing")
+        check_regular_file(sidecar_path(path))
         shards.append((int(stem), path))
     if not shards:
         raise RawFormatError(f"{split_dir}: no *{XYZ_SUFFIX} shards")
@@ -298,6 +316,7 @@ def count_frames(split_dir: Path) -> int:
     total = 0
     for xyz_path in list_shards(split_dir):
         txt_path = sidecar_path(xyz_path)
+        check_regular_file(txt_path)
         try:
             with lzma.open(txt_path, "rb") as txt:
                 total += sum(1 for line in txt if line.strip())

@@ -18,19 +18,25 @@ def read_inputs(inputs: list[Path], limit: int | None) -> tuple[list[Atoms], lis
     named ``FILE:RECORD``; a missing or unreadable file is a ValueError naming it."""
     from ase.io import read
 
+    from forcenet.data.frame import check_atoms_geometry
+    from forcenet.data.raw import check_regular_file
+
     structures: list[Atoms] = []
     names: list[str] = []
     for path in inputs:
         left = None if limit is None else limit - len(structures)
         if left is not None and left <= 0:
             break
-        if not path.is_file():
+        if not path.exists():
             raise ValueError(f"{path}: no such structure file")
+        check_regular_file(path)
         try:
             images = read(str(path), index=":" if left is None else f":{left}")
         except Exception as exc:  # ASE raises many types for unreadable files
             raise ValueError(f"{path}: cannot read structures ({exc})") from exc
         images = images if isinstance(images, list) else [images]
+        for k, atoms in enumerate(images):
+            check_atoms_geometry(atoms, f"{path}: structure {k}")
         structures.extend(images)
         names.extend(f"{path.name}:{k}" for k in range(len(images)))
     if not structures:

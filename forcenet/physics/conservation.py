@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, batch_to, collate
 from forcenet.data.dataset import sample_from_atoms
-from forcenet.data.frame import fixed_mask
+from forcenet.data.frame import check_atoms_geometry, fixed_mask
 from forcenet.data.graphs import GraphSettings
 
 JacobianMethod = Literal["autograd", "finite_difference"]
@@ -289,6 +289,7 @@ def conservation_table(
     if len(names) != len(structures):
         raise ValueError(f"{len(names)} names for {len(structures)} structures")
     for name, atoms in zip(names, structures, strict=True):  # refuse before any work
+        check_atoms_geometry(atoms, name)
         if fixed_mask(atoms).all():
             raise ValueError(f"{name}: no free atoms (all {len(atoms)} fixed by FixAtoms)")
     target = torch.device(device)

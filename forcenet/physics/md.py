@@ -60,7 +60,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from forcenet.atomic import atomic_write
-from forcenet.data.frame import fixed_mask
+from forcenet.data.frame import check_atoms_geometry, fixed_mask
 
 if TYPE_CHECKING:
     from matplotlib.lines import Line2D
@@ -139,6 +139,7 @@ class NVESettings:
 
 def check_structure(atoms: Atoms, where: str) -> None:
     """A one-line ``ValueError`` (naming ``where``) unless EMT and this module can run it."""
+    check_atoms_geometry(atoms, where)
     unsupported = sorted(set(atoms.get_chemical_symbols()) - set(EMT_PARAMETERS))
     if unsupported:
         raise ValueError(
