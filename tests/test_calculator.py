@@ -178,3 +178,18 @@ def test_results_are_cached_until_the_structure_changes(gns_ckpt: Path):
     atoms.positions[-1] += [0.3, 0.0, 0.0]  # new state -> recomputed
     f1 = atoms.get_forces(apply_constraint=False)
     assert not np.any(f1 == 7.0) and not np.allclose(f1, f0)
+
+
+@pytest.mark.parametrize("where", ["cell", "positions"])
+def test_a_nan_cell_or_position_is_a_clear_error_not_a_crash(gns_ckpt: Path, where: str):
+    """A NaN reaching the neighbor search killed the process with SIGFPE."""
+    calc = ForceNetCalculator.from_checkpoint(gns_ckpt, device="cpu")
+    atoms = slab()
+    if where == "cell":
+        atoms.cell[1, 1] = np.nan
+    else:
+        atoms.positions[2, 0] = np.inf
+    atoms.calc = calc
+    message = "cell contains NaN" if where == "cell" else r"positions contain NaN or inf \(atom 2\)"
+    with pytest.raises(ValueError, match=rf"structure Cu12O: {message}"):
+        atoms.get_forces()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 import yaml
+from ase.calculators.emt import EMT
 from tiny import write_stores
 from typer.testing import CliRunner
 
@@ -18,6 +22,11 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_stores(root, make_frames(4, 3, seed=2), cutoff=4.5, max_neighbors=16)
     return root
+
+
+#: Settings of a training run short enough for a test.
+SHORT = ["--set", "train.max_steps=1", "--set", "train.batch_size=2"]
+SHORT += ["--set", "model.hidden_channels=8", "--set", "model.num_interactions=1"]
 
 
 def _train(stores, out, *extra):
@@ -113,3 +122,105 @@ def test_on_the_fly_training_and_evaluation_equal_the_stored_graphs(stores, tmp_
     refused = CliRunner().invoke(app, [*args[:-4], *common])
     said = " ".join(refused.output.replace("│", " ").split())
     assert refused.exit_code != 0 and "pass --graphs, or --cutoff and --max-neighbors" in said
+
+
+@pytest.fixture
+def checkpoint_and_file(tmp_path):
+    """A tiny GNS checkpoint (4.5 Å graphs) and an extxyz file of two labelled slabs."""
+    import ase.io
+    from test_calculator import slab, write_tiny_checkpoint
+
+    ckpt = tmp_path / "ckpt" / "best.pt"
+    ckpt.parent.mkdir()
+    write_tiny_checkpoint(ckpt, "gns", force_scale=0.5)
+    images = [slab(), slab(2)]
+    for atoms in images:
+        atoms.calc = EMT()
+        atoms.get_forces()
+    data = tmp_path / "val.extxyz"
+    ase.io.write(data, images, format="extxyz")
+    return ckpt, data
+
+
+def _evaluate(ckpt, data, *extra):
+    return CliRunner().invoke(app, ["evaluate", str(ckpt), str(data), "--device", "cpu", *extra])
+
+
+def test_evaluate_refuses_outputs_that_alias_an_input_or_each_other(checkpoint_and_file, tmp_path):
+    """--out equal to the checkpoint, or to --predictions / --metrics-json, overwrote it."""
+    ckpt, data = checkpoint_and_file
+    kept = {p: p.read_bytes() for p in (ckpt, data)}
+    link = tmp_path / "link.pt"
+    link.symlink_to(ckpt)
+    table = tmp_path / "m.parquet"
+    cases = [
+        (["--out", str(ckpt)], "--out .* is the same file as the checkpoint"),
+        (["--out", str(link)], "--out .*link.pt is the same file as the checkpoint"),
+        (["--out", str(data)], "--out .* is the same file as input 0"),
+        (["--out", str(table), "--predictions", str(table)], "--out .* same file as --predictions"),
+        (
+            ["--out", str(table), "--metrics-json", str(tmp_path / "sub" / ".." / "m.parquet")],
+            "--metrics-json",
+        ),
+        (["--out", str(table), "--predictions", str(ckpt)], "--predictions .* the checkpoint"),
+    ]
+    for extra, message in cases:
+        result = _evaluate(ckpt, data, *extra)
+        assert isinstance(result.exception, ValueError), (extra, result.output)
+        assert re.search(message, str(result.exception)), (extra, str(result.exception))
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert not table.exists()
+    ok = _evaluate(ckpt, data, "--out", str(table), "--predictions", str(tmp_path / "p.parquet"))
+    assert ok.exit_code == 0, ok.output
+
+
+def test_train_refuses_a_model_cutoff_other_than_the_graph_store(stores, tmp_path):
+    """--set model.cutoff=6 with 4.5 Å graphs became 4.5 Å without a word."""
+    result = _train(stores, tmp_path / "out", "--set", "model.cutoff=6")
+    assert isinstance(result.exception, ValueError)
+    assert "model.cutoff=6 differs from the cutoff 4.5 Å of the graph store" in str(
+        result.exception
+    )
+    assert not (tmp_path / "out").exists()
+    same = _train(stores, tmp_path / "same", "--set", "model.cutoff=4.5", *SHORT)
+    assert same.exit_code == 0, same.output
+
+
+def _main(monkeypatch, capsys, *args):
+    """``forcenet ARGS`` through the console entry point: (exit code, stderr lines)."""
+    from forcenet.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["forcenet", *args])
+    monkeypatch.delenv("FORCENET_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_empty_input_file_is_one_error_line(checkpoint_and_file, tmp_path, monkeypatch, capsys):
+    ckpt, _ = checkpoint_and_file
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    args = ["evaluate", str(ckpt), str(empty), "--out", str(tmp_path / "m.parquet")]
+    code, err = _main(monkeypatch, capsys, *args, "--device", "cpu")
+    assert code == 1 and err == [f"error: {empty}: empty file (no structures)"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_error_line(
+    checkpoint_and_file, tmp_path, monkeypatch, capsys
+):
+    ckpt, data = checkpoint_and_file
+    args = ["evaluate", str(ckpt), str(data), "--out", str(tmp_path / "m.parquet")]
+    code, err = _main(monkeypatch, capsys, *args, "--device", "cuda")
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: device cuda: CUDA is not available")
+
+
+def test_neighbors_refuses_a_cutoff_above_the_maximum(stores, tmp_path):
+    """--cutoff 1e6 made the neighbor search run forever."""
+    args = ["neighbors", str(stores / "lmdb"), str(tmp_path / "g"), "--cutoff", "1e6"]
+    result = CliRunner().invoke(app, [*args, "--workers", "1"])
+    assert isinstance(result.exception, ValueError)
+    assert "cutoff 1000000.0 Å is above the maximum 20.0 Å" in str(result.exception)
+    assert not (tmp_path / "g").exists()

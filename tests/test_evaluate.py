@@ -306,3 +306,95 @@ def test_each_split_prints_one_progress_line(lmdb_split, capsys):
     )
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("evaluate pair")]
     assert line.startswith("evaluate pair: val_id, 5 structures, force MAE ")
+
+
+def _labelled(path, frames, edit=None):
+    """``frames`` as an extxyz file with labels; ``edit(k, atoms)`` may damage frame k."""
+    images = []
+    for k, frame in enumerate(frames):
+        atoms = ase.Atoms(frame.atomic_numbers, positions=frame.pos, cell=frame.cell, pbc=True)
+        atoms.set_constraint(FixAtoms(mask=frame.fixed))
+        forces = frame.forces.copy()
+        if edit is not None:
+            edit(k, atoms, forces)
+        atoms.calc = SinglePointCalculator(atoms, energy=frame.total_energy, forces=forces)
+        images.append(atoms)
+    ase.io.write(path, images, format="extxyz")
+    return path
+
+
+def _evaluate(paths, **options):
+    return ev.evaluate_files(
+        COVARIANT, paths, model_name="pair", settings=SETTINGS, device="cpu", **options
+    )
+
+
+def test_ase_file_with_a_non_finite_force_is_refused_naming_file_and_frame(tmp_path):
+    """A NaN force label on a free atom made every force metric NaN (exit 0)."""
+    frames = _frames(3, seed=1)
+    free = int(np.flatnonzero(~frames[1].fixed)[0])
+
+    def damage(k, atoms, forces):
+        if k == 1:
+            forces[free, 0] = np.nan
+
+    path = _labelled(tmp_path / "labels.extxyz", frames, damage)
+    with pytest.raises(ValueError, match=r"labels.extxyz: frame 1: forces contain NaN or inf"):
+        _evaluate([path], predictions=tmp_path / "p.parquet")
+    assert not (tmp_path / "p.parquet").exists()
+
+
+@pytest.mark.parametrize("field", ["cell", "pos"])
+def test_ase_file_with_a_nan_cell_or_position_is_refused_naming_file_and_frame(tmp_path, field):
+    """A NaN cell reached the neighbor search and killed the process (SIGFPE)."""
+
+    def damage(k, atoms, forces):
+        if k == 2 and field == "cell":
+            atoms.cell[0, 0] = np.nan
+        elif k == 2:
+            atoms.positions[3, 1] = np.nan
+
+    path = _labelled(tmp_path / "geom.extxyz", _frames(3, seed=2), damage)
+    message = "cell contains NaN" if field == "cell" else r"positions contain NaN or inf \(atom 3\)"
+    with pytest.raises(ValueError, match=rf"geom.extxyz: frame 2: {message}"):
+        _evaluate([path])
+
+
+def test_an_ase_file_without_structures_is_a_one_line_error(tmp_path):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty.extxyz: empty file \(no structures\)"):
+        _evaluate([empty])
+    blank = tmp_path / "blank.extxyz"
+    blank.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"blank.extxyz: no structures in the file"):
+        _evaluate([blank])
+
+
+def test_inputs_with_the_same_split_name_are_refused(lmdb_split, tmp_path):
+    """a/val.extxyz and b/val.extxyz (or one LMDB split twice) gave one split: the
+    other input's structures were dropped from the table without a word."""
+    frames = _frames(3, seed=3)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = _labelled(tmp_path / "a" / "val.extxyz", frames)
+    b = _labelled(tmp_path / "b" / "val.extxyz", frames[:2])
+    with pytest.raises(ValueError, match=r"a/val.extxyz and .*b/val.extxyz both give split 'val'"):
+        _evaluate([a, b])
+    split_dir, _ = lmdb_split
+    with pytest.raises(ValueError, match="both give split 'val_id'"):
+        _evaluate([split_dir, split_dir], graphs=split_dir.parent.parent / "graphs")
+
+
+def test_an_input_named_training_is_refused(tmp_path):
+    """Its rows would merge with the rows that describe the training run."""
+    path = _labelled(tmp_path / "training.extxyz", _frames(2, seed=4))
+    with pytest.raises(ValueError, match="split name 'training' is reserved"):
+        _evaluate([path])
+
+
+def test_a_fifo_input_is_refused_not_read(tmp_path):
+    from tiny import fifo_fed_once
+
+    with fifo_fed_once(tmp_path / "pipe.extxyz") as fifo:
+        with pytest.raises(ValueError, match=rf"{fifo}: not a regular file"):
+            _evaluate([fifo])

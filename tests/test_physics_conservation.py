@@ -247,3 +247,20 @@ def test_cli_names_an_unreadable_file(tmp_path):
     assert result.exit_code != 0
     assert isinstance(result.exception, ValueError) and "broken.extxyz" in str(result.exception)
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_a_nan_cell_is_refused_naming_file_and_structure(tmp_path):
+    """A NaN cell reached the neighbor search (SIGFPE), in the library and the CLI."""
+    atoms = slab(1)
+    atoms.cell[0, 1] = np.nan
+    with pytest.raises(ValueError, match=r"bad.xyz:0: cell contains NaN"):
+        C.conservation_table(MorsePairs(), [atoms], graph=GRAPH, names=["bad.xyz:0"])
+    ckpt = tmp_path / "schnet.pt"
+    write_checkpoint(ckpt, "schnet")
+    path = tmp_path / "cells.extxyz"
+    write(path, [slab(2), atoms], format="extxyz")
+    args = ["physics", "conservation", str(ckpt), str(path), "--out", str(tmp_path / "t.parquet")]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ValueError), result.output
+    assert "cells.extxyz: structure 1: cell contains NaN" in str(result.exception)
+    assert not (tmp_path / "t.parquet").exists()

@@ -296,3 +296,11 @@ def test_cli_oracle_alone_and_one_line_errors(tmp_path):
     for path, message in ((zinc, "not supported by the oracle EMT"), (broken, "cannot read")):
         result = CliRunner().invoke(app, [*base, str(path), "--out", str(tmp_path / "x")])
         assert result.exit_code != 0 and message in str(result.exception)
+
+
+def test_a_nan_cell_is_refused_before_the_run():
+    """A NaN cell reached the neighbor search of the model's calculator (SIGFPE)."""
+    atoms = cu_slab("O")
+    atoms.cell[2, 2] = np.nan
+    with pytest.raises(ValueError, match=r"structure s \(#0\): cell contains NaN"):
+        md.run_models({md.ORACLE: md.oracle_driver()}, [atoms], ["s"], md.NVESettings(steps=2))

@@ -75,6 +75,7 @@ def test_unknown_top_level_section_is_refused():
         ("graph.cutoff", "six", r"graph\.cutoff: expected a number, got 'six'"),
         ("graph.max_neighbors", 24.9, r"graph\.max_neighbors: expected an integer"),
         ("graph.max_neighbors", 0, r"graph\.max_neighbors: must be >= 1"),
+        ("graph.cutoff", 1e6, r"graph\.cutoff: must be > 0 Å and at most 20\.0 Å"),
         ("relax.optimizer", "bfgs", r"relax\.optimizer: 'bfgs' is not one of"),
         ("relax.hybrid", "yes", r"relax\.hybrid: expected true/false"),
         ("relax.oracle_fmax", 0.0, r"relax\.oracle_fmax: must be > 0"),
@@ -106,6 +107,47 @@ def test_load_params_names_the_file(tmp_path):
     path.write_text(yaml.safe_dump(_with("graph.cutoff", "six")))
     with pytest.raises(ConfigError, match=str(path)):
         load_params(path)
+
+
+def test_a_section_given_twice_is_refused_naming_file_and_lines(tmp_path):
+    """YAML keeps the last of two ``graph:`` sections: the first was ignored unseen."""
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "graph:\n  cutoff: 5.0\n  max_neighbors: 50\n  on_the_fly: false\n")
+    first = 1 + text.splitlines().index("graph:")
+    last = len(text.splitlines()) + 1
+    with pytest.raises(
+        ConfigError,
+        match=rf"{path}, line {last}: key 'graph' is given twice \(first on line {first}\)",
+    ):
+        load_params(path)
+    path.write_text("graph: {cutoff: 6.0, cutoff: 5.0}\n")
+    with pytest.raises(ConfigError, match="key 'cutoff' is given twice"):
+        load_params(path)
+
+
+def test_evaluate_stage_refuses_an_output_that_is_an_input(tmp_path, monkeypatch):
+    """A failed run removes its outputs: one equal to the checkpoint deleted it."""
+    import forcenet.evaluate
+    from pipeline import evaluate as stage
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(forcenet.evaluate, "evaluate_checkpoint", failing)
+    monkeypatch.setattr("forcenet.checkpoint.load_checkpoint", lambda p: {"model_name": "gns"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ckpt = tmp_path / "models" / "best.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"checkpoint")
+    args = [str(ckpt), str(tmp_path / "val_id"), "--graphs", str(tmp_path)]
+    args += ["--out", str(tmp_path / "m.parquet"), "--predictions", str(tmp_path / "p.parquet")]
+    args += ["--metrics-json", str(ckpt), "--params", str(ROOT / "params.yaml")]
+    with pytest.raises(
+        ValueError, match=r"--metrics-json .*best.pt is the same file as the checkpoint"
+    ):
+        stage.main(args)
+    assert ckpt.read_bytes() == b"checkpoint"
 
 
 def test_train_stage_refuses_graphs_built_with_other_settings(tmp_path, monkeypatch):

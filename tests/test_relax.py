@@ -220,3 +220,24 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path):
     assert np.array_equal(final.positions[fixed], start[fixed])  # not a single bit moved
     free = np.setdiff1d(np.arange(len(atoms)), fixed)
     assert np.abs(final.positions[free] - start[free]).max() > 1e-4
+
+
+def test_a_nan_cell_is_refused_before_any_trajectory_is_written(tmp_path):
+    """A NaN cell in the third structure crashed the run (SIGFPE) after the first two
+    trajectories and a temporary file were written; now nothing is written."""
+    ckpt = tmp_path / "gns.pt"
+    write_tiny_checkpoint(ckpt, "gns", force_scale=0.5)
+    images = [slab(), slab(2), slab()]
+    images[2].cell[0, 0] = np.nan
+    path = tmp_path / "slabs.extxyz"
+    write(path, images)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"slabs.extxyz: structure 2: cell contains NaN"):
+        relax.relax_command(ckpt, [path], out, "lbfgs", 0.0, 2)
+    assert not out.exists()
+    calc = ForceNetCalculator.from_checkpoint(ckpt, device="cpu")
+    with pytest.raises(ValueError, match=r"structure c: cell contains NaN"):
+        relax.relax_structures(
+            calc, images, optimizer="lbfgs", fmax=0.0, steps=2, traj_dir=out, names="abc"
+        )
+    assert not out.exists()

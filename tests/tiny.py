@@ -3,7 +3,10 @@ every code path runs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,19 @@ def fit_split(
         graph=graph,
         **options,
     )
+
+
+@contextlib.contextmanager
+def fifo_fed_once(path: Path) -> Iterator[Path]:
+    """A FIFO at ``path`` whose writer closes at once if something opens it for reading:
+    a reader that wrongly opens it sees an empty stream instead of blocking the test
+    forever. On exit the writer is released whether or not anything read it."""
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: open(path, "wb").close(), daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets a still-waiting writer open
+        writer.join()
+        os.close(fd)

@@ -152,3 +152,12 @@ def test_atoms_at_one_position_name_file_structure_and_atoms(tmp_path: Path) -> 
         IngestError, match=r"dup\.extxyz: structure 2: atoms 0 and 2 are 0 Å apart.*0\.1 Å"
     ):
         ingest_files({"train": [path]}, tmp_path / "raw")
+
+
+def test_a_fifo_input_is_refused_not_read(tmp_path: Path) -> None:
+    from tiny import fifo_fed_once
+
+    with fifo_fed_once(tmp_path / "in.extxyz") as fifo:
+        with pytest.raises(ValueError, match=rf"{fifo}: not a regular file"):
+            ingest_files({"train": [fifo]}, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").iterdir())

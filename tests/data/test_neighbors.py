@@ -188,3 +188,63 @@ def test_atom_own_periodic_image_is_kept_and_self_pair_dropped():
     edge_index, offsets = neighbor_list(np.zeros((1, 3)), np.eye(3) * 2.5, [True] * 3, 3.0, 50)
     assert edge_index.shape[1] == 6 and (edge_index == 0).all()  # the 6 images at 2.5 Å
     assert not (offsets == 0).all(axis=1).any()
+
+
+@pytest.mark.parametrize(
+    ("pos", "cell", "pbc", "message"),
+    [
+        (
+            [[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]],
+            [[np.nan, 0, 0], [0, 5, 0], [0, 0, 5]],
+            [True] * 3,
+            "cell contains NaN",
+        ),
+        (
+            [[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]],
+            [[5, 0, 0], [0, np.inf, 0], [0, 0, 5]],
+            [True, True, False],
+            "cell contains NaN or inf",
+        ),
+        (
+            [[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]],
+            [[np.nan, 0, 0], [0, 5, 0], [0, 0, 5]],
+            [False] * 3,
+            "cell contains NaN",
+        ),
+        (
+            [[0.0, 0.0, 0.0], [np.nan, 0.0, 0.0]],
+            np.eye(3) * 5,
+            [True] * 3,
+            r"positions contain NaN or inf \(atom 1\)",
+        ),
+        (
+            [[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]],
+            [[5, 0, 0], [0, 5, 0], [0, 0, 1e-2]],
+            [True] * 3,
+            "degenerate: 0.01 Å wide along cell vector 2",
+        ),
+    ],
+)
+def test_non_finite_or_degenerate_geometry_is_refused_before_the_search(pos, cell, pbc, message):
+    """A NaN or a paper-thin periodic cell reaching the search was a floating-point crash
+    (or an endless image loop); it is a NeighborListError naming what is wrong."""
+    with pytest.raises(NeighborListError, match=message):
+        neighbor_list(np.array(pos), np.array(cell, dtype=float), pbc, 3.0, 10)
+
+
+def test_a_thin_cell_along_a_free_direction_is_accepted():
+    """Only periodic directions need width: a slab's free axis may be any length."""
+    cell = np.diag([5.0, 5.0, 0.05])
+    pos = np.array([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]])
+    edge_index, _ = neighbor_list(pos, cell, [True, True, False], 3.0, 10)
+    assert edge_index.shape[1] > 0
+
+
+@pytest.mark.parametrize("cutoff", [20.5, 1e6])
+def test_cutoff_above_the_maximum_is_refused(cutoff):
+    from forcenet.data.neighbors import MAX_CUTOFF
+
+    assert cutoff > MAX_CUTOFF
+    with pytest.raises(NeighborListError, match=rf"cutoff {cutoff} Å is above the maximum"):
+        neighbor_list(np.zeros((1, 3)), np.eye(3) * 5, [True] * 3, cutoff, 10)
+    neighbor_list(np.array([[0.0, 0, 0], [2.0, 0, 0]]), np.eye(3) * 5, [True] * 3, MAX_CUTOFF, 10)

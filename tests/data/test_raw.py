@@ -329,3 +329,21 @@ def test_malformed_lines(tmp_path: Path, xyz: str, message: str) -> None:
     path = write_text(tmp_path, 0, frame_text() + xyz, ["random1,frame0,0.0", "random1,frame1,0.0"])
     with pytest.raises(RawFormatError, match=r"0\.extxyz\.xz: " + message):
         list(iter_shard(path))
+
+
+def test_a_fifo_shard_or_sidecar_is_refused_not_read(tmp_path: Path, frames: list[Frame]) -> None:
+    """A FIFO in a split folder would block the reader forever; it is refused by name."""
+    from tiny import fifo_fed_once
+
+    write_shard(tmp_path / "a", 0, frames)
+    (tmp_path / "a" / "0.extxyz.xz").unlink()
+    with fifo_fed_once(tmp_path / "a" / "0.extxyz.xz") as fifo:
+        with pytest.raises(RawFormatError, match=rf"{fifo}: not a regular file"):
+            list(iter_split(tmp_path / "a"))
+        with pytest.raises(RawFormatError, match=rf"{fifo}: not a regular file"):
+            list(iter_shard(fifo))
+    write_shard(tmp_path / "b", 0, frames)
+    (tmp_path / "b" / "0.txt.xz").unlink()
+    with fifo_fed_once(tmp_path / "b" / "0.txt.xz") as fifo:
+        with pytest.raises(RawFormatError, match=rf"{fifo}: not a regular file"):
+            count_frames(tmp_path / "b")
