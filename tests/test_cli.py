@@ -176,7 +176,7 @@ def test_evaluate_refuses_outputs_that_alias_an_input_or_each_other(checkpoint_a
 
 def test_train_refuses_a_model_cutoff_other_than_the_graph_store(stores, tmp_path):
     """--set model.cutoff=6 with 4.5 Å graphs became 4.5 Å without a word."""
-    result = _train(stores, tmp_path / "out", "--set", "model.cutoff=6")
+    result = _train(stores, tmp_path / "out", "--set", "model.cutoff=6", *SHORT)
     assert isinstance(result.exception, ValueError)
     assert "model.cutoff=6 differs from the cutoff 4.5 Å of the graph store" in str(
         result.exception
