@@ -36,10 +36,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--predictions", type=Path, required=True, help="per-atom predictions")
     p.add_argument("--metrics-json", type=Path, required=True, help="metrics for DVC")
     args = p.parse_args(argv)
-    outputs = {"--out": args.out, "--predictions": args.predictions}
-    outputs["--metrics-json"] = args.metrics_json
+    named = {"--out": args.out, "--predictions": args.predictions}
+    named["--metrics-json"] = args.metrics_json
     # before anything: a failed run removes its outputs, which must never be an input
-    check_outputs(outputs, read_paths(args.checkpoint, args.inputs, args.graphs))
+    check_outputs(named, read_paths(args.checkpoint, args.inputs, args.graphs))
     params = load_params(args.params)
     start = time.perf_counter()
     name = str(load_checkpoint(args.checkpoint)["model_name"])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms
 from ase.constraints import FixAtoms
+from numpy.typing import ArrayLike
 
 from forcenet.data import keys as K
 
@@ -39,7 +40,7 @@ _SEARCH_RADIUS = 2.0
 _BLOCK = 128  # rows per block of the pair-by-pair check
 
 
-def geometry_problem(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> str | None:
+def geometry_problem(pos: ArrayLike, cell: ArrayLike, pbc: ArrayLike) -> str | None:
     """What makes a structure's positions and cell unusable for a neighbor list, or None.
 
     Positions and the cell must be finite (a NaN reaching the neighbor search is a
@@ -50,8 +51,8 @@ def geometry_problem(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> str 
     """
     pos = np.asarray(pos)
     if not np.isfinite(pos).all():
-        rows = np.flatnonzero(~np.isfinite(pos.reshape(len(pos), -1)).all(axis=1))
-        return f"positions contain NaN or inf (atom {int(rows[0])})"
+        bad = np.flatnonzero(~np.isfinite(pos.reshape(len(pos), -1)).all(axis=1))
+        return f"positions contain NaN or inf (atom {int(bad[0])})"
     rows = [[float(x) for x in row] for row in np.asarray(cell, dtype=np.float64).reshape(3, 3)]
     if not all(math.isfinite(x) for row in rows for x in row):
         return f"cell contains NaN or inf: {rows}"

@@ -63,12 +63,13 @@ _SIDECAR = re.compile(r"random(-?\d+),frame(-?\d+),(\S+)")
 
 
 def check_regular_file(path: Path) -> None:
-    """Raise :class:`RawFormatError` naming ``path`` unless it is a regular file (links
-    followed): reading a FIFO, device or socket would block or never end."""
+    """Raise :class:`RawFormatError` naming ``path`` when it exists but is not a regular
+    file (links followed): reading a FIFO, device or socket would block or never end. A
+    missing file is left to the reader, which names it in its own words."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError:
+        return
     if not stat.S_ISREG(mode):
         raise RawFormatError(f"{path}: not a regular file (a FIFO, device or socket); refused")
 
