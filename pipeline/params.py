@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forcenet.config import ConfigError, load_yaml, parse
-from forcenet.data.neighbors import MAX_CUTOFF
 
 #: The models the pipeline trains (keys of ``model`` and ``train``; ``vars`` in dvc.yaml).
 MODEL_NAMES = ("forcenet", "schnet", "dimenetpp", "gns")
@@ -94,10 +93,8 @@ class GraphConfig:
     on_the_fly: bool
 
     def __post_init__(self) -> None:
-        if not 0 < self.cutoff <= MAX_CUTOFF:
-            raise ConfigError(
-                f"graph.cutoff: must be > 0 Å and at most {MAX_CUTOFF} Å, got {self.cutoff}"
-            )
+        if not self.cutoff > 0:
+            raise ConfigError(f"graph.cutoff: must be > 0 Å, got {self.cutoff}")
         if self.max_neighbors < 1:
             raise ConfigError(f"graph.max_neighbors: must be >= 1, got {self.max_neighbors}")
 
