@@ -53,10 +53,11 @@ def geometry_problem(pos: ArrayLike, cell: ArrayLike, pbc: ArrayLike) -> str | N
     if not np.isfinite(pos).all():
         bad = np.flatnonzero(~np.isfinite(pos.reshape(len(pos), -1)).all(axis=1))
         return f"positions contain NaN or inf (atom {int(bad[0])})"
-    rows = [[float(x) for x in row] for row in np.asarray(cell, dtype=np.float64).reshape(3, 3)]
-    if not all(math.isfinite(x) for row in rows for x in row):
+    # plain floats from here: a few numpy calls per structure would cost more than the rest
+    rows = np.asarray(cell, dtype=np.float64).reshape(3, 3).tolist()
+    if not all(map(math.isfinite, rows[0] + rows[1] + rows[2])):
         return f"cell contains NaN or inf: {rows}"
-    periodic = [bool(p) for p in np.asarray(pbc, dtype=bool).reshape(3)]
+    periodic = np.asarray(pbc, dtype=bool).reshape(3).tolist()
     if not any(periodic):
         return None
     a, b, c = rows
@@ -64,8 +65,11 @@ def geometry_problem(pos: ArrayLike, cell: ArrayLike, pbc: ArrayLike) -> str | N
     if volume < 1e-9:
         return "periodic cell has zero volume"
     for k, (u, v) in enumerate(((b, c), (c, a), (a, b))):
-        width = volume / math.sqrt(_dot(_cross(u, v), _cross(u, v)))
-        if periodic[k] and width < MIN_DISTANCE:
+        if not periodic[k]:
+            continue
+        area = _cross(u, v)
+        width = volume / math.sqrt(_dot(area, area))
+        if width < MIN_DISTANCE:
             return (
                 f"periodic cell is degenerate: {width:.3g} Å wide along cell vector {k}, "
                 f"below the minimum distance {MIN_DISTANCE} Å"
