@@ -193,8 +193,7 @@ def test_a_bad_setting_or_a_failed_start_leaves_nothing_that_blocks_a_fresh_run(
 ):
     """An infinite lr is refused before any work, naming its key; a run that fails before
     its first checkpoint leaves no run_id.txt, so the next fresh run needs no --overwrite."""
-    from forcenet.train import NonFiniteError
-    from forcenet.train import loop
+    from forcenet.train import NonFiniteError, loop
     from pipeline.train import main as train_stage
 
     root = tmp_path / "data"

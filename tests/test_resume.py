@@ -142,3 +142,16 @@ def test_checkpoint_without_run_settings_resumes_with_a_warning(samples, tmp_pat
     _fit(T.TrainConfig(**{**cfg.__dict__, "max_epochs": 2}), samples, tmp_path, resume=True)
     assert "predates the stored run settings" in capsys.readouterr().out
     assert C.load_checkpoint(tmp_path / "last.pt")["step"] == 8
+
+
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(samples, tmp_path):
+    """A training setting added after the checkpoint was written is no change while it
+    keeps its default; set to anything else, it is named."""
+    cfg = tiny_config(max_epochs=1)
+    _fit(cfg, samples, tmp_path)
+    ckpt = C.load_checkpoint(tmp_path / "last.pt")
+    del ckpt["run"]["train"]["conservative_finetune_steps"]  # default 0
+    del ckpt["run"]["train"]["lr"]  # 3e-3 here, not the default
+    C.save_checkpoint(tmp_path / "last.pt", ckpt)
+    with pytest.raises(C.CheckpointError, match=r"\(train\.lr \(not set\) -> 0\.003\)"):
+        _fit(cfg, samples, tmp_path, resume=True)

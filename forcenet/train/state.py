@@ -187,19 +187,21 @@ def check_same_run(
 ) -> str | None:
     """Refuse to resume checkpoint ``path`` with settings other than those it was trained
     with (``ckpt["run"]``), naming every key that differs, except
-    :data:`RESUMABLE_CHANGES`; ``allow_changed``: continue, and say what changed. A
-    checkpoint without stored settings (written before they were kept) resumes with a
-    warning. Returns the line to print, if any."""
+    :data:`RESUMABLE_CHANGES` and a training setting the checkpoint predates that keeps
+    its default; ``allow_changed``: continue, and say what changed. A checkpoint without
+    stored settings (written before they were kept) resumes with a warning. Returns the
+    line to print, if any."""
     stored = ckpt.get("run")
     if not isinstance(stored, dict):
         return (
             f"WARNING: train {name}: {path} predates the stored run settings: resuming "
             "without checking that the settings and the training data are the run's"
         )
+    defaults = {f"train.{k}": v for k, v in _plain(asdict(TrainConfig())).items()}
     changed = [
         f"{key} {_show(old)} -> {_show(new)}"
         for key, (old, new) in _differences(stored, run).items()
-        if key not in RESUMABLE_CHANGES
+        if key not in RESUMABLE_CHANGES and not (old is _MISSING and new == defaults.get(key))
     ]
     if not changed:
         return None
