@@ -24,14 +24,7 @@ from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import MAX_Z, Frame
 from forcenet.evaluate import evaluate_model
-from forcenet.scaling import (
-    IsolatedAtomsError,
-    ScaledModel,
-    element_fit_warning,
-    label_stats,
-    read_isolated_energies,
-    set_scales,
-)
+from forcenet.scaling import ScaledModel, label_stats, set_scales
 from forcenet.train.data import MIN_DEV_SYSTEMS, dev_split
 from forcenet.train.log import start_line
 
@@ -331,6 +324,8 @@ def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(samples, tmp_pat
 def test_a_fit_reports_its_rank_and_warns_when_below_the_elements(tmp_path, capsys):
     """One molecule's MD (one composition, 3 elements) determines one combination of the
     three e_Z, not each: the fit says so at the start of training."""
+    from forcenet.scaling import element_fit_warning
+
     one = _molecule_samples(per_molecule=10, molecules=("CH3OH",))
     stats = label_stats(one, reference="per_element")
     assert stats["element_fit"] == {"elements": [1, 6, 8], "rank": 1, "structures": 10}
@@ -364,6 +359,8 @@ def test_isolated_atom_energies_from_a_file_or_a_mapping(tmp_path, capsys):
     """``energy_reference: isolated`` takes e_Z from single-atom frames (or a mapping),
     keeps those of elements the training split lacks, and fits only the training
     elements without one, naming them."""
+    from forcenet.scaling import IsolatedAtomsError, element_fit_warning, read_isolated_energies
+
     data = _molecule_samples(per_molecule=2)
     isolated = {"H": -100.0, "C": -600.0, "N": -700.0, "O": -800.0, "Cu": -3.5}
     path = tmp_path / "isolated.extxyz"
