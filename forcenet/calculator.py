@@ -31,6 +31,11 @@ Properties: ``forces`` [N, 3] (eV/Å, every atom; ASE applies the constraints wh
 Which properties the model has is read from one probe forward pass at construction, so it
 is whatever the rebuilt model actually returns.
 
+A model trained with per-element reference energies has none for elements its training
+split lacked: the first structure holding such elements gets an
+:class:`UnreferencedElementsWarning` naming them (once per element), as its energy lacks
+their atoms' reference.
+
 Usage (a force-only checkpoint relaxed and run with stock ASE)::
 
     from ase.md import MDLogger
@@ -49,6 +54,7 @@ Usage (a force-only checkpoint relaxed and run with stock ASE)::
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -66,6 +72,7 @@ from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import geometry_problem
 from forcenet.distributed import pick_device
 from forcenet.inference import predict
+from forcenet.scaling import referenced_elements, unreferenced_warning
 
 #: Structures per forward pass in :meth:`ForceNetCalculator.predict_many`.
 DEFAULT_BATCH_SIZE = 32
@@ -84,6 +91,10 @@ class ForcesOnlyError(PropertyNotImplementedError):
     A subclass of ASE's ``PropertyNotImplementedError``, so ASE code that probes for a
     property (e.g. the force-consistent energy) still catches it.
     """
+
+
+class UnreferencedElementsWarning(UserWarning):
+    """A structure holds elements the model has no reference energy for."""
 
 
 def _probe_structure() -> Atoms:
@@ -123,6 +134,8 @@ class ForceNetCalculator(Calculator):
         self.max_neighbors = int(max_neighbors)
         self.model_name = type(model).__name__  # the checkpoint's model name when loaded from one
         self.checkpoint_path: Path | None = None
+        self.referenced = referenced_elements(self.model)  # None: no per-element references
+        self._warned: set[int] = set()  # shared with clones: each element is named once
         probe = self._forward([_probe_structure()])
         self.model_has_energy = K.OUT_ENERGY in probe
         self._set_energy_mode(energy)
@@ -221,6 +234,7 @@ class ForceNetCalculator(Calculator):
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check_references(structures)
         results: list[dict[str, Any]] = []
         for start in range(0, len(structures), batch_size):
             chunk = structures[start : start + batch_size]
@@ -235,6 +249,20 @@ class ForceNetCalculator(Calculator):
                     item["energy"] = float(energies[g])
                 results.append(item)
         return results
+
+    def _check_references(self, structures: Sequence[Atoms]) -> None:
+        """Warn, once per element, of elements without a reference energy in the model."""
+        if self.referenced is None or not self.model_has_energy or self.energy_mode != "model":
+            return
+        numbers = {int(z) for atoms in structures for z in np.unique(atoms.numbers)}
+        new = numbers - self.referenced - self._warned
+        if new:
+            self._warned.update(new)
+            warnings.warn(
+                unreferenced_warning(self._describe(), new, "structures hold "),
+                UnreferencedElementsWarning,
+                stacklevel=3,
+            )
 
     def calculate(
         self,

@@ -16,7 +16,9 @@ Keys: ``format_version`` (1), ``model_name``, ``model_kwargs`` (plain JSON types
 (``{"cutoff", "max_neighbors"}``), ``frame_averaging`` (:data:`forcenet.frames.FrameMode`;
 "none" when absent), ``train_info`` (plain dict: batches done in the current
 epoch, the dev metrics of the evaluation that wrote it, normalisation constants with the per-element reference
-energies by symbol, history). Checkpoints written before the per-element references
+energies by symbol, history), ``run`` (the run's settings: TrainConfig, model kwargs, graph
+settings and a fingerprint of the training frames, compared on resume; absent in
+checkpoints written before it was kept, which resume with a warning). Checkpoints written before the per-element references
 existed load with all of them 0 (what those models were trained with).
 """
 
@@ -144,6 +146,7 @@ def training_state(
     graph: dict[str, float | int],
     metrics: dict[str, float],
     base_lr: float,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of a training run (see the module docstring for the keys).
 
@@ -151,9 +154,10 @@ def training_state(
     (and ``"elapsed_s"`` for a run with a wall-clock cap). No wall-clock figure belongs in
     a checkpoint otherwise: the same state then gives the same bytes.
     The sampler and augmentation draws are functions of (seed, epoch, step), so these
-    counters plus the global RNG states are all that resuming needs.
+    counters plus the global RNG states are all that resuming needs. ``run``: the run's
+    settings (:func:`forcenet.train.state.run_record`), compared when it resumes.
     """
-    return {
+    state = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
@@ -178,3 +182,6 @@ def training_state(
             },
         },
     }
+    if run is not None:
+        state["run"] = run
+    return state

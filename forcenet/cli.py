@@ -269,6 +269,13 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier run in OUT instead of refusing it.")
     ] = False,
+    allow_changed: Annotated[
+        bool,
+        typer.Option(
+            help="With --resume: continue although the settings or the training data "
+            "differ from the run's (refused otherwise, naming the keys)."
+        ),
+    ] = False,
 ) -> None:
     """Train one model. The cutoff and neighbor count come from the graph store (--graphs),
     or, without one, are given with --cutoff and --max-neighbors: every batch then gets
@@ -289,6 +296,8 @@ def train(
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
+    if allow_changed and not resume:
+        raise typer.BadParameter("--allow-changed is for --resume")
     kwargs, cfg = load_run_config(model, config, set_ or ())
     given = cutoff is not None or max_neighbors is not None
     if graphs is not None and given:
@@ -322,6 +331,7 @@ def train(
             graph=None if graphs is not None else settings,
             out_dir=out,
             resume=resume,
+            allow_changed=allow_changed,
             params_snapshot=snapshot,
         )
     typer.echo(f"train {model}: done; checkpoint to evaluate: {best}")

@@ -34,6 +34,7 @@ from forcenet.geometry import random_rotation, rotate_batch
 from forcenet.inference import predict, sync
 from forcenet.inputs import check_outputs
 from forcenet.metrics import OC20Metrics
+from forcenet.scaling import referenced_elements, unreferenced_warning
 from forcenet.tables import TRAINING_ROWS, PredictionWriter, long_table
 
 Input = tuple[str, Iterable[Batch]]  # (split name, its batches)
@@ -146,10 +147,15 @@ def evaluate_model(
     model = model.to(dev).eval()
     results: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
+    known = referenced_elements(model)
     for split, batches in inputs:
-        on_batch = None
-        if predictions is not None:
-            on_batch = lambda b, f, s=split: predictions.write(model_name, s, b, f)  # noqa: E731
+        unreferenced = Unreferenced(known)
+
+        def on_batch(b: Batch, f: Tensor, s: str = split, u: Unreferenced = unreferenced) -> None:
+            u.add(b)
+            if predictions is not None:
+                predictions.write(model_name, s, b, f)
+
         metrics, kept = evaluate_batches(
             model,
             batches,
@@ -163,8 +169,36 @@ def evaluate_model(
         )
         results[split] = metrics
         print(_split_line(model_name, split, metrics, time.perf_counter() - start), flush=True)
+        if unreferenced.elements and "energy_mae" in metrics:
+            detail = (
+                f"{unreferenced.structures} of {metrics['num_structures']:.0f} structures hold "
+            )
+            line = unreferenced_warning(
+                f"evaluate {model_name}: {split}", unreferenced.elements, detail
+            )
+            print(line, flush=True)
         start = time.perf_counter()
     return results
+
+
+class Unreferenced:
+    """The structures of a split holding elements outside ``known`` (the elements with a
+    reference energy in the model, :func:`forcenet.scaling.referenced_elements`; None:
+    the model has no per-element references, and nothing is counted)."""
+
+    def __init__(self, known: frozenset[int] | None) -> None:
+        self.known = torch.tensor(sorted(known)) if known is not None else None
+        self.elements: set[int] = set()
+        self.structures = 0
+
+    def add(self, batch: Batch) -> None:
+        if self.known is None:
+            return
+        z = batch[K.ATOMIC_NUMBERS]  # [N]
+        outside = ~torch.isin(z, self.known.to(z.device))  # [N]
+        if bool(outside.any()):
+            self.elements |= {int(v) for v in z[outside].unique().tolist()}
+            self.structures += int(batch[K.BATCH][outside].unique().numel())
 
 
 def _split_line(model_name: str, split: str, metrics: dict[str, float], seconds: float) -> str:

@@ -3,13 +3,17 @@
 :class:`ScaledModel` wraps every trained model; its buffers hold the normalisation, so a
 checkpoint's state dict carries it. :func:`label_stats` measures it on a training set (the
 force RMS; per-element reference energies, then the energy mean/std) and
-:func:`set_scales` puts it into the wrapper.
+:func:`set_scales` puts it into the wrapper. The per-element reference energies are
+fitted (:func:`least_squares_references`, with its rank), given, or isolated-atom energies
+(:func:`read_isolated_energies`); structures with elements that have none are named
+(:func:`referenced_elements`, :func:`unreferenced_warning`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -97,7 +101,7 @@ def element_energies(model: ScaledModel) -> dict[str, float]:
 def label_stats(
     dataset: Dataset | Sequence[Mapping[str, Any]],
     *,
-    reference: Literal["mean", "per_element"] = "mean",
+    reference: Literal["mean", "per_element", "isolated"] = "mean",
     element_energies: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Normalisation constants of a training set.
@@ -105,9 +109,13 @@ def label_stats(
     ``force_rms`` (eV/Å): root mean square of the free-atom force components (the std
     about the physical mean 0); ``energy_mean``/``energy_std`` (eV): of the per-structure
     energy labels (std 1 if there is a single frame) less, with ``reference``
-    ``"per_element"``, the per-element reference energies ``element_energies`` (``{Z: eV}``
-    in the result): given by element symbol, or else fitted by :func:`fit_element_energies`.
-    With ``"mean"`` the result has no ``element_energies`` (all 0).
+    ``"per_element"`` or ``"isolated"``, the per-element reference energies
+    ``element_energies`` (``{Z: eV}`` in the result). ``"per_element"``: given by element
+    symbol, or else fitted by :func:`least_squares_references`. ``"isolated"``: the given
+    isolated-atom energies, and for training elements without one the least-squares fit
+    of what they leave. A fit adds ``element_fit`` ``{"elements": [Z, ...], "rank": r,
+    "structures": S}`` (:func:`element_fit_warning` says when r is below the number of
+    elements). With ``"mean"`` the result has no ``element_energies`` (all 0).
     """
     sq, n_comp, energies, numbers = 0.0, 0, [], []
     if not isinstance(dataset, Sized):
@@ -124,20 +132,26 @@ def label_stats(
         raise ValueError("training set has no free atoms: cannot normalise forces")
     e = np.asarray(energies)
     stats: dict[str, Any] = {"force_rms": math.sqrt(sq / n_comp)}
-    if reference == "per_element":
+    if reference in ("per_element", "isolated"):
         counts = composition_counts(numbers)
-        refs = (
-            given_element_energies(element_energies, counts)
-            if element_energies
-            else fit_element_energies(counts, e)
-        )
+        if reference == "isolated":
+            refs, fit = isolated_references(element_energies or {}, counts, e)
+        elif element_energies:
+            refs, fit = given_element_energies(element_energies, counts), None
+        else:
+            refs, rank = least_squares_references(counts, e)
+            fit = {"elements": sorted(refs), "rank": rank, "structures": len(e)}
         table = np.zeros(counts.shape[1])
         for z, value in refs.items():
             table[z] = value
         e = e - counts @ table
         stats["element_energies"] = refs
+        if fit is not None:
+            stats["element_fit"] = fit
     elif reference != "mean":
-        raise ValueError(f"energy reference must be 'mean' or 'per_element', got {reference!r}")
+        raise ValueError(
+            f"energy reference must be 'mean', 'per_element' or 'isolated', got {reference!r}"
+        )
     std = float(e.std()) if len(e) > 1 and e.std() > 1e-8 else 1.0
     stats.update(energy_mean=float(e.mean()), energy_std=std)
     return stats
@@ -154,15 +168,135 @@ def composition_counts(numbers: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def fit_element_energies(counts: np.ndarray, energies: np.ndarray) -> dict[int, float]:
-    """Per-element reference energies e_Z (eV) of the least-squares fit E ~ sum_Z n_Z e_Z.
+    """The e_Z of :func:`least_squares_references`, without the rank."""
+    return least_squares_references(counts, energies)[0]
+
+
+def least_squares_references(
+    counts: np.ndarray, energies: np.ndarray
+) -> tuple[dict[int, float], int]:
+    """Per-element reference energies e_Z (eV) of the least-squares fit E ~ sum_Z n_Z e_Z,
+    and the fit's rank.
 
     ``counts`` [S, MAX_Z + 1] (:func:`composition_counts`), ``energies`` [S] (eV). Only the
-    elements present take part; when compositions are collinear (e.g. one molecule) the
-    minimum-norm solution is taken, whose sums still fit the energies as well as any.
+    elements present take part. The e_Z are determined only when the rank equals the
+    number of elements: with fewer independent compositions (one molecule's MD: rank 1
+    for 3 elements; 30 systems of 40 elements) the minimum-norm solution is taken, whose
+    sums still fit the training energies as well as any, but whose e_Z mean nothing alone
+    and give arbitrary references to other compositions.
     """
     present = np.flatnonzero(counts.sum(axis=0) > 0)
-    coef, *_ = np.linalg.lstsq(counts[:, present], energies, rcond=None)
-    return {int(z): float(c) for z, c in zip(present, coef, strict=True)}
+    coef, _, rank, _ = np.linalg.lstsq(counts[:, present], energies, rcond=None)
+    return {int(z): float(c) for z, c in zip(present, coef, strict=True)}, int(rank)
+
+
+def isolated_references(
+    given: Mapping[str, float], counts: np.ndarray, energies: np.ndarray
+) -> tuple[dict[int, float], dict[str, Any] | None]:
+    """``({Z: eV}, fit)``: the isolated-atom energies ``given`` by element symbol (all of
+    them, so test elements absent from training keep theirs), and for the training
+    elements without one, the fall-back: the least-squares fit of the energies they leave
+    (``fit`` as in :func:`label_stats`; None when every training element has one)."""
+    refs = {atomic_numbers[symbol]: float(value) for symbol, value in given.items()}
+    refs = {z: v for z, v in sorted(refs.items()) if z <= MAX_Z}
+    present = np.flatnonzero(counts.sum(axis=0) > 0)
+    missing = [int(z) for z in present if int(z) not in refs]
+    if not missing:
+        return refs, None
+    table = np.zeros(counts.shape[1])
+    for z, value in refs.items():
+        table[z] = value
+    rest = np.zeros_like(counts)
+    rest[:, missing] = counts[:, missing]
+    fitted, rank = least_squares_references(rest, energies - counts @ table)
+    fit = {"elements": missing, "rank": rank, "structures": len(energies), "fallback": True}
+    return dict(sorted({**refs, **fitted}.items())), fit
+
+
+def element_fit_warning(name: str, stats: Mapping[str, Any]) -> str | None:
+    """The lines that report a least-squares fit of e_Z (:func:`label_stats`'s
+    ``element_fit``): its rank, and a warning when it is below the number of elements."""
+    fit = stats.get("element_fit")
+    if not fit:
+        return None
+    elements = [chemical_symbols[z] for z in fit["elements"]]
+    n, rank = len(elements), int(fit["rank"])
+    what = (
+        f"no isolated-atom energy for {', '.join(elements)}: fitted by least squares instead"
+        if fit.get("fallback")
+        else "per-element reference energies fitted by least squares"
+    )
+    line = f"train {name}: {what} on {fit['structures']} structures, rank {rank} of {n} elements"
+    if rank >= n:
+        return line
+    return (
+        f"{line}\nWARNING: train {name}: the training compositions determine only {rank} "
+        f"of the {n} reference energies ({', '.join(elements)}): the fitted e_Z are one of "
+        "many equally good solutions, not per-atom energies, and give arbitrary references "
+        "to other compositions; give isolated-atom energies (energy_reference: isolated, "
+        "with element_energies or isolated_atoms) for references that mean something"
+    )
+
+
+class IsolatedAtomsError(ValueError):
+    """A file of isolated-atom energies that cannot be used; names the file and frame."""
+
+
+def read_isolated_energies(path: Path) -> dict[str, float]:
+    """``{symbol: eV}`` from an ASE-readable file (extxyz, traj, ...) of single-atom
+    frames with energies (one per element; a repeated element must repeat its energy)."""
+    import ase.io
+
+    energies: dict[str, float] = {}
+    index = -1
+    try:
+        for index, atoms in enumerate(ase.io.iread(str(path), index=":")):
+            where = f"{path}: structure {index}"
+            if len(atoms) != 1:
+                raise IsolatedAtomsError(
+                    f"{where}: {len(atoms)} atoms; isolated-atom energies need single-atom frames"
+                )
+            results = atoms.calc.results if atoms.calc is not None else {}
+            energy = results.get("energy", atoms.info.get("energy"))
+            if energy is None or not math.isfinite(float(energy)):
+                raise IsolatedAtomsError(f"{where}: no finite energy (got {energy!r})")
+            symbol = atoms.get_chemical_symbols()[0]
+            if energies.get(symbol, float(energy)) != float(energy):
+                raise IsolatedAtomsError(
+                    f"{where}: a second energy for {symbol} ({float(energy)} eV, "
+                    f"{energies[symbol]} eV before)"
+                )
+            energies[symbol] = float(energy)
+    except IsolatedAtomsError:
+        raise
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise IsolatedAtomsError(
+            f"{path}: cannot read structure {index + 1} ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not energies:
+        raise IsolatedAtomsError(f"{path}: no structures in the file")
+    return energies
+
+
+def referenced_elements(model: nn.Module) -> frozenset[int] | None:
+    """The Z that have a per-element reference energy in ``model`` (the non-zero entries
+    of a :class:`ScaledModel`'s table); None for a model without references (trained
+    with ``energy_reference: mean``, or not a ScaledModel), whose energies need none."""
+    table = getattr(model, "element_energies", None)
+    if not isinstance(table, Tensor) or not bool(table.any()):
+        return None
+    return frozenset(int(z) for z in torch.nonzero(table).flatten().tolist())
+
+
+def unreferenced_warning(where: str, missing: Iterable[int], detail: str = "") -> str:
+    """The warning for structures holding elements without a reference energy."""
+    symbols = ", ".join(chemical_symbols[z] for z in sorted(missing))
+    return (
+        f"WARNING: {where}: {detail}elements without a reference energy ({symbols}): the "
+        "training split held none of them, so the predicted energies lack their atoms' "
+        "reference (errors of up to hundreds of eV); train on data holding them, or give "
+        "isolated-atom energies (energy_reference: isolated)"
+    )
 
 
 def given_element_energies(given: Mapping[str, float], counts: np.ndarray) -> dict[int, float]:

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from forcenet.atomic import atomic_write
-from forcenet.config import ConfigError, parse, unknown_keys_message
+from forcenet.config import ConfigError, FieldError, parse, unknown_keys_message
 from forcenet.data.graphs import GraphSettings, read_graph_settings
 from forcenet.models import hyperparameters
 from forcenet.outdir import exclusive_folder, prepare_run_folder
@@ -75,7 +75,13 @@ def train_config(params: Params, name: str) -> TrainConfig:
         referenced = params.data.source in REFERENCED_SOURCES
         own["energy_reference"] = "mean" if referenced else "per_element"
     shared = {k: getattr(params.train, k) for k in SHARED_TRAIN_KEYS}
-    return parse(TrainConfig, {**shared, **own}, f"train.{name}")
+    try:
+        return parse(TrainConfig, {**shared, **own}, f"train.{name}")
+    except FieldError as exc:  # a shared key's path is train.<key>
+        field = exc.key.removeprefix(f"train.{name}.")
+        if field in SHARED_TRAIN_KEYS:
+            raise FieldError(f"train.{field}", exc.problem) from None
+        raise
 
 
 def snapshot(params: Params, name: str) -> dict[str, Any]:
@@ -130,20 +136,22 @@ def train_model(
     out: Path,
     resume: bool,
     overwrite: bool = False,
+    allow_changed: bool = False,
 ) -> Path:
     """Train model ``name`` on ``frames/train`` + ``graphs/train``; checkpoints in ``out``,
     which one run at a time may use (rank 0 holds its lock). Returns the checkpoint to
     evaluate (``best.pt``). A fresh run (not ``resume``) starts a fresh MLflow run and
-    refuses a folder holding an earlier run unless ``overwrite``."""
+    refuses a folder holding an earlier run unless ``overwrite``. A resume with other
+    settings or training data than the run's is refused unless ``allow_changed``."""
     cfg = train_config(params, name)
     kwargs = model_kwargs(params, name)
     if not params.graph.on_the_fly:  # before any work: graphs built with params.graph
         check_graphs(params, graphs / "train")
     if not tracking.is_rank_zero():
-        return _train(name, params, cfg, kwargs, frames, graphs, out, resume)
+        return _train(name, params, cfg, kwargs, frames, graphs, out, resume, allow_changed)
     with exclusive_folder(out):
         prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        return _train(name, params, cfg, kwargs, frames, graphs, out, resume)
+        return _train(name, params, cfg, kwargs, frames, graphs, out, resume, allow_changed)
 
 
 def _train(
@@ -155,6 +163,7 @@ def _train(
     graphs: Path,
     out: Path,
     resume: bool,
+    allow_changed: bool,
 ) -> Path:
     from forcenet.train import fit
 
@@ -178,14 +187,23 @@ def _train(
             graph=graph_settings(params) if on_the_fly else None,
             out_dir=out,
             resume=resume,
+            allow_changed=allow_changed,
             params_snapshot=snap,
             on_epoch_end=on_eval,
         )
     except BaseException:
         tracking.finish_run(run, status="FAILED")
+        forget_unstarted_run(out)
         raise
     tracking.finish_run(run)
     return best
+
+
+def forget_unstarted_run(out: Path) -> None:
+    """After a failed run that wrote no checkpoint: remove its ``run_id.txt``, so the next
+    fresh run starts without ``--overwrite`` (the MLflow run stays, marked FAILED)."""
+    if tracking.is_rank_zero() and not (Path(out) / "last.pt").is_file():
+        (Path(out) / tracking.RUN_ID_FILE).unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -201,7 +219,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     mode.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run in OUT (fresh run)"
     )
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="with --resume: continue although the settings or data differ from the run's",
+    )
     args = p.parse_args(argv)
+    if args.allow_changed and not args.resume:
+        p.error("--allow-changed is for --resume")
     params = load_params(args.params)
     best = train_model(
         args.model,
@@ -211,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out=args.out,
         resume=args.resume,
         overwrite=args.overwrite,
+        allow_changed=args.allow_changed,
     )
     print(f"train {args.model}: done; checkpoint to evaluate: {best}")
 

@@ -224,3 +224,32 @@ def test_neighbors_refuses_a_cutoff_above_the_maximum(stores, tmp_path):
     assert isinstance(result.exception, ValueError)
     assert "cutoff 1000000.0 Å is above the maximum 20.0 Å" in str(result.exception)
     assert not (tmp_path / "g").exists()
+
+
+def test_resume_with_other_data_or_settings_is_refused_unless_allowed(stores, tmp_path):
+    """`--resume` with another `--frames` split or another lr exits non-zero naming what
+    differs; `--allow-changed` continues on purpose."""
+    from test_train import make_frames
+
+    small = ["--set", "model.hidden_channels=8", "--set", "model.num_interactions=1"]
+    small += ["--set", "train.batch_size=2"]
+    out = tmp_path / "out"
+    first = _train(stores, out, *small, "--set", "train.max_steps=2")
+    assert first.exit_code == 0, first.output
+    other = write_stores(
+        tmp_path / "other", make_frames(3, 3, seed=5), cutoff=4.5, max_neighbors=16
+    )
+    refused = _train(other, out, *small, "--set", "train.max_steps=2", "--resume")
+    assert refused.exit_code != 0 and "data.frames" in str(refused.exception)
+    refused = _train(
+        stores, out, *small, "--set", "train.max_steps=2", "--set", "train.lr=0.01", "--resume"
+    )
+    assert refused.exit_code != 0 and "train.lr 0.002 -> 0.01" in str(refused.exception)
+    assert C.load_checkpoint(out / "last.pt")["step"] == 2
+    allowed = _train(
+        stores, out, *small, "--set", "train.max_steps=4", "--resume", "--allow-changed"
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert C.load_checkpoint(out / "last.pt")["step"] == 4
+    alone = _train(stores, tmp_path / "fresh", *small, "--allow-changed")
+    assert alone.exit_code != 0 and not (tmp_path / "fresh").exists()

@@ -42,9 +42,17 @@ def samples() -> list[dict]:
     return make_samples(n_systems=5, frames_per_system=4, seed=SEED)
 
 
-def _fit(cfg, samples, out, *, resume=False, on_epoch_end=None):
+def _fit(cfg, samples, out, *, resume=False, on_epoch_end=None, **options):
     return fit_split(
-        cfg, "forcenet", KWARGS, samples, out, graph=GRAPH, resume=resume, on_epoch_end=on_epoch_end
+        cfg,
+        "forcenet",
+        KWARGS,
+        samples,
+        out,
+        graph=GRAPH,
+        resume=resume,
+        on_epoch_end=on_epoch_end,
+        **options,
     )
 
 
@@ -179,8 +187,10 @@ def test_resume_across_the_switch_matches_uninterrupted(runs, samples, tmp_path,
     assert (cut["model_kwargs"]["forces"] == "gradient") == (kill_at > STEPS - FINETUNE)
     if kill_at > STEPS - FINETUNE:  # a fine-tune that would start later: refused
         later = tiny_config(**SETTINGS, conservative_finetune_steps=1)
-        with pytest.raises(C.CheckpointError, match="conservative fine-tune at step 8"):
+        with pytest.raises(C.CheckpointError, match="train.conservative_finetune_steps 4 -> 1"):
             _fit(later, samples, tmp_path, resume=True)
+        with pytest.raises(C.CheckpointError, match="conservative fine-tune at step 8"):
+            _fit(later, samples, tmp_path, resume=True, allow_changed=True)  # even on purpose
     _fit(cfg, samples, tmp_path, resume=True)
     full = C.load_checkpoint(runs[0] / "last.pt")
     resumed = C.load_checkpoint(tmp_path / "last.pt")

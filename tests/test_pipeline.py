@@ -229,6 +229,40 @@ def test_a_fresh_run_never_reopens_or_mixes_with_an_earlier_one(tmp_path, monkey
     assert read_run_id(out) == second
 
 
+def test_a_bad_setting_or_a_failed_start_leaves_nothing_that_blocks_a_fresh_run(
+    tmp_path, monkeypatch
+):
+    """An infinite lr is refused before any work, naming its key; a run that fails before
+    its first checkpoint leaves no run_id.txt, so the next fresh run needs no --overwrite."""
+    from forcenet.train import NonFiniteError, loop
+    from pipeline.train import main as train_stage
+
+    root = tmp_path / "data"
+    _tiny_stores(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    good = _tiny_params(tmp_path)
+    bad = yaml.safe_load(good.read_text())
+    bad["train"]["gns"]["lr"] = float("inf")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    out = tmp_path / "out"
+    args = ["gns", "--out", str(out), "--frames", str(root / "lmdb"), "--graphs"]
+    args += [str(root / "graphs")]
+    with pytest.raises(ConfigError, match=r"^train\.gns\.lr: inf is not a finite number"):
+        train_stage([*args, "--params", str(tmp_path / "bad.yaml")])
+    assert not out.exists()
+
+    def diverge(*args, **kwargs):
+        raise NonFiniteError("loss is nan")
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_step", diverge)
+        with pytest.raises(NonFiniteError, match="at step 1"):
+            train_stage([*args, "--params", str(good)])
+    assert not (out / "run_id.txt").exists() and not (out / "last.pt").exists()
+    train_stage([*args, "--params", str(good)])  # a fresh run, no --overwrite needed
+    assert (out / "last.pt").is_file() and (out / "run_id.txt").is_file()
+
+
 def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     """A split named after a file with non-ASCII characters reaches MLflow under a safe
     key; when anything fails, no output that looks complete is left."""

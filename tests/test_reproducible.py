@@ -67,6 +67,7 @@ def test_step_budget_runs_are_bit_identical(samples, tmp_path, monkeypatch):
     assert [m["elapsed_s"] for _, m in seen_a] != [m["elapsed_s"] for _, m in seen_b]
     for file in ("last.pt", "best.pt"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    assert a["run"]["data"]["frames"] == 20 and a["run"]["train"]["max_steps"] == 7
     assert "elapsed_s" not in a["train_info"]["progress"]
     assert not {"elapsed_s", "graphs_per_s"} & set(a["train_info"]["metrics"])
     # the learning rate anneals over the step budget, not the epoch cap

@@ -23,7 +23,8 @@ from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.dataset import sample_from_atoms
 from forcenet.data.frame import MAX_Z, Frame
-from forcenet.scaling import label_stats
+from forcenet.evaluate import evaluate_model
+from forcenet.scaling import ScaledModel, label_stats, set_scales
 from forcenet.train.data import MIN_DEV_SYSTEMS, dev_split
 from forcenet.train.log import start_line
 
@@ -172,12 +173,14 @@ OFFSET = {z: -100.0 * z for z in (1, 6, 7, 8)}  # eV per atom: raw totals far fr
 MOLECULES = ("H2O", "CH4", "NH3", "CO2", "C2H6", "N2", "CO", "H2", "O2", "C2H4", "HCN", "CH3OH")
 
 
-def _molecule_samples(seed: int = 0, per_molecule: int = 4) -> list[dict]:
+def _molecule_samples(
+    seed: int = 0, per_molecule: int = 4, molecules: tuple[str, ...] = MOLECULES
+) -> list[dict]:
     """EMT-labelled rattled molecules (no pbc) with totals shifted by sum_Z n_Z * OFFSET[Z]:
     energies of -100 eV (H2) to -2,200 eV (CO2), like raw DFT totals of mixed compositions."""
     rng = np.random.default_rng(seed)
     samples = []
-    for sid, name in enumerate(MOLECULES):
+    for sid, name in enumerate(molecules):
         for fid in range(per_molecule):
             atoms = molecule(name)
             atoms.positions += rng.normal(0.0, 0.05, atoms.positions.shape)
@@ -316,3 +319,123 @@ def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(samples, tmp_pat
     ]
     assert sum("dev force MAE" in line for line in lines) == 8  # every epoch end (5 steps)
     assert "\r" not in captured.err and "\r" not in captured.out
+
+
+def test_a_fit_reports_its_rank_and_warns_when_below_the_elements(tmp_path, capsys):
+    """One molecule's MD (one composition, 3 elements) determines one combination of the
+    three e_Z, not each: the fit says so at the start of training."""
+    from forcenet.scaling import element_fit_warning
+
+    one = _molecule_samples(per_molecule=10, molecules=("CH3OH",))
+    stats = label_stats(one, reference="per_element")
+    assert stats["element_fit"] == {"elements": [1, 6, 8], "rank": 1, "structures": 10}
+    warning = element_fit_warning("schnet", stats)
+    assert "rank 1 of 3 elements" in warning
+    assert "WARNING: train schnet: the training compositions determine only 1 of the 3" in warning
+    full = element_fit_warning("schnet", label_stats(_molecule_samples(), reference="per_element"))
+    assert "rank 4 of 4 elements" in full and "WARNING" not in full
+    cfg = tiny_config(max_epochs=1, batch_size=4, energy_reference="per_element")
+    T.fit_datasets(
+        cfg, "schnet", SCHNET, train_set=one[:8], dev_set=one[8:], out_dir=tmp_path, graph=GRAPH
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert len(lines) == 1 and "determine only 1 of the 3 reference energies (H, C, O)" in lines[0]
+
+
+def _write_atoms(path, energies: dict[str, float], extra: list | None = None) -> None:
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for symbol, energy in energies.items():
+        atoms = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
+        atoms.calc = SinglePointCalculator(atoms, energy=energy)
+        frames.append(atoms)
+    write(path, frames + (extra or []), format="extxyz")
+
+
+def test_isolated_atom_energies_from_a_file_or_a_mapping(tmp_path, capsys):
+    """``energy_reference: isolated`` takes e_Z from single-atom frames (or a mapping),
+    keeps those of elements the training split lacks, and fits only the training
+    elements without one, naming them."""
+    from forcenet.scaling import IsolatedAtomsError, element_fit_warning, read_isolated_energies
+
+    data = _molecule_samples(per_molecule=2)
+    isolated = {"H": -100.0, "C": -600.0, "N": -700.0, "O": -800.0, "Cu": -3.5}
+    path = tmp_path / "isolated.extxyz"
+    _write_atoms(path, isolated)
+    assert read_isolated_energies(path) == isolated
+    stats = label_stats(data, reference="isolated", element_energies=isolated)
+    assert stats["element_energies"] == {1: -100.0, 6: -600.0, 7: -700.0, 8: -800.0, 29: -3.5}
+    assert "element_fit" not in stats
+    partial = {k: v for k, v in isolated.items() if k != "N"}
+    stats = label_stats(data, reference="isolated", element_energies=partial)
+    assert stats["element_fit"]["elements"] == [7] and stats["element_fit"]["fallback"]
+    assert abs(stats["element_energies"][7] - OFFSET[7]) < 10.0  # fitted on what is left
+    assert "no isolated-atom energy for N: fitted by least squares" in element_fit_warning(
+        "gns", stats
+    )
+    cfg = tiny_config(max_epochs=1, energy_reference="isolated", isolated_atoms=str(path))
+    T.fit_datasets(
+        cfg, "schnet", SCHNET, train_set=data[:16], dev_set=data[16:], out_dir=tmp_path / "run",
+        graph=GRAPH,
+    )  # fmt: skip
+    assert (
+        "e_Z (isolated atoms) H -100, C -600, N -700, O -800, Cu -3.5 eV" in capsys.readouterr().out
+    )
+    ckpt = C.load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["train_info"]["normalizer"]["element_energies"] == isolated
+    with pytest.raises(ValueError, match="needs the isolated-atom energies"):
+        tiny_config(energy_reference="isolated")
+    from ase.build import molecule as build
+
+    water = build("H2O")
+    _write_atoms(tmp_path / "bad.extxyz", {"H": -1.0}, [water])
+    with pytest.raises(IsolatedAtomsError, match=r"bad\.extxyz: structure 1: 3 atoms"):
+        read_isolated_energies(tmp_path / "bad.extxyz")
+
+
+def _referenced_schnet() -> ScaledModel:
+    """A SchNet whose references were fitted on molecules without nitrogen (H, C, O)."""
+    no_n = tuple(m for m in MOLECULES if "N" not in m)
+    torch.manual_seed(0)
+    model = C.build_scaled_model("schnet", SCHNET)
+    set_scales(model, label_stats(_molecule_samples(molecules=no_n), reference="per_element"))
+    return model.eval()
+
+
+def test_evaluation_names_elements_without_a_reference(capsys):
+    model = _referenced_schnet()
+    with_n = _molecule_samples(per_molecule=1, molecules=("NH3", "H2O", "HCN"))
+    inputs = [("test", [collate(with_n)]), ("plain", [collate(with_n[1:2])])]
+    evaluate_model(model, inputs, model_name="schnet", device="cpu")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert lines == [
+        "WARNING: evaluate schnet: test: 2 of 3 structures hold elements without a reference "
+        "energy (N): the training split held none of them, so the predicted energies lack "
+        "their atoms' reference (errors of up to hundreds of eV); train on data holding them, "
+        "or give isolated-atom energies (energy_reference: isolated)"
+    ]
+
+
+def test_calculator_names_elements_without_a_reference_once():
+    import warnings
+
+    from forcenet.calculator import ForceNetCalculator, UnreferencedElementsWarning
+
+    calc = ForceNetCalculator(model=_referenced_schnet(), cutoff=GRAPH.cutoff, max_neighbors=16)
+    water = molecule("H2O")
+    water.calc = calc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        water.get_potential_energy()  # H and O have references: no warning
+    ammonia = molecule("NH3")
+    ammonia.calc = calc
+    with pytest.warns(UnreferencedElementsWarning, match=r"without a reference energy \(N\)"):
+        ammonia.get_potential_energy()
+    hcn = molecule("HCN")
+    hcn.calc = calc.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hcn.get_potential_energy()  # N was named already

@@ -90,8 +90,16 @@ def test_ema_off_writes_no_second_state(samples, tmp_path):
 
 def test_resuming_with_ema_needs_an_average_in_the_checkpoint(samples, tmp_path):
     _fit(tiny_config(max_epochs=1), samples, tmp_path)
-    with pytest.raises(C.CheckpointError, match="without a weight average"):
+    with pytest.raises(C.CheckpointError, match=r"train\.ema_decay 0\.0 -> 0\.9"):
         _fit(tiny_config(max_epochs=2, ema_decay=0.9), samples, tmp_path, resume=True)
+    with pytest.raises(C.CheckpointError, match="without a weight average"):
+        _fit(
+            tiny_config(max_epochs=2, ema_decay=0.9),
+            samples,
+            tmp_path,
+            resume=True,
+            allow_changed=True,  # even on purpose
+        )
 
 
 def test_stochastic_frame_averaging_trains_and_resumes_exactly(samples, tmp_path):

@@ -7,19 +7,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from ase.data import atomic_numbers
 
-from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
+from forcenet.config import (
+    Check,
+    ConfigError,
+    FieldError,
+    Flag,
+    OneOf,
+    Range,
+    Text,
+    check_fields,
+    load_yaml,
+    parse,
+    unknown_keys_message,
+)
 from forcenet.frames import FrameMode
 from forcenet.losses import ForceLossKind, LossAtoms, TrainLoss
 from forcenet.scaling import ScaledModel
 from forcenet.schedule import LrDecay, Schedule
 
 #: How energies are referenced before normalisation (see :class:`TrainConfig`).
-EnergyReference = Literal["mean", "per_element"]
+EnergyReference = Literal["mean", "per_element", "isolated"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +55,17 @@ class TrainConfig:
     CUDA and direct-force models only. ``dev_fraction``: share of training systems held out
     (of frames when there are fewer than ``forcenet.train.data.MIN_DEV_SYSTEMS`` systems).
     ``energy_reference``: how energies are referenced before normalisation: ``"mean"``
-    (one per-structure mean, for energies already referenced, e.g. adsorption energies)
-    or ``"per_element"`` (E ~ sum_Z n_Z e_Z fitted on the training split by least squares,
-    then the residual's mean/std, for raw total energies of mixed compositions).
-    ``element_energies`` [eV by element symbol]: given e_Z, used instead of the fit
-    (``per_element`` only; every training element needs one).
+    (one per-structure mean, for energies already referenced, e.g. adsorption energies),
+    ``"per_element"`` (E ~ sum_Z n_Z e_Z fitted on the training split by least squares,
+    then the residual's mean/std, for raw total energies of mixed compositions; the fit
+    determines every e_Z only when the compositions span the elements, else a warning
+    names its rank) or ``"isolated"`` (e_Z = the energy of the isolated atom Z, on the
+    scale of the training energies; elements without one fall back to the least-squares
+    fit of what is left, and are named in the start line). ``element_energies`` [eV by
+    element symbol]: given e_Z (``per_element``: used instead of the fit, every training
+    element needs one; ``isolated``: the isolated-atom energies). ``isolated_atoms``: an
+    ASE-readable file (extxyz, ...) of single-atom frames with energies, the
+    isolated-atom energies of ``isolated`` (instead of ``element_energies``).
     ``conservative_finetune_steps`` (ForceNet only; 0 = off): the last that many steps of
     the step budget (``max_steps``, or fewer when ``max_epochs`` binds first) train the
     ForceNet with forces = -dE/dpos of its energy head (``forces="gradient"``, the energy
@@ -93,6 +111,7 @@ class TrainConfig:
     seed: int = 0
     energy_reference: EnergyReference = "per_element"
     element_energies: dict[str, float] = field(default_factory=dict)
+    isolated_atoms: str | None = None
     conservative_finetune_steps: int = 0
     conservative_lr: float = 0.0
     conservative_warmup_steps: int = 0
@@ -100,56 +119,57 @@ class TrainConfig:
     ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        checks = {
-            "lr > 0": self.lr > 0,
-            "batch_size >= 1": self.batch_size >= 1,
-            "max_epochs >= 1": self.max_epochs >= 1,
-            "max_steps >= 0": self.max_steps >= 0,
-            "eval_every >= 0": self.eval_every >= 0,
-            "time_budget_s >= 0": self.time_budget_s >= 0,
-            "0 <= dev_fraction < 1": 0 <= self.dev_fraction < 1,
-            "warmup_steps >= 0": self.warmup_steps >= 0,
-            "loss_beta > 0": self.loss_beta > 0,
-            "conservative_finetune_steps >= 0": self.conservative_finetune_steps >= 0,
-            "conservative_lr >= 0": self.conservative_lr >= 0,
-            "conservative_warmup_steps >= 0": self.conservative_warmup_steps >= 0,
-            "0 <= ema_decay < 1": 0 <= self.ema_decay < 1,
-            "frame_averaging in none/stochastic/full": self.frame_averaging
-            in ("none", "stochastic", "full"),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid TrainConfig: need {', '.join(bad)}")
+        check_fields(self, FIELD_CHECKS)
         n = self.conservative_finetune_steps
         if n > 0 and not n <= self.max_steps:
-            raise ValueError(
-                f"invalid TrainConfig: conservative_finetune_steps={n} needs a step budget "
-                f"max_steps >= {n} (got max_steps={self.max_steps}): the conservative "
-                "fine-tune is the last conservative_finetune_steps of max_steps"
+            raise FieldError(
+                "conservative_finetune_steps",
+                f"{n} needs a step budget max_steps >= {n} (got max_steps={self.max_steps}): "
+                "the conservative fine-tune is the last conservative_finetune_steps of max_steps",
             )
         if n > 0 and self.frame_averaging != "none":
-            raise ValueError(
-                "invalid TrainConfig: frame_averaging is for direct forces and "
-                "conservative_finetune_steps trains -dE/dx: use one of them"
+            raise FieldError(
+                "frame_averaging",
+                "frame_averaging is for direct forces and conservative_finetune_steps trains "
+                "-dE/dx: use one of them",
             )
-        if self.energy_reference not in ("mean", "per_element"):
-            raise ValueError(
-                f"invalid TrainConfig: energy_reference {self.energy_reference!r}, "
-                "expected 'mean' or 'per_element'"
+        if len(self.tag_weights) != 3 or not sum(self.tag_weights) > 0:
+            raise FieldError(
+                "tag_weights",
+                f"{list(self.tag_weights)}: need 3 weights (tags 0, 1, 2), >= 0, not all 0",
             )
-        if self.element_energies and self.energy_reference != "per_element":
-            raise ValueError(
-                "invalid TrainConfig: element_energies are given but energy_reference is "
-                f"{self.energy_reference!r} (they need 'per_element')"
-            )
-        unknown = sorted(set(self.element_energies) - set(atomic_numbers))
-        if unknown:
-            raise ValueError(f"invalid TrainConfig: element_energies: unknown elements {unknown}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise FieldError("milestones", f"{list(self.milestones)}: need ascending fractions")
+        if not self.force_coef + self.energy_coef > 0:
+            raise FieldError("force_coef", "force_coef and energy_coef are both 0: no loss")
+        self._check_energy_reference()
         object.__setattr__(
             self, "element_energies", {str(k): float(v) for k, v in self.element_energies.items()}
         )
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         object.__setattr__(self, "tag_weights", tuple(float(w) for w in self.tag_weights))
+
+    def _check_energy_reference(self) -> None:
+        """``element_energies`` and ``isolated_atoms`` only where the reference uses them."""
+        given = bool(self.element_energies)
+        if given and self.energy_reference == "mean":
+            raise FieldError(
+                "element_energies",
+                "given but energy_reference is 'mean' (they need 'per_element' or 'isolated')",
+            )
+        if self.isolated_atoms is not None and self.energy_reference != "isolated":
+            raise FieldError(
+                "isolated_atoms", f"given but energy_reference is {self.energy_reference!r}"
+            )
+        if self.energy_reference == "isolated" and given == (self.isolated_atoms is not None):
+            raise FieldError(
+                "energy_reference",
+                "'isolated' needs the isolated-atom energies as element_energies (by element "
+                "symbol) or as isolated_atoms (a file of single-atom frames), one of the two",
+            )
+        unknown = sorted(set(self.element_energies) - set(atomic_numbers))
+        if unknown:
+            raise FieldError("element_energies", f"unknown elements {unknown}")
 
     @property
     def conservative_schedule(self) -> Schedule:
@@ -177,6 +197,48 @@ class TrainConfig:
             gamma=self.gamma,
             min_factor=self.min_lr_factor,
         )
+
+
+#: The allowed values of every :class:`TrainConfig` field, checked before any work (one
+#: line per field: a new field adds its line). Numbers are finite: NaN and inf are refused.
+FIELD_CHECKS: dict[str, Check] = {
+    "lr": Range(0, low_open=True),
+    "weight_decay": Range(0),
+    "warmup_steps": Range(0, integer=True),
+    "warmup_start": Range(0, 1),  # a factor of lr: from warmup_start * lr up to lr
+    "lr_decay": OneOf(get_args(LrDecay)),
+    "milestones": Range(0, 1),  # fractions of the budget, ascending
+    "gamma": Range(0, 1, low_open=True),
+    "min_lr_factor": Range(0, 1),
+    "batch_size": Range(1, integer=True),
+    "eval_batch_size": Range(1, integer=True),
+    "max_epochs": Range(1, integer=True),
+    "max_steps": Range(0, integer=True),
+    "eval_every": Range(0, integer=True),
+    "time_budget_s": Range(0),
+    "force_loss": OneOf(get_args(ForceLossKind)),
+    "adsorbate_loss": OneOf((*get_args(ForceLossKind), None)),
+    "loss_beta": Range(0, low_open=True),
+    "adsorbate_beta": Range(0, low_open=True, optional=True),
+    "loss_atoms": OneOf(get_args(LossAtoms)),
+    "tag_weights": Range(0),  # per tag 0/1/2, not all 0
+    "force_coef": Range(0),
+    "energy_coef": Range(0),
+    "clip_grad": Range(0),  # 0 = off
+    "rotation_augment": Flag(),
+    "amp": Flag(),
+    "dev_fraction": Range(0, 1, high_open=True),
+    "num_workers": Range(0, integer=True),
+    "seed": Range(0, 2**32 - 1, integer=True),
+    "energy_reference": OneOf(get_args(EnergyReference)),
+    "element_energies": Range(),  # eV, any finite value
+    "isolated_atoms": Text(optional=True),
+    "conservative_finetune_steps": Range(0, integer=True),
+    "conservative_lr": Range(0),  # 0 = the main schedule goes on
+    "conservative_warmup_steps": Range(0, integer=True),
+    "frame_averaging": OneOf(get_args(FrameMode)),
+    "ema_decay": Range(0, 1, high_open=True),  # 0 = off
+}
 
 
 def make_loss(cfg: TrainConfig, model: ScaledModel) -> TrainLoss:

@@ -9,7 +9,9 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
@@ -75,6 +77,33 @@ def dataset_size(dataset: Dataset) -> int:
     if not isinstance(dataset, Sized):
         raise TypeError(f"training needs a dataset with a length, got {type(dataset).__name__}")
     return len(dataset)
+
+
+def fingerprint(dataset: Dataset) -> dict[str, Any]:
+    """What a run trains on, compared when it resumes: ``{"frames": n, "digest": hex}``.
+
+    Frames of a store (a ``Subset`` of a :class:`~forcenet.data.dataset.FrameDataset`, as
+    :func:`forcenet.train.fit` builds them): a digest of the store's shard digests (from
+    its manifest) and the frames taken, read without decoding a frame. Any other dataset:
+    a digest of every sample's ``sid``, ``fid`` and atomic numbers.
+    """
+    from forcenet.data.dataset import FrameDataset
+    from forcenet.data.manifest import read_manifest
+
+    size = dataset_size(dataset)
+    digest = hashlib.blake2b(digest_size=8)
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, FrameDataset):
+        manifest = read_manifest(dataset.dataset.frames_dir) or {"shards": []}
+        for entry in manifest["shards"]:
+            digest.update(f"{entry['name']}:{entry['digest']};".encode())
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+    else:
+        for i in range(size):
+            sample = dataset[i]
+            keys = [int(sample.get(K.SID, -1)), int(sample.get(K.FID, -1))]
+            digest.update(np.asarray(keys, dtype=np.int64).tobytes())
+            digest.update(np.asarray(sample[K.ATOMIC_NUMBERS], dtype=np.int64).tobytes())
+    return {"frames": size, "digest": digest.hexdigest()}
 
 
 def read_sids(frames_dir: Path) -> list[int]:

@@ -24,7 +24,8 @@ def start_line(
         f"energy reference {cfg.energy_reference}",
     ]
     if refs:
-        source = "given" if cfg.element_energies else "fitted"
+        source = {"isolated": "isolated atoms"}.get(cfg.energy_reference, "fitted")
+        source = "given" if cfg.element_energies and source == "fitted" else source
         parts.append(f"e_Z ({source}) {describe_element_energies(refs)}")
     parts.append(
         f"energy shift {float(model.energy_shift):.6g} eV, scale {float(model.energy_scale):.4g} eV"

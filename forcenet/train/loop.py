@@ -44,11 +44,12 @@ from forcenet.train.data import (
     TrainBatches,
     dev_split,
     dev_split_by_frame,
+    fingerprint,
     read_sids,
 )
 from forcenet.train.ema import WeightAverage
 from forcenet.train.log import StepLog, end_warnings, fine_tune_line, progress_line, start_line
-from forcenet.train.state import TRAINED_STATE, Progress, start_training
+from forcenet.train.state import TRAINED_STATE, Progress, run_record, start_training
 from forcenet.train.step import NonFiniteError, train_step
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -70,6 +71,7 @@ def fit_datasets(
     graph: GraphSettings,
     on_the_fly: bool = False,
     resume: bool = False,
+    allow_changed: bool = False,
     params_snapshot: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
@@ -79,8 +81,11 @@ def fit_datasets(
     ``on_the_fly``: the samples are frames without graphs; each batch gets its graph built
     with ``graph`` on the training device (the same edges as a graph store). ``resume``:
     continue from ``out_dir/last.pt`` if it exists (same model and kwargs required),
-    reaching the same weights as an uninterrupted run. ``on_epoch_end`` (rank 0) gets
-    (step, metrics) after each evaluation, once its checkpoint is written.
+    reaching the same weights as an uninterrupted run; refused when the settings or the
+    training data differ from the checkpoint's, naming the keys
+    (:func:`forcenet.train.state.check_same_run`), unless ``allow_changed``.
+    ``on_epoch_end`` (rank 0) gets (step, metrics) after each evaluation, once its
+    checkpoint is written.
 
     ``cfg.conservative_finetune_steps`` N > 0 (ForceNet): the last N steps train forces =
     -dE/dpos (:mod:`forcenet.train.conservative`); from the switch on only conservative
@@ -90,10 +95,12 @@ def fit_datasets(
     info = D.init_distributed()
     if info.device.type == "cpu":
         tune_malloc()  # keep large activations mapped across steps (forcenet.runtime)
-    ckpts = Checkpoints(Path(out_dir), cfg, model_name, model_kwargs, params_snapshot, graph)
+    run = run_record(cfg, model_kwargs, graph, fingerprint(train_set))
+    ckpts = Checkpoints(Path(out_dir), cfg, model_name, model_kwargs, params_snapshot, graph, run)
     model, averaged, optimizer, progress = start_training(
-        cfg, model_name, model_kwargs, train_set, ckpts.last, resume=resume, device=info.device
-    )
+        cfg, model_name, model_kwargs, train_set, ckpts.last,
+        resume=resume, device=info.device, run=run, allow_changed=allow_changed,
+    )  # fmt: skip
     builder = OnTheFlyGraphs(graph) if on_the_fly else None
     batches, dev = (
         TrainBatches(train_set, cfg, info, builder),
@@ -234,10 +241,11 @@ class Checkpoints:
         model_kwargs: dict[str, Any],
         params: dict[str, Any] | None,
         graph: GraphSettings,
+        run: dict[str, Any],
     ) -> None:
         self.out_dir, self.last, self.cfg = out_dir, out_dir / "last.pt", cfg
         self.model_name, self.model_kwargs = model_name, model_kwargs
-        self.params, self.graph = params or {}, graph
+        self.params, self.graph, self.run = params or {}, graph, run
         self.saved_step: int | None = None  # the step of the last.pt this run wrote
 
     def save(
@@ -263,6 +271,7 @@ class Checkpoints:
             graph=self.graph.as_dict(),
             metrics={k: v for k, v in metrics.items() if k not in TIMINGS},
             base_lr=self.cfg.lr,
+            run=self.run,
         )
         if averaged is not None:
             state[TRAINED_STATE] = model.state_dict()
@@ -309,6 +318,7 @@ def fit(
     out_dir: Path,
     graph: GraphSettings | None = None,
     resume: bool = False,
+    allow_changed: bool = False,
     params_snapshot: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
@@ -348,6 +358,7 @@ def fit(
         graph=settings,
         on_the_fly=graphs_dir is None,
         resume=resume,
+        allow_changed=allow_changed,
         params_snapshot=params_snapshot,
         on_epoch_end=on_epoch_end,
     )

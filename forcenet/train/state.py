@@ -1,6 +1,13 @@
 """Where a training run stands (:class:`Progress`) and what it starts from: a new model
 with the training set's label scales, or everything its ``last.pt`` saved (weights,
-optimizer, progress and RNG states)."""
+optimizer, progress and RNG states).
+
+A checkpoint also keeps the run's settings (:func:`run_record`: the
+:class:`~forcenet.train.config.TrainConfig`, the model kwargs, the graph settings and a
+fingerprint of the training frames); a resume with other ones is refused, naming the
+keys that differ (:func:`check_same_run`), unless it is allowed on purpose. The
+settings of :data:`RESUMABLE_CHANGES` may change freely.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,12 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from forcenet import checkpoint as C
-from forcenet.scaling import label_stats, set_scales
+from forcenet.data.graphs import GraphSettings
+from forcenet.distributed import is_rank_zero
+from forcenet.scaling import element_fit_warning, label_stats, read_isolated_energies, set_scales
 from forcenet.train.config import TrainConfig
 from forcenet.train.conservative import phase_kwargs
 from forcenet.train.ema import WeightAverage
@@ -24,6 +34,11 @@ TRAINED_STATE = "trained_state"
 
 #: Dev metrics that must stay finite (a NaN here means the model or the data diverged).
 CHECKED_METRICS = ("forces_mae", "energy_mae", "train_loss")
+
+#: Settings a resumed run may change: they leave the weights and the batches alone
+#: (DataLoader workers; the dev evaluation's batch size, whose metrics are exact sums),
+#: or stop a run (the wall-clock cap: a run it stopped resumes under a larger one).
+RESUMABLE_CHANGES = ("train.num_workers", "train.eval_batch_size", "train.time_budget_s")
 
 
 @dataclass
@@ -79,13 +94,16 @@ def start_training(
     *,
     resume: bool,
     device: torch.device,
+    run: dict[str, Any] | None = None,
+    allow_changed: bool = False,
 ) -> tuple[C.ScaledModel, WeightAverage | None, torch.optim.Optimizer, Progress]:
     """The model (on ``device``), optimizer and progress to train from: new ones (seeded
     by ``cfg.seed``, label scales and energy references (``cfg.energy_reference``) from
     ``train_set``), or with ``resume`` those of the checkpoint ``last`` when it exists
-    (with its RNG states restored). With ``cfg.ema_decay`` > 0 also the average of the
-    weights (:class:`forcenet.train.ema.WeightAverage`): a copy of the new model, or the
-    checkpoint's model, whose trained weights are then its ``trained_state``.
+    (with its RNG states restored), refused when its run settings differ from ``run``
+    (:func:`run_record`) unless ``allow_changed``. With ``cfg.ema_decay`` > 0 also the
+    average of the weights (:class:`forcenet.train.ema.WeightAverage`): a copy of the new
+    model, or the checkpoint's model, whose trained weights are then its ``trained_state``.
 
     The model is built with :func:`forcenet.train.conservative.phase_kwargs` (direct
     forces), or, resuming a checkpoint of the conservative fine-tune, with that phase's."""
@@ -99,10 +117,13 @@ def start_training(
     progress = Progress()
     if ckpt is None:
         stats = label_stats(
-            train_set, reference=cfg.energy_reference, element_energies=cfg.element_energies
+            train_set, reference=cfg.energy_reference, element_energies=reference_energies(cfg)
         )
+        say(element_fit_warning(model_name, stats))
         set_scales(model, stats)
     else:
+        if run is not None:
+            say(check_same_run(last, ckpt, run, model_name, allow_changed=allow_changed))
         check_same_model(last, ckpt, model_name, kwargs)
         model.load_state_dict(ckpt.get(TRAINED_STATE, ckpt["model_state"]))
     model.to(device)
@@ -117,6 +138,8 @@ def start_training(
                 )
             averaged.model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
+        for group in optimizer.param_groups:  # a changed weight decay (allowed) applies
+            group["weight_decay"] = cfg.weight_decay
         progress = Progress(**ckpt["train_info"]["progress"])
         C.restore_rng(ckpt["rng"])
     return model, averaged, optimizer, progress
@@ -129,3 +152,91 @@ def check_same_model(path: Path, ckpt: dict, name: str, kwargs: dict[str, Any]) 
             f"{path}: cannot resume: it holds {ckpt['model_name']!r} {ckpt['model_kwargs']}, "
             f"asked for {name!r} {kwargs}"
         )
+
+
+def reference_energies(cfg: TrainConfig) -> dict[str, float]:
+    """The given per-element energies: ``cfg.element_energies``, or for ``isolated`` those
+    of the single-atom frames of ``cfg.isolated_atoms``."""
+    if cfg.energy_reference == "isolated" and cfg.isolated_atoms is not None:
+        return read_isolated_energies(Path(cfg.isolated_atoms))
+    return dict(cfg.element_energies)
+
+
+def say(line: str | None) -> None:
+    """Print a line of the run's start (rank 0 only)."""
+    if line and is_rank_zero():
+        tqdm.write(line)
+
+
+def run_record(
+    cfg: TrainConfig, model_kwargs: dict[str, Any], graph: GraphSettings, data: dict[str, Any]
+) -> dict[str, Any]:
+    """The settings of a run, kept in its checkpoints: ``{"train": the TrainConfig,
+    "model": the model kwargs, "graph": cutoff and max_neighbors, "data": the training
+    frames' fingerprint (:func:`forcenet.train.data.fingerprint`)}``, as plain values."""
+    return {
+        "train": _plain(asdict(cfg)),
+        "model": _plain(dict(model_kwargs)),
+        "graph": _plain(graph.as_dict()),
+        "data": _plain(dict(data)),
+    }
+
+
+def check_same_run(
+    path: Path, ckpt: dict, run: dict[str, Any], name: str, *, allow_changed: bool
+) -> str | None:
+    """Refuse to resume checkpoint ``path`` with settings other than those it was trained
+    with (``ckpt["run"]``), naming every key that differs, except
+    :data:`RESUMABLE_CHANGES` and a training setting the checkpoint predates that keeps
+    its default; ``allow_changed``: continue, and say what changed. A checkpoint without
+    stored settings (written before they were kept) resumes with a warning. Returns the
+    line to print, if any."""
+    stored = ckpt.get("run")
+    if not isinstance(stored, dict):
+        return (
+            f"WARNING: train {name}: {path} predates the stored run settings: resuming "
+            "without checking that the settings and the training data are the run's"
+        )
+    defaults = {f"train.{k}": v for k, v in _plain(asdict(TrainConfig())).items()}
+    changed = [
+        f"{key} {_show(old)} -> {_show(new)}"
+        for key, (old, new) in _differences(stored, run).items()
+        if key not in RESUMABLE_CHANGES and not (old is _MISSING and new == defaults.get(key))
+    ]
+    if not changed:
+        return None
+    if allow_changed:
+        return f"WARNING: train {name}: resuming {path} with changed settings: {', '.join(changed)}"
+    raise C.CheckpointError(
+        f"{path}: cannot resume: the run was trained with other settings ({', '.join(changed)}); "
+        "resume with --allow-changed (allow_changed=True) to continue with the new ones on "
+        "purpose, or start afresh (--overwrite)"
+    )
+
+
+def _differences(stored: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """``{"train.lr": (old, new), ...}`` over the sections of two :func:`run_record`."""
+    out = {}
+    for section in sorted(set(stored) | set(current)):
+        old, new = dict(stored.get(section) or {}), dict(current.get(section) or {})
+        for key in [*old, *(k for k in new if k not in old)]:
+            a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+            if _plain(a) != _plain(b):
+                out[f"{section}.{key}"] = (a, b)
+    return out
+
+
+_MISSING = object()  # a key one of the two records lacks
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is _MISSING else repr(value)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (as compared and saved; plain types only)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
