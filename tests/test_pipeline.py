@@ -159,8 +159,11 @@ def test_a_fresh_run_never_reopens_or_mixes_with_an_earlier_one(tmp_path, monkey
     """A second fresh run into the same folder is refused (it used to fail inside MLflow
     with "Changing param values is not allowed"); --overwrite starts a fresh MLflow run;
     --resume continues the same one."""
-    from pipeline.tracking import read_run_id
+    from pipeline.tracking import training_run_id
     from pipeline.train import main as train_stage
+
+    def read_run_id(out):
+        return training_run_id(out, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     root = tmp_path / "data"
     _tiny_stores(root)
@@ -190,7 +193,8 @@ def test_a_fresh_run_never_reopens_or_mixes_with_an_earlier_one(tmp_path, monkey
 
 def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     """A split named after a file with non-ASCII characters reaches MLflow under a safe
-    key; when anything fails, no output that looks complete is left."""
+    key; the tables hold results only, the throughput goes to the timing file; when
+    anything fails, no output that looks complete is left."""
     import pandas as pd
 
     import forcenet.checkpoint
@@ -219,7 +223,7 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     ckpt = tmp_path / "models" / "best.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"checkpoint")
-    outs = {k: tmp_path / f"out.{k}" for k in ("parquet", "json", "pred")}
+    outs = {k: tmp_path / f"out.{k}" for k in ("parquet", "json", "pred", "timing")}
     args = [
         str(ckpt),
         str(tmp_path),
@@ -231,6 +235,8 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
         str(outs["json"]),
         "--predictions",
         str(outs["pred"]),
+        "--timing",
+        str(outs["timing"]),
         "--params",
         str(ROOT / "params.yaml"),
     ]
@@ -240,11 +246,17 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     assert json.loads(outs["json"].read_text()) == {
         "vål_ïd": {"forces_mae": 0.1, "forces_cos": 0.5}
     }
-    assert len(pd.read_parquet(outs["parquet"])) == 3
+    written = pd.read_parquet(outs["parquet"])
+    assert written.metric.tolist() == ["forces_mae", "forces_cos"]
+    assert set(written.run_id) == {""}  # the MLflow run is named in the timing file
+    timing = json.loads(outs["timing"].read_text())
+    assert timing["splits"] == {"vål_ïd": {"inference_graphs_per_s": 1234.0}}
     import mlflow
 
     runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert runs[0].data.metrics["val_id/forces_mae"] == pytest.approx(0.1)
+    assert runs[0].data.metrics["val_id/inference_graphs_per_s"] == pytest.approx(1234.0)
+    assert timing["mlflow_run_id"] == runs[0].info.run_id
 
     for p in outs.values():
         p.unlink()
