@@ -105,7 +105,8 @@ class History:
         self.path = Path(out) / HISTORY_FILE
         self.rows: list[dict[str, Any]] = []
         if resume and self.path.is_file():
-            self.rows = pd.read_csv(self.path).to_dict("records")
+            old = pd.read_csv(self.path)  # one an older version wrote may hold seconds
+            self.rows = old.drop(columns=[c for c in CLOCK_METRICS if c in old]).to_dict("records")
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.rows = [r for r in self.rows if int(r["step"]) < step]

@@ -324,3 +324,31 @@ def test_energy_reference_follows_the_data_source():
     assert train_config(params_from_mapping(own), "schnet").energy_reference == "per_element"
     own["train"]["schnet"]["energy_reference"] = "mean"
     assert train_config(params_from_mapping(own), "schnet").energy_reference == "mean"
+
+
+def test_a_resumed_run_adds_its_seconds_to_the_earlier_ones(tmp_path):
+    """The train stage's timing file: checkpoints hold no clock, so a resumed run's
+    seconds start from those the file holds; its curve keeps the earlier points."""
+    import torch
+    from tiny import save_model_checkpoint
+
+    from pipeline.timing import read_timing
+    from pipeline.train import Timing
+
+    last, path = tmp_path / "last.pt", tmp_path / "timing.json"
+    first = Timing(path, resume=False, last=last)
+    first.add(4, {"elapsed_s": 10.0, "graphs_per_s": 3.0, "forces_mae": 0.2})
+    first.add(8, {"elapsed_s": 20.0, "graphs_per_s": 3.0})
+    save_model_checkpoint(last, "gns", torch.nn.Linear(1, 1), {}, cutoff=4.0, max_neighbors=8)
+    again = Timing(path, resume=True, last=last)
+    again.add(12, {"elapsed_s": 5.0, "graphs_per_s": 4.0})
+    data = read_timing(path)
+    assert data["step"] == 12 and data["train_seconds"] == 25.0 and data["graphs_per_s"] == 4.0
+    assert [(p["step"], p["elapsed_s"]) for p in data["curve"]] == [
+        (4, 10.0),
+        (8, 20.0),
+        (12, 25.0),
+    ]
+    fresh = Timing(path, resume=False, last=last)
+    fresh.add(4, {"elapsed_s": 1.0, "graphs_per_s": 2.0})
+    assert read_timing(path)["curve"] == [{"step": 4, "elapsed_s": 1.0, "graphs_per_s": 2.0}]
