@@ -231,7 +231,7 @@ def attach_run(
     tracking_uri: str | None = None,
     stage: str = "evaluate",
 ) -> TrackedRun | None:
-    """Reopen ``run_id`` (e.g. from :func:`read_run_id`) or, if it is None or not in the
+    """Reopen ``run_id`` (e.g. from :func:`training_run_id`) or, if it is None or not in the
     store, create a new run for ``model``; rank 0 only, else None."""
     if not is_rank_zero():
         return None
