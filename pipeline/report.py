@@ -1,7 +1,8 @@
 """Stage ``report``: the comparison across models, as tables and plots.
 
 Reads, for every model of the pipeline (:data:`pipeline.params.MODEL_NAMES`), the long
-metrics tables of the evaluate and relax stages (``model, split, metric, value, run_id``),
+metrics tables of the evaluate and relax stages (``model, split, metric, value, run_id``;
+``run_id`` is empty in the tables the stages write now),
 the per-atom predictions (parity plots) and the learning curve ``history.csv`` of its
 training folder. Writes into ``--out``:
 
@@ -16,17 +17,17 @@ training folder. Writes into ``--out``:
   accuracy-against-compute benchmark (``benchmarks/bench_accuracy.py``: force MAE per
   model and step budget, the best model at each, ForceNet's width at fixed compute);
 * ``learning_curves.csv`` (``model, step, metric, value``; for ``dvc plots``);
+* the figures of :mod:`pipeline.plots` under ``plots/``, each model's relaxation trace and
+  the MD energy of every model and the oracle (``plots/md_energy.png``) and the
+  benchmark's figure (``plots/accuracy_vs_compute.png``).
+
+Every file is written under a temporary name and renamed when complete.
 
 The seconds and throughput shown come from the timing files of the stages
 (``--timing``, :mod:`pipeline.timing`), which no stage depends on; a model without one is
 named in ``results.md``, its seconds shown as –. ``results.parquet``/``.csv`` and
 ``learning_curves.csv`` hold results only (the throughput of tables written before the
 timing files is kept where it is found).
-* the figures of :mod:`pipeline.plots` under ``plots/``, each model's relaxation trace and
-  the MD energy of every model and the oracle (``plots/md_energy.png``) and the
-  benchmark's figure (``plots/accuracy_vs_compute.png``).
-
-Every file is written under a temporary name and renamed when complete.
 
     python -m pipeline.report --eval reports/eval --relax reports/relax \
         --predictions data/predictions --models data/models --relax-runs data/relax \
