@@ -306,3 +306,15 @@ def test_each_split_prints_one_progress_line(lmdb_split, capsys):
     )
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("evaluate pair")]
     assert line.startswith("evaluate pair: val_id, 5 structures, force MAE ")
+
+
+def test_training_rows_carry_seconds_only_where_a_checkpoint_stored_them(tmp_path):
+    """A checkpoint of an older version (or of a run under a wall-clock cap) still gives
+    its training seconds; one that holds results only gives no made-up 0 s."""
+    from forcenet.evaluate import training_summary
+
+    old = {"train_info": {"progress": {"step": 5, "elapsed_s": 12.5, "graphs_seen": 40}}}
+    assert training_summary(tmp_path / "best.pt", old)["train_seconds"] == 12.5
+    new = {"train_info": {"progress": {"step": 5, "graphs_seen": 40}}}
+    summary = training_summary(tmp_path / "best.pt", new)
+    assert "train_seconds" not in summary and summary["train_steps"] == 5.0
