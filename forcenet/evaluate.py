@@ -330,10 +330,12 @@ def read_paths(
 
 def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:
     """What the training run behind ``checkpoint`` spent: ``train_steps``,
-    ``train_seconds``, ``train_graphs_seen``, ``train_epochs`` (passes over the training
-    frames; below 1 the model never saw all its data) from ``last.pt`` beside it, the end
-    of the run, when there is one; ``selected_step`` (the step of ``checkpoint`` itself,
-    e.g. the best dev MAE). Empty for a checkpoint without training progress."""
+    ``train_graphs_seen``, ``train_epochs`` (passes over the training frames; below 1 the
+    model never saw all its data) from ``last.pt`` beside it, the end of the run, when
+    there is one; ``selected_step`` (the step of ``checkpoint`` itself, e.g. the best dev
+    MAE); ``train_seconds`` only where the checkpoint stores them (a run under a
+    wall-clock cap, or written by an older version: checkpoints hold results, not the
+    clock). Empty for a checkpoint without training progress."""
     from forcenet.checkpoint import CheckpointError, load_checkpoint
 
     info = dict(ckpt.get("train_info", {}))
@@ -348,10 +350,12 @@ def training_summary(checkpoint: Path, ckpt: dict) -> dict[str, float]:
             end = dict(end_info.get("progress", {})) or progress
         except CheckpointError:
             end, end_info = progress, info
-    return {
+    summary = {
         "train_steps": float(end.get("step", 0)),
-        "train_seconds": float(end.get("elapsed_s", 0.0)),
         "train_graphs_seen": float(end.get("graphs_seen", 0)),
         "train_epochs": float(dict(end_info.get("metrics", {})).get("epoch", math.nan)),
         "selected_step": float(progress.get("step", 0)),
     }
+    if "elapsed_s" in end:
+        summary["train_seconds"] = float(end["elapsed_s"])
+    return summary

@@ -109,7 +109,9 @@ def score_systems(
     relaxed: list[Atoms],
     where: Path,
 ) -> pd.DataFrame:
-    """Per-system ADwT distance, oracle max force and oracle energy gap of the ML results."""
+    """Per-system ADwT distance, oracle max force and oracle energy gap of the ML results
+    (results only: the relaxation's wall time stays in ``table``, so that a rerun writes
+    the same file)."""
     rows = []
     for k, (run, init, ref) in enumerate(zip(table.itertuples(), initial, relaxed, strict=True)):
         final = final_structure(Path(run.trajectory))
@@ -129,7 +131,6 @@ def score_systems(
                 "steps": run.steps,
                 "converged": run.converged,
                 "ml_fmax": run.fmax,
-                "wall_s": run.wall_s,
                 "distance": mean_free_distance(
                     final.positions, ref.positions, ref.cell, ref.pbc, free
                 ),

@@ -1,13 +1,16 @@
 """Stage ``evaluate``: one model's checkpoint on every validation split.
 
 Writes the long metrics table (Parquet), the per-atom predictions and the DVC metrics
-JSON, and logs the metrics as ``<split>/<metric>`` to the model's MLflow training run
-(the run id in ``run_id.txt`` beside the checkpoint). With ``graph.on_the_fly`` the graphs
-are built per batch on the model's device instead of read from ``--graphs``.
+JSON, results only, and logs the metrics, throughput included, as ``<split>/<metric>`` to
+the model's MLflow training run (:func:`pipeline.tracking.training_run_id` of the
+checkpoint's folder). The throughput and the stage's seconds go to the ``--timing`` file
+(:mod:`pipeline.timing`). With ``graph.on_the_fly`` the graphs are built per batch on the
+model's device instead of read from ``--graphs``.
 
     python -m pipeline.evaluate data/models/forcenet/best.pt data/lmdb/val_id ... \\
         --graphs data/graphs --out reports/eval/forcenet.parquet \\
-        --predictions data/predictions/forcenet.parquet --metrics-json reports/metrics/forcenet.json
+        --predictions data/predictions/forcenet.parquet --metrics-json reports/metrics/forcenet.json \\
+        --timing reports/timing/evaluate_forcenet.json
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from forcenet.tables import write_metrics_json, write_table
 from pipeline import stage, tracking
 from pipeline.params import load_params
+from pipeline.timing import clock_rows, without_clock, write_timing
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="long metrics table (Parquet)")
     p.add_argument("--predictions", type=Path, required=True, help="per-atom predictions")
     p.add_argument("--metrics-json", type=Path, required=True, help="metrics for DVC")
+    p.add_argument("--timing", type=Path, help="timing file (seconds, throughput)")
     args = p.parse_args(argv)
     named = {"--out": args.out, "--predictions": args.predictions}
     named["--metrics-json"] = args.metrics_json
@@ -43,9 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
     start = time.perf_counter()
     name = str(load_checkpoint(args.checkpoint)["model_name"])
-    run_id = tracking.read_run_id(args.checkpoint.parent)
-    run = tracking.attach_run(model=name, run_id=run_id)
+    run = tracking.attach_run(model=name, run_id=tracking.training_run_id(args.checkpoint.parent))
     outputs = [args.predictions, args.out, args.metrics_json]
+    outputs += [args.timing] if args.timing is not None else []
     try:
         table = evaluate_checkpoint(
             args.checkpoint,
@@ -55,10 +60,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             predictions=args.predictions,
             on_the_fly=params.graph.on_the_fly,
         )
-        table["run_id"] = run.run_id if run is not None else (run_id or "")
         tracking.log_split_metrics(run, table)  # before the tables: MLflow may refuse
-        write_table(table, args.out)
-        write_metrics_json(stage.dvc_metrics(table), args.metrics_json)
+        results = without_clock(table)
+        write_table(results, args.out)
+        write_metrics_json(stage.dvc_metrics(results), args.metrics_json)
+        if args.timing is not None:
+            timing = {"seconds": time.perf_counter() - start, "splits": clock_rows(table)}
+            write_timing(args.timing, {**timing, "mlflow_run_id": run.run_id if run else None})
         artifacts = [args.out, args.predictions, args.checkpoint]
         tracking.log_artifacts(run, artifacts, artifact_path="evaluation")
     except BaseException:

@@ -15,11 +15,13 @@ Settings from params.yaml ``physics``; the structures are those of
 Writes ``--out/conservation.parquet`` (one row per structure), the MD files of
 :func:`pipeline.physics_oracle.run_md`, the aggregates as a long table (splits
 ``conservation`` and ``md``) and as DVC metrics JSON, and logs them to the model's MLflow
-run as ``conservation/...`` and ``md/...``.
+run as ``conservation/...`` and ``md/...``. Results only: the seconds go to the
+``--timing`` file (:mod:`pipeline.timing`).
 
     python -m pipeline.physics data/models/forcenet/best.pt data/is2rs \\
         --out data/physics/forcenet --table reports/physics/forcenet.parquet \\
-        --metrics-json reports/metrics/physics_forcenet.json
+        --metrics-json reports/metrics/physics_forcenet.json \\
+        --timing reports/timing/physics_forcenet.json
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pipeline.physics_oracle import (
     physics_structures,
     run_md,
 )
+from pipeline.timing import write_timing
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -53,7 +56,7 @@ CONSERVATION_TABLE = "conservation.parquet"
 
 
 def conservation_rows(
-    checkpoint: Path, structures: list[Atoms], names: list[str], out: Path, run_id: str | None
+    checkpoint: Path, structures: list[Atoms], names: list[str], out: Path
 ) -> pd.DataFrame:
     """lambda and loop work of the model of ``checkpoint`` per structure (written to
     ``out/conservation.parquet``); their summary as long-table rows."""
@@ -77,22 +80,27 @@ def conservation_rows(
     )
     table.insert(0, "model", name)
     write_table(table, out / CONSERVATION_TABLE)
-    return long_table(name, CONSERVATION_SPLIT, conservation_summary(table), run_id)
+    return long_table(name, CONSERVATION_SPLIT, conservation_summary(table), None)
 
 
 def physics_checks(
-    checkpoint: Path, is2rs: Path, physics: PhysicsConfig, out: Path, run_id: str | None
+    checkpoint: Path,
+    is2rs: Path,
+    physics: PhysicsConfig,
+    out: Path,
+    clock: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Conservation and NVE MD of one checkpoint (files in ``out``); the long table."""
+    """Conservation and NVE MD of one checkpoint (files in ``out``); the long table
+    (results only; ``clock`` gets the MD's seconds, see :func:`run_md`)."""
     from forcenet.calculator import ForceNetCalculator
 
     count = max(physics.conservation.structures, physics.md.structures)
     atoms, names = physics_structures(is2rs, physics.splits, count)
     n_cons, n_md = physics.conservation.structures, physics.md.structures
-    conservation = conservation_rows(checkpoint, atoms[:n_cons], names[:n_cons], out, run_id)
+    conservation = conservation_rows(checkpoint, atoms[:n_cons], names[:n_cons], out)
     calc = ForceNetCalculator.from_checkpoint(checkpoint)
     settings = nve_settings(physics.md)
-    md = run_md({calc.model_name: calc}, atoms[:n_md], names[:n_md], settings, out, run_id)
+    md = run_md({calc.model_name: calc}, atoms[:n_md], names[:n_md], settings, out, clock=clock)
     return pd.concat([conservation, md], ignore_index=True)
 
 
@@ -103,17 +111,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="per-structure tables, MD series, plot")
     p.add_argument("--table", type=Path, required=True, help="aggregates as a long table")
     p.add_argument("--metrics-json", type=Path, required=True, help="aggregates for DVC")
+    p.add_argument("--timing", type=Path, help="timing file (seconds)")
     args = p.parse_args(argv)
     physics = load_params(args.params).physics
     if not has_structures(args.is2rs):
         return
     start = time.perf_counter()
-    run_id = tracking.read_run_id(args.checkpoint.parent)
-    long = physics_checks(args.checkpoint, args.is2rs, physics, args.out, run_id)
+    clock: dict[str, float] = {}
+    long = physics_checks(args.checkpoint, args.is2rs, physics, args.out, clock)
     write_table(long, args.table)
     write_metrics_json(stage.dvc_metrics(long), args.metrics_json)
     name = str(long["model"].iloc[0])
+    run_id = tracking.training_run_id(args.checkpoint.parent)
     run = tracking.attach_run(model=name, run_id=run_id, stage="physics")
+    if args.timing is not None:
+        clock["seconds"] = time.perf_counter() - start
+        write_timing(args.timing, {**clock, "mlflow_run_id": run.run_id if run else None})
     tracking.log_split_metrics(run, long)
     files = [args.out / f for f in (CONSERVATION_TABLE, MD_SUMMARY, MD_PLOT)]
     tracking.log_artifacts(run, files, artifact_path="physics")

@@ -10,10 +10,12 @@ alone: its drift is the floor a model's drift is read against.
 
 Writes ``--out/md_summary.parquet`` (one row per run), ``md_series.parquet`` (the oracle
 energy every ``interval`` steps) and ``md_energy.png``, the aggregates as a long table
-(split ``md``, :func:`md_metrics`) and optionally as DVC metrics JSON.
+(split ``md``, :func:`md_metrics`) and optionally as DVC metrics JSON: results only, the
+seconds go to the ``--timing`` file (:mod:`pipeline.timing`).
 
     python -m pipeline.physics_oracle data/is2rs --out data/physics/oracle \\
-        --table reports/physics/oracle.parquet --metrics-json reports/metrics/physics_oracle.json
+        --table reports/physics/oracle.parquet --metrics-json reports/metrics/physics_oracle.json \\
+        --timing reports/timing/physics_oracle.json
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pandas as pd
 from forcenet.tables import long_table, write_metrics_json, write_table
 from pipeline import stage
 from pipeline.params import MDConfig, load_params
+from pipeline.timing import CLOCK_COLUMNS, write_timing
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -100,7 +103,8 @@ def md_metrics(summary: pd.DataFrame) -> dict[str, float]:
     (eV/atom) about its fit, ``model_drift_abs_mean`` the model's own energy (NaN without
     one), ``stable_fraction`` of runs without an unphysical event, ``first_event_ps`` the
     earliest event (inf when every run was stable) and ``events_<kind>`` the runs ended by
-    each kind of :data:`forcenet.physics.md.EVENT_KINDS`; plus the settings and counts.
+    each kind of :data:`forcenet.physics.md.EVENT_KINDS`; plus the settings and counts
+    (results only: no wall time).
     """
     from forcenet.physics.md import EVENT_KINDS
 
@@ -119,7 +123,6 @@ def md_metrics(summary: pd.DataFrame) -> dict[str, float]:
         "mean_temperature_K": float(summary["mean_temperature_K"].mean()),
         "stable_fraction": float(summary["stable"].astype(float).mean()),
         "first_event_ps": float(summary["event_time_ps"].min()),
-        "wall_s": float(summary["wall_s"].sum()),
     }
     for kind in EVENT_KINDS:
         metrics[f"events_{kind}"] = float((summary["event"] == kind).sum())
@@ -133,13 +136,18 @@ def run_md(
     settings: NVESettings,
     out: Path,
     run_id: str | None = None,
+    clock: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """NVE runs of every structure with every driver, their files in ``out``
-    (:data:`MD_SUMMARY`, :data:`MD_SERIES`, :data:`MD_PLOT`); the long table of their
-    aggregates, one set per driver (split :data:`MD_SPLIT`)."""
+    (:data:`MD_SUMMARY` without the wall times, :data:`MD_SERIES`, :data:`MD_PLOT`); the
+    long table of their aggregates, one set per driver (split :data:`MD_SPLIT`).
+    ``clock``: gets ``md_wall_s``, the seconds of all the runs."""
     from forcenet.physics.md import plot_md_energy, run_models
 
     summary, series = run_models(drivers, structures, names, settings, progress=True)
+    if clock is not None:
+        clock["md_wall_s"] = float(summary["wall_s"].sum())
+    summary = summary.drop(columns=[c for c in CLOCK_COLUMNS if c in summary.columns])
     write_table(summary, Path(out) / MD_SUMMARY)
     write_table(series, Path(out) / MD_SERIES)
     plot_md_energy(series, Path(out) / MD_PLOT)
@@ -169,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="MD summary, series and plot")
     p.add_argument("--table", type=Path, required=True, help="aggregates as a long table")
     p.add_argument("--metrics-json", type=Path, help="aggregates for DVC")
+    p.add_argument("--timing", type=Path, help="timing file (seconds)")
     args = p.parse_args(argv)
     physics = load_params(args.params).physics
     if not has_structures(args.is2rs):
@@ -176,10 +185,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     atoms, names = physics_structures(args.is2rs, physics.splits, physics.md.structures)
     settings = nve_settings(physics.md)
-    long = run_md({ORACLE: oracle_driver()}, atoms, names, settings, args.out)
+    clock: dict[str, float] = {}
+    long = run_md({ORACLE: oracle_driver()}, atoms, names, settings, args.out, clock=clock)
     write_table(long, args.table)
     if args.metrics_json is not None:
         write_metrics_json(stage.dvc_metrics(long), args.metrics_json)
+    if args.timing is not None:
+        write_timing(args.timing, {**clock, "seconds": time.perf_counter() - start})
     print(f"physics {ORACLE}: {md_line(long)} ({time.perf_counter() - start:.0f} s)")
 
 

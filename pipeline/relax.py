@@ -6,10 +6,12 @@ oracle finishing each ML result against an oracle-only relaxation
 table into ``--out``, the aggregates (ADwT, FbT-oracle, oracle energy above its own
 minimum, oracle steps saved by the hybrid, the step limits; per split and, for hybrid
 runs, ``overall``) as a long Parquet table and as DVC metrics JSON, and logs them to the
-model's MLflow run.
+model's MLflow run. Results only: the stage's seconds go to the ``--timing`` file
+(:mod:`pipeline.timing`).
 
     python -m pipeline.relax data/models/forcenet/best.pt data/is2rs --out data/relax/forcenet \\
-        --table reports/relax/forcenet.parquet --metrics-json reports/metrics/relax_forcenet.json
+        --table reports/relax/forcenet.parquet --metrics-json reports/metrics/relax_forcenet.json \\
+        --timing reports/timing/relax_forcenet.json
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from forcenet.tables import write_metrics_json, write_table
 from pipeline import stage, tracking
 from pipeline.params import load_params
+from pipeline.timing import write_timing
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="trajectories and per-system table")
     p.add_argument("--table", type=Path, required=True, help="aggregates as a long table")
     p.add_argument("--metrics-json", type=Path, required=True, help="aggregates for DVC")
+    p.add_argument("--timing", type=Path, help="timing file (seconds)")
     args = p.parse_args(argv)
     r = load_params(args.params).relax
     start = time.perf_counter()
@@ -51,12 +55,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not len(aggregate):
         print(f"relax: no validation systems in {args.is2rs}; nothing relaxed")
         return
-    run_id = tracking.read_run_id(args.checkpoint.parent)
-    long = metrics_long_table(aggregate, run_id)
+    long = metrics_long_table(aggregate)
     write_table(long, args.table)
     write_metrics_json(stage.dvc_metrics(long), args.metrics_json)
     name = str(aggregate["model"].iloc[0])
+    run_id = tracking.training_run_id(args.checkpoint.parent)
     run = tracking.attach_run(model=name, run_id=run_id, stage="relax")
+    if args.timing is not None:
+        seconds = time.perf_counter() - start
+        write_timing(
+            args.timing, {"seconds": seconds, "mlflow_run_id": run.run_id if run else None}
+        )
     tracking.log_split_metrics(run, long)
     tracking.log_artifacts(run, sorted(args.out.glob("*.png")), artifact_path="relax")
     tracking.finish_run(run)

@@ -1,7 +1,8 @@
 """Stage ``report``: the comparison across models, as tables and plots.
 
 Reads, for every model of the pipeline (:data:`pipeline.params.MODEL_NAMES`), the long
-metrics tables of the evaluate and relax stages (``model, split, metric, value, run_id``),
+metrics tables of the evaluate and relax stages (``model, split, metric, value, run_id``;
+``run_id`` is empty in the tables the stages write now),
 the per-atom predictions (parity plots) and the learning curve ``history.csv`` of its
 training folder. Writes into ``--out``:
 
@@ -22,10 +23,16 @@ training folder. Writes into ``--out``:
 
 Every file is written under a temporary name and renamed when complete.
 
+The seconds and throughput shown come from the timing files of the stages
+(``--timing``, :mod:`pipeline.timing`), which no stage depends on; a model without one is
+named in ``results.md``, its seconds shown as –. ``results.parquet``/``.csv`` and
+``learning_curves.csv`` hold results only (the throughput of tables written before the
+timing files is kept where it is found).
+
     python -m pipeline.report --eval reports/eval --relax reports/relax \
         --predictions data/predictions --models data/models --relax-runs data/relax \
         --physics reports/physics --physics-runs data/physics \
-        --accuracy reports/benchmarks/accuracy.json --out reports
+        --accuracy reports/benchmarks/accuracy.json --timing reports/timing --out reports
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from pipeline.summary import (
     training_table,
     under_trained,
 )
+from pipeline.timing import read_timing, timing_path
 
 #: The oracle-energy trace the relax stage writes into its folder.
 RELAX_TRACE = "relax_oracle_energy.png"
@@ -79,7 +87,7 @@ MD_PLOT = "plots/md_energy.png"
 ACCURACY_PLOT = "plots/accuracy_vs_compute.png"
 
 
-def _budget_section(training: pd.DataFrame) -> list[str]:
+def _budget_section(training: pd.DataFrame, notes: Sequence[str] = ()) -> list[str]:
     train = training_table(training)
     if train.empty:
         return []
@@ -88,10 +96,13 @@ def _budget_section(training: pd.DataFrame) -> list[str]:
         "",
         "Every model trains for a fixed number of optimizer steps (params.yaml "
         "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
-        "machine is doing. The seconds are this run's wall clock.",
+        "machine is doing. The seconds are this run's wall clock (from the timing files, "
+        "`reports/timing/`).",
         "",
         markdown_table(train, TRAINING_METRICS),
         "",
+        *[f"*{note}*" for note in notes],
+        *([""] if notes else []),
     ]
     weak = under_trained(training)
     if weak:
@@ -257,10 +268,12 @@ def results_markdown(
     training: pd.DataFrame | None = None,
     physics: pd.DataFrame | None = None,
     accuracy: dict | None = None,
+    timing_notes: Sequence[str] = (),
 ) -> str:
     """The text of ``results.md``. ``table``: :func:`comparison_table` of the evaluation
-    and relaxation metrics; ``physics``: the physics stages' long tables; ``accuracy``:
-    the accuracy-against-compute benchmark's JSON."""
+    and relaxation metrics (with the throughput to show); ``physics``: the physics
+    stages' long tables; ``accuracy``: the accuracy-against-compute benchmark's JSON;
+    ``timing_notes``: the timing files that were missing, said under the budget."""
     forces = table.dropna(subset=["forces_mae"]) if "forces_mae" in table.columns else table
     parts = [
         "# Results",
@@ -275,7 +288,7 @@ def results_markdown(
         markdown_table(force_mae_matrix(forces)) if "forces_mae" in table.columns else "(none)",
         "",
         *_tag_section(forces),
-        *_budget_section(training if training is not None else pd.DataFrame()),
+        *_budget_section(training if training is not None else pd.DataFrame(), timing_notes),
         "## All metrics",
         "",
         markdown_table(
@@ -362,6 +375,50 @@ def _md_plot(series: Sequence[Path], out_dir: Path) -> list[str]:
     return [MD_PLOT]
 
 
+def _timing_frames(
+    models: Sequence[str], folder: Path | None
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """From the timing files in ``folder``: the long rows to show (``train_seconds``,
+    split ``training``; throughput per split), the seconds of each learning-curve point
+    (``model, step, metric, value``) and a note per missing file."""
+    rows: list[tuple[str, str, str, float]] = []
+    curve: list[tuple[str, int, str, float]] = []
+    if folder is None:
+        return _long_frame(rows), _curve_frame(curve), []
+    missing = []
+    for model in models:
+        train = read_timing(timing_path(folder, "train", model))
+        if train is None:
+            missing.append(str(timing_path(folder, "train", model)))
+        else:
+            seconds = train.get("train_seconds")
+            if isinstance(seconds, int | float):
+                rows.append((model, TRAINING_SPLIT, "train_seconds", float(seconds)))
+            for point in train.get("curve", []):
+                if isinstance(point, dict) and isinstance(point.get("elapsed_s"), int | float):
+                    curve.append((model, int(point["step"]), "elapsed_s", point["elapsed_s"]))
+        evaluate = read_timing(timing_path(folder, "evaluate", model))
+        if evaluate is None:
+            missing.append(str(timing_path(folder, "evaluate", model)))
+            continue
+        for split, values in dict(evaluate.get("splits", {})).items():
+            if split == TRAINING_SPLIT:  # the train stage's file says how long training took
+                continue
+            for metric, value in dict(values).items():
+                if isinstance(value, int | float):
+                    rows.append((model, str(split), str(metric), float(value)))
+    notes = [f"No timing file {path}: its seconds or throughput show –." for path in missing]
+    return _long_frame(rows), _curve_frame(curve), notes
+
+
+def _long_frame(rows: Sequence[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=["model", "split", "metric", "value"])
+
+
+def _curve_frame(rows: Sequence[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=["model", "step", "metric", "value"])
+
+
 def build_report(
     metrics_parquets: Sequence[Path],
     out_dir: Path,
@@ -373,6 +430,7 @@ def build_report(
     md_series: Sequence[Path] = (),
     accuracy: Path | None = None,
     accuracy_plot: Path | None = None,
+    timing: Path | None = None,
 ) -> str:
     """Write the comparison tables and plots of all models into ``out_dir`` (see module
     docstring); returns the text of ``results.md``. ``predictions``: per-atom prediction
@@ -380,18 +438,24 @@ def build_report(
     ``relax_plots``: each model's oracle-energy trace of its relaxations (copied);
     ``physics``: the physics stages' long tables (the models' and the oracle's);
     ``md_series``: their MD time series, drawn in that order; ``accuracy``: the JSON of
-    ``benchmarks/bench_accuracy.py`` and ``accuracy_plot`` its figure (copied)."""
+    ``benchmarks/bench_accuracy.py`` and ``accuracy_plot`` its figure (copied);
+    ``timing``: the folder of the stages' timing files (seconds, throughput), shown in
+    ``results.md`` only."""
     out_dir = Path(out_dir)
     long = load_metrics(metrics_parquets)
+    clock, clock_curves, notes = _timing_frames(list(dict.fromkeys(long.model)), timing)
     training = long[long.split == TRAINING_SPLIT]
+    training = pd.concat([training, clock[clock.split == TRAINING_SPLIT]], ignore_index=True)
     long = long[long.split != TRAINING_SPLIT]
     table = comparison_table(long)
     _write_frame(out_dir / "results.parquet", table)
     _write_frame(out_dir / "results.csv", table)
+    shown = comparison_table(pd.concat([long, clock[clock.split != TRAINING_SPLIT]]))
     plots = _force_plots(table, out_dir)
     curves = curves_from_csv(histories)
     _write_frame(out_dir / "learning_curves.csv", curves)
-    if plot_learning_curves(curves, out_dir / "plots" / "learning_curves.png"):
+    drawn = pd.concat([curves, clock_curves], ignore_index=True) if len(clock_curves) else curves
+    if plot_learning_curves(drawn, out_dir / "plots" / "learning_curves.png"):
         plots.append("plots/learning_curves.png")
     parity = load_parity(predictions)
     for model, rows in parity.groupby("model"):
@@ -408,7 +472,7 @@ def build_report(
         plots.append(ACCURACY_PLOT)
     physics_long = load_metrics(physics) if physics else pd.DataFrame()
     bench = _read_accuracy(accuracy) if accuracy is not None else None
-    text = results_markdown(table, plots, training, physics_long, bench)
+    text = results_markdown(shown, plots, training, physics_long, bench, notes)
     write_text(out_dir / "results.md", text)
     return text
 
@@ -465,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=Path,
         help="benchmarks/bench_accuracy.py's JSON (with its figure beside it, if drawn)",
     )
+    p.add_argument(
+        "--timing", type=Path, help="folder of the stages' timing files (seconds, throughput)"
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     tables = _existing([args.eval / f"{m}.parquet" for m in MODEL_NAMES], "evaluation tables")
@@ -501,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         md_series=series,
         accuracy=accuracy,
         accuracy_plot=_accuracy_plot(args.accuracy),
+        timing=args.timing,
     )
     print(text)
 

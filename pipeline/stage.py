@@ -17,8 +17,9 @@ from pipeline.params import PARAMS_FILE
 #: The learning curve the train stage writes into its output folder (read by the report).
 HISTORY_FILE = "history.csv"
 #: The few figures per split that the DVC metrics files hold, for `dvc exp show` and
-#: `dvc metrics diff` (the full tables, throughput and counts included, are the Parquet
-#: files under reports/eval, reports/relax and reports/physics).
+#: `dvc metrics diff` (the full tables, counts included, are the Parquet files under
+#: reports/eval, reports/relax and reports/physics; seconds and throughput are in
+#: reports/timing, see pipeline.timing).
 DVC_METRICS = (
     "forces_mae",
     "forces_mae_surface",
@@ -26,7 +27,6 @@ DVC_METRICS = (
     "forces_cos",
     "energy_mae",
     "train_steps",
-    "train_seconds",
     "adwt",
     "fbt_oracle",
     "oracle_delta_e_median",

@@ -6,10 +6,13 @@ also inside queued/temp experiments that run in ``.dvc/tmp/exps``), else the git
 top-level, else the working directory, so every experiment logs into one store.
 
 Train and evaluate are separate processes (separate DVC stages). The train stage calls
-:func:`start_training_run`, which writes the run id to ``<train out dir>/run_id.txt``
-(reopened on resume); the evaluate stage calls :func:`attach_run` with that id and logs
-its final metrics as ``<split>/<metric>``. Only rank 0 logs: on other ranks the functions
-return ``None`` and the logging functions accept ``None`` as a no-op.
+:func:`start_training_run`, which tags the run with its output folder (tag
+:data:`OUT_DIR_TAG`, the resolved path; reopened on resume); the evaluate stage finds it
+with :func:`training_run_id` and calls :func:`attach_run` with that id, logging its final
+metrics as ``<split>/<metric>``. The run id is not written into the output folder: a
+fresh run gets a new id, and a DVC output must not change when the results do not
+(folders of older runs with a ``run_id.txt`` are still read). Only rank 0 logs: on other
+ranks the functions return ``None`` and the logging functions accept ``None`` as a no-op.
 
 The functions use :class:`mlflow.MlflowClient` with an explicit run id, never MLflow's
 global "active run", so several runs can be open in one process (tests, notebooks).
@@ -30,13 +33,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from forcenet.atomic import write_text
 from forcenet.distributed import is_rank_zero
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+#: Where older versions kept the training run's id, inside its output folder (still read).
 RUN_ID_FILE = "run_id.txt"
+#: The tag naming a training run's output folder (resolved path), to find it again.
+OUT_DIR_TAG = "out_dir"
 DEFAULT_EXPERIMENT = "forcenet"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -129,7 +134,8 @@ def _log_tags(run: TrackedRun, tags: Mapping[str, str]) -> None:
 
 
 def read_run_id(folder: Path) -> str | None:
-    """The run id stored by the train stage in ``folder/run_id.txt`` (None if absent)."""
+    """The run id that older versions of the train stage stored in ``folder/run_id.txt``
+    (None if absent)."""
     path = Path(folder) / RUN_ID_FILE
     if not path.is_file():
         return None
@@ -139,8 +145,32 @@ def read_run_id(folder: Path) -> str | None:
     return run_id
 
 
-def _write_run_id(folder: Path, run_id: str) -> None:
-    write_text(Path(folder) / RUN_ID_FILE, run_id + "\n")
+def _folder_tag(folder: Path) -> str:
+    return str(Path(folder).resolve())
+
+
+def _newest_run_of(client, experiment_id: str, folder: Path):
+    """The newest run of ``experiment_id`` tagged with output folder ``folder``, or None."""
+    value = _folder_tag(folder).replace("\\", "\\\\").replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{OUT_DIR_TAG} = '{value}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def training_run_id(
+    folder: Path, *, experiment: str = DEFAULT_EXPERIMENT, tracking_uri: str | None = None
+) -> str | None:
+    """The id of the newest training run whose output folder is ``folder`` (found by its
+    :data:`OUT_DIR_TAG` tag), else the one an older version wrote into
+    ``folder/run_id.txt``; None when there is neither (or no tracking store yet)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = _newest_run_of(client, exp.experiment_id, folder) if exp is not None else None
+    return run.info.run_id if run is not None else read_run_id(folder)
 
 
 def _existing_run(client, run_id: str | None):
@@ -165,17 +195,21 @@ def start_training_run(
 ) -> TrackedRun | None:
     """Open the run of ``model`` for the train stage (rank 0 only, else None).
 
-    ``resume``: reopen the run named in ``out_dir/run_id.txt`` when it exists in the store
-    (a resumed training keeps its curves). Otherwise, or when there is no such run, create
-    a fresh run and write its id there.
-    Logs the flattened ``params`` and the tags model, stage, git commit and DVC
-    experiment name.
+    ``resume``: reopen the newest run of ``out_dir`` (:func:`training_run_id`) when it
+    exists in the store (a resumed training keeps its curves). Otherwise, or when there is
+    no such run, create a fresh run tagged with ``out_dir``.
+    Logs the flattened ``params`` and the tags model, stage, git commit, DVC experiment
+    name and output folder.
     """
     if not is_rank_zero():
         return None
     client = _client(tracking_uri)
     exp_id = _experiment_id(client, experiment, None)
-    found = _existing_run(client, read_run_id(out_dir)) if resume else None
+    found = None
+    if resume:
+        found = _newest_run_of(client, exp_id, out_dir) or _existing_run(
+            client, read_run_id(out_dir)
+        )
     if found is not None and found.info.experiment_id == exp_id:
         run = TrackedRun(client, found.info.run_id, exp_id)
         client.update_run(run.run_id, status="RUNNING")
@@ -184,8 +218,7 @@ def start_training_run(
         run_name = f"{model}-{run_name}" if run_name else model
         created = client.create_run(exp_id, run_name=run_name)
         run = TrackedRun(client, created.info.run_id, exp_id)
-        _write_run_id(Path(out_dir), run.run_id)
-    _log_tags(run, _base_tags(model, "train", None))
+    _log_tags(run, _base_tags(model, "train", None) | {OUT_DIR_TAG: _folder_tag(out_dir)})
     log_params(run, params)
     return run
 
@@ -198,7 +231,7 @@ def attach_run(
     tracking_uri: str | None = None,
     stage: str = "evaluate",
 ) -> TrackedRun | None:
-    """Reopen ``run_id`` (e.g. from :func:`read_run_id`) or, if it is None or not in the
+    """Reopen ``run_id`` (e.g. from :func:`training_run_id`) or, if it is None or not in the
     store, create a new run for ``model``; rank 0 only, else None."""
     if not is_rank_zero():
         return None

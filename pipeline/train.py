@@ -3,11 +3,14 @@
 Checks that the graph store was built with ``params.graph`` before any work (with
 ``graph.on_the_fly`` the store is not read: every batch's graph is built on the training
 device with ``params.graph``), trains with :func:`forcenet.train.fit`, records the run in
-MLflow (params, the learning curve, the run id in ``OUT/run_id.txt``) and writes the
-learning curve to ``OUT/history.csv`` (one row per dev evaluation), so the report reads it
-from DVC-tracked outputs.
+MLflow (params, the learning curve with its seconds; the run tagged with ``OUT``) and
+writes the learning curve to ``OUT/history.csv`` (one row per dev evaluation, results
+only), so the report reads it from DVC-tracked outputs. With ``--timing``, the seconds
+and training throughput go to that file (:mod:`pipeline.timing`), so that ``OUT`` is the
+same, byte for byte, whenever the results are.
 
-    python -m pipeline.train forcenet --frames data/lmdb --graphs data/graphs --out data/models/forcenet
+    python -m pipeline.train forcenet --frames data/lmdb --graphs data/graphs \
+        --out data/models/forcenet --timing reports/timing/train_forcenet.json
 
 Under torchrun every rank runs this; only rank 0 tracks and writes the history.
 """
@@ -30,6 +33,7 @@ from forcenet.train import TrainConfig
 from pipeline import stage, tracking
 from pipeline.params import MODEL_NAMES, SHARED_TRAIN_KEYS, Params, load_params, model_name
 from pipeline.stage import HISTORY_FILE
+from pipeline.timing import CLOCK_METRICS, read_timing, write_timing
 
 
 def model_kwargs(params: Params, name: str) -> dict[str, Any]:
@@ -99,20 +103,57 @@ def snapshot(params: Params, name: str) -> dict[str, Any]:
 
 class History:
     """The learning curve in ``out/history.csv``: one row per dev evaluation (``step`` and
-    the metrics of :func:`forcenet.train.fit`'s callback). A resumed run keeps the rows
-    before its first new evaluation."""
+    the metrics of :func:`forcenet.train.fit`'s callback but the wall-clock ones,
+    :data:`pipeline.timing.CLOCK_METRICS`). A resumed run keeps the rows before its first
+    new evaluation."""
 
     def __init__(self, out: Path, *, resume: bool) -> None:
         self.path = Path(out) / HISTORY_FILE
         self.rows: list[dict[str, Any]] = []
         if resume and self.path.is_file():
-            self.rows = pd.read_csv(self.path).to_dict("records")
+            old = pd.read_csv(self.path)  # one an older version wrote may hold seconds
+            self.rows = old.drop(columns=[c for c in CLOCK_METRICS if c in old]).to_dict("records")
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.rows = [r for r in self.rows if int(r["step"]) < step]
-        self.rows.append({"step": int(step), **{k: v for k, v in metrics.items() if k != "step"}})
+        kept = {k: v for k, v in metrics.items() if k != "step" and k not in CLOCK_METRICS}
+        self.rows.append({"step": int(step), **kept})
         with atomic_write(self.path) as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
+
+
+class Timing:
+    """The seconds of a training run in the timing file ``path`` (:mod:`pipeline.timing`),
+    rewritten after each dev evaluation. A resumed run keeps the curve rows before its
+    first new evaluation; its seconds add to those of the earlier runs when the
+    checkpoint does not carry them (it does only under a wall-clock cap)."""
+
+    def __init__(self, path: Path, *, resume: bool, last: Path) -> None:
+        self.path = Path(path)
+        self.curve: list[dict[str, float]] = []
+        self.offset = 0.0
+        self.run_id: str | None = None  # the MLflow run, named in the file
+        old = read_timing(self.path) if resume else None
+        if old is not None and last.is_file():
+            self.curve = [dict(r) for r in old.get("curve", []) if isinstance(r, dict)]
+            if not _checkpoint_has_clock(last):
+                self.offset = float(old.get("train_seconds") or 0.0)
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        seconds = self.offset + float(metrics.get("elapsed_s", float("nan")))
+        rate = float(metrics.get("graphs_per_s", float("nan")))
+        self.curve = [r for r in self.curve if int(r.get("step", 0)) < step]
+        self.curve.append({"step": int(step), "elapsed_s": seconds, "graphs_per_s": rate})
+        data = {"step": int(step), "train_seconds": seconds, "graphs_per_s": rate}
+        write_timing(self.path, {**data, "curve": self.curve, "mlflow_run_id": self.run_id})
+
+
+def _checkpoint_has_clock(last: Path) -> bool:
+    """Whether ``last`` stores the seconds trained (so training's clock continues them)."""
+    from forcenet.checkpoint import load_checkpoint
+
+    progress = load_checkpoint(last).get("train_info", {}).get("progress", {})
+    return "elapsed_s" in progress
 
 
 def graph_settings(params: Params) -> GraphSettings:
@@ -137,21 +178,23 @@ def train_model(
     resume: bool,
     overwrite: bool = False,
     allow_changed: bool = False,
+    timing: Path | None = None,
 ) -> Path:
     """Train model ``name`` on ``frames/train`` + ``graphs/train``; checkpoints in ``out``,
     which one run at a time may use (rank 0 holds its lock). Returns the checkpoint to
     evaluate (``best.pt``). A fresh run (not ``resume``) starts a fresh MLflow run and
     refuses a folder holding an earlier run unless ``overwrite``. A resume with other
-    settings or training data than the run's is refused unless ``allow_changed``."""
+    settings or training data than the run's is refused unless ``allow_changed``.
+    ``timing``: the file for the run's seconds (:class:`Timing`)."""
     cfg = train_config(params, name)
     kwargs = model_kwargs(params, name)
     if not params.graph.on_the_fly:  # before any work: graphs built with params.graph
         check_graphs(params, graphs / "train")
     if not tracking.is_rank_zero():
-        return _train(name, params, cfg, kwargs, frames, graphs, out, resume, allow_changed)
+        return _train(name, params, cfg, kwargs, frames, graphs, out, resume, allow_changed, None)
     with exclusive_folder(out):
         prepare_run_folder(out, resume=resume, overwrite=overwrite)
-        return _train(name, params, cfg, kwargs, frames, graphs, out, resume, allow_changed)
+        return _train(name, params, cfg, kwargs, frames, graphs, out, resume, allow_changed, timing)
 
 
 def _train(
@@ -164,6 +207,7 @@ def _train(
     out: Path,
     resume: bool,
     allow_changed: bool,
+    timing: Path | None,
 ) -> Path:
     from forcenet.train import fit
 
@@ -171,11 +215,16 @@ def _train(
     on_the_fly = params.graph.on_the_fly
     run = tracking.start_training_run(model=name, params=snap, out_dir=out, resume=resume)
     history = History(out, resume=resume) if tracking.is_rank_zero() else None
+    clock = Timing(timing, resume=resume, last=out / "last.pt") if timing is not None else None
+    if clock is not None:
+        clock.run_id = run.run_id if run is not None else None
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
         tracking.log_epoch(run, step, metrics)
         if history is not None:
             history.add(step, metrics)
+        if clock is not None:
+            clock.add(step, metrics)
 
     try:
         best = fit(
@@ -214,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--graphs", type=Path, required=True, help="graph root holding train/ (unread on the fly)"
     )
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--timing", type=Path, help="timing file (seconds, graphs/s) of the run")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     mode.add_argument(
@@ -237,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         resume=args.resume,
         overwrite=args.overwrite,
         allow_changed=args.allow_changed,
+        timing=args.timing,
     )
     print(f"train {args.model}: done; checkpoint to evaluate: {best}")
 

@@ -398,3 +398,15 @@ def test_a_fifo_input_is_refused_not_read(tmp_path):
     with fifo_fed_once(tmp_path / "pipe.extxyz") as fifo:
         with pytest.raises(ValueError, match=rf"{fifo}: not a regular file"):
             _evaluate([fifo])
+
+
+def test_training_rows_carry_seconds_only_where_a_checkpoint_stored_them(tmp_path):
+    """A checkpoint of an older version (or of a run under a wall-clock cap) still gives
+    its training seconds; one that holds results only gives no made-up 0 s."""
+    from forcenet.evaluate import training_summary
+
+    old = {"train_info": {"progress": {"step": 5, "elapsed_s": 12.5, "graphs_seen": 40}}}
+    assert training_summary(tmp_path / "best.pt", old)["train_seconds"] == 12.5
+    new = {"train_info": {"progress": {"step": 5, "graphs_seen": 40}}}
+    summary = training_summary(tmp_path / "best.pt", new)
+    assert "train_seconds" not in summary and summary["train_steps"] == 5.0

@@ -54,6 +54,7 @@ def test_evaluate_relaxations_against_the_oracle(tmp_path, capsys):
     assert progress == [progress[0]] and ": val_id, 2 systems, 0 model steps, " in progress[0]
 
     systems = pd.read_parquet(out / "relax_systems.parquet").set_index("sid")
+    assert "wall_s" not in systems.columns  # results only: a rerun writes the same file
     same, moved = systems.loc[1], systems.loc[2]
     assert same["distance"] < 1e-5 and same["adwt"] == 1.0
     assert same["fbt"] and same["oracle_fmax"] < 0.02 and abs(same["oracle_delta_e"]) < 1e-4

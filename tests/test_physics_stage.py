@@ -71,7 +71,8 @@ def test_structures_are_taken_in_turn_from_each_split(is2rs):
 def test_physics_stages_write_tables_metrics_and_mlflow(is2rs, tmp_path, monkeypatch):
     """The oracle reference and a model's run: the same seeded starts, lambda on the first
     structure, MD on the first two, the aggregates in the long table, DVC JSON and the
-    model's MLflow run as ``conservation/...`` and ``md/...``."""
+    model's MLflow run as ``conservation/...`` and ``md/...``; the wall times in the
+    timing files alone."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -84,11 +85,19 @@ def test_physics_stages_write_tables_metrics_and_mlflow(is2rs, tmp_path, monkeyp
 
     oracle_args = [str(is2rs), "--out", str(data / "oracle"), "--params", str(params)]
     oracle_args += ["--table", str(reports / "oracle.parquet")]
+    oracle_args += ["--timing", str(reports / "timing" / "physics_oracle.json")]
     physics_oracle.main(oracle_args)
     args = [str(ckpt), str(is2rs), "--out", str(data / "gns"), "--params", str(params)]
     args += ["--table", str(reports / "gns.parquet")]
     args += ["--metrics-json", str(reports / "physics_gns.json")]
+    args += ["--timing", str(reports / "timing" / "physics_gns.json")]
     physics.main(args)
+    for name in ("gns", "oracle"):
+        timing = json.loads((reports / "timing" / f"physics_{name}.json").read_text())
+        assert timing["seconds"] >= timing["md_wall_s"] > 0
+        summary = pd.read_parquet(data / name / physics_oracle.MD_SUMMARY)
+        assert "wall_s" not in summary.columns and len(summary) == 2
+        assert "wall_s" not in set(pd.read_parquet(reports / f"{name}.parquet").metric)
 
     long = pd.read_parquet(reports / "gns.parquet")
     assert set(long.split) == {"conservation", "md"}

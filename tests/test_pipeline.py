@@ -200,8 +200,11 @@ def test_a_fresh_run_never_reopens_or_mixes_with_an_earlier_one(tmp_path, monkey
     """A second fresh run into the same folder is refused (it used to fail inside MLflow
     with "Changing param values is not allowed"); --overwrite starts a fresh MLflow run;
     --resume continues the same one."""
-    from pipeline.tracking import read_run_id
+    from pipeline.tracking import training_run_id
     from pipeline.train import main as train_stage
+
+    def read_run_id(out):
+        return training_run_id(out, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     root = tmp_path / "data"
     _tiny_stores(root)
@@ -265,7 +268,8 @@ def test_a_bad_setting_or_a_failed_start_leaves_nothing_that_blocks_a_fresh_run(
 
 def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     """A split named after a file with non-ASCII characters reaches MLflow under a safe
-    key; when anything fails, no output that looks complete is left."""
+    key; the tables hold results only, the throughput goes to the timing file; when
+    anything fails, no output that looks complete is left."""
     import pandas as pd
 
     import forcenet.checkpoint
@@ -294,7 +298,7 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     ckpt = tmp_path / "models" / "best.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"checkpoint")
-    outs = {k: tmp_path / f"out.{k}" for k in ("parquet", "json", "pred")}
+    outs = {k: tmp_path / f"out.{k}" for k in ("parquet", "json", "pred", "timing")}
     args = [
         str(ckpt),
         str(tmp_path),
@@ -306,6 +310,8 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
         str(outs["json"]),
         "--predictions",
         str(outs["pred"]),
+        "--timing",
+        str(outs["timing"]),
         "--params",
         str(ROOT / "params.yaml"),
     ]
@@ -315,11 +321,17 @@ def test_evaluate_logs_non_ascii_split_names_and_leaves_nothing_on_failure(tmp_p
     assert json.loads(outs["json"].read_text()) == {
         "vål_ïd": {"forces_mae": 0.1, "forces_cos": 0.5}
     }
-    assert len(pd.read_parquet(outs["parquet"])) == 3
+    written = pd.read_parquet(outs["parquet"])
+    assert written.metric.tolist() == ["forces_mae", "forces_cos"]
+    assert set(written.run_id) == {""}  # the MLflow run is named in the timing file
+    timing = json.loads(outs["timing"].read_text())
+    assert timing["splits"] == {"vål_ïd": {"inference_graphs_per_s": 1234.0}}
     import mlflow
 
     runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert runs[0].data.metrics["val_id/forces_mae"] == pytest.approx(0.1)
+    assert runs[0].data.metrics["val_id/inference_graphs_per_s"] == pytest.approx(1234.0)
+    assert timing["mlflow_run_id"] == runs[0].info.run_id
 
     for p in outs.values():
         p.unlink()
@@ -387,3 +399,31 @@ def test_energy_reference_follows_the_data_source():
     assert train_config(params_from_mapping(own), "schnet").energy_reference == "per_element"
     own["train"]["schnet"]["energy_reference"] = "mean"
     assert train_config(params_from_mapping(own), "schnet").energy_reference == "mean"
+
+
+def test_a_resumed_run_adds_its_seconds_to_the_earlier_ones(tmp_path):
+    """The train stage's timing file: checkpoints hold no clock, so a resumed run's
+    seconds start from those the file holds; its curve keeps the earlier points."""
+    import torch
+    from tiny import save_model_checkpoint
+
+    from pipeline.timing import read_timing
+    from pipeline.train import Timing
+
+    last, path = tmp_path / "last.pt", tmp_path / "timing.json"
+    first = Timing(path, resume=False, last=last)
+    first.add(4, {"elapsed_s": 10.0, "graphs_per_s": 3.0, "forces_mae": 0.2})
+    first.add(8, {"elapsed_s": 20.0, "graphs_per_s": 3.0})
+    save_model_checkpoint(last, "gns", torch.nn.Linear(1, 1), {}, cutoff=4.0, max_neighbors=8)
+    again = Timing(path, resume=True, last=last)
+    again.add(12, {"elapsed_s": 5.0, "graphs_per_s": 4.0})
+    data = read_timing(path)
+    assert data["step"] == 12 and data["train_seconds"] == 25.0 and data["graphs_per_s"] == 4.0
+    assert [(p["step"], p["elapsed_s"]) for p in data["curve"]] == [
+        (4, 10.0),
+        (8, 20.0),
+        (12, 25.0),
+    ]
+    fresh = Timing(path, resume=False, last=last)
+    fresh.add(4, {"elapsed_s": 1.0, "graphs_per_s": 2.0})
+    assert read_timing(path)["curve"] == [{"step": 4, "elapsed_s": 1.0, "graphs_per_s": 2.0}]

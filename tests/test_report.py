@@ -162,6 +162,44 @@ def test_build_report_tables_and_plots(inputs, tmp_path):
     assert not list(out.rglob(".*tmp"))
 
 
+def test_seconds_and_throughput_come_from_the_timing_files(tmp_path):
+    """Tables written by the stages hold results only; the report shows the training
+    seconds and the throughput from the timing files (results.md only: results.parquet
+    stays results only), and names a missing timing file instead of failing."""
+    from pipeline.timing import CLOCK_METRICS, timing_path, without_clock, write_timing
+
+    paths = []
+    for model in ("forcenet", "gns"):
+        path = tmp_path / "eval" / f"{model}.parquet"
+        write_table(without_clock(_long(model, "0123abcd")), path)
+        paths.append(path)
+    timing = tmp_path / "timing"
+    write_timing(
+        timing_path(timing, "train", "forcenet"),
+        {"train_seconds": 4321.0, "curve": [{"step": 50, "elapsed_s": 5.0}]},
+    )
+    write_timing(
+        timing_path(timing, "evaluate", "forcenet"),
+        {"splits": {s: {"inference_graphs_per_s": 777.0} for s in SPLITS}},
+    )
+    out = tmp_path / "reports"
+    md = report.build_report(paths, out, timing=timing)
+    assert "| forcenet | 12,345 | 1,008 | 3.00 | 4,321 | 16,000 | 900 |" in md
+    assert "| gns | 12,345 | 1,003 | 0.50 ⚠ under-trained | – | 16,000 | 900 |" in md
+    lines = md.splitlines()
+    header = lines[lines.index("## All metrics") + 2]
+    assert header.endswith("| graphs/s |")  # no atoms/s: the timing file has none
+    assert "| forcenet | val_id | 0.0900 | 0.5000 | 0.5000 | 0.1000 | 0.0200 | 777 |" in md
+    assert "| gns | val_id | 0.1100 | 0.5000 | 0.5000 | 0.1000 | 0.0200 | – |" in md
+    for stage in ("train", "evaluate"):
+        assert f"No timing file {timing_path(timing, stage, 'gns')}" in md
+    table = pd.read_parquet(out / "results.parquet")
+    assert not set(CLOCK_METRICS) & set(table.columns)
+    # without a timing folder: no seconds, no error
+    md = report.build_report(paths, tmp_path / "bare")
+    assert "| forcenet | 12,345 | 1,008 | 3.00 | 16,000 | 900 |" in md
+
+
 def test_relaxation_table_and_traces(inputs, tmp_path):
     """Counts print as integers, and each model's oracle-energy trace lands in plots/."""
     rows = [

@@ -69,18 +69,20 @@ def test_train_then_evaluate_share_one_run(store, in_repo, monkeypatch):
         model="schnet", params=params, out_dir=out_dir, experiment="t1", tracking_uri=store
     )
     assert run is not None
-    assert tracking.read_run_id(out_dir) == run.run_id
+    found = tracking.training_run_id(out_dir, experiment="t1", tracking_uri=store)
+    assert found == run.run_id
+    assert not (out_dir / tracking.RUN_ID_FILE).exists()  # nothing in the DVC output
     for epoch, loss in enumerate([1.0, 0.5, 0.25]):
         tracking.log_epoch(run, epoch, {"train/loss": loss, "val/forces_mae": loss / 2})
     ckpt = out_dir / "last.pt"
+    out_dir.mkdir(parents=True)
     ckpt.write_bytes(b"weights")
     tracking.log_artifacts(run, [ckpt], artifact_path="checkpoint")
     tracking.finish_run(run)
 
-    # the evaluate stage (another process in practice) reopens the run from run_id.txt
-    ev = tracking.attach_run(
-        model="schnet", run_id=tracking.read_run_id(out_dir), experiment="t1", tracking_uri=store
-    )
+    # the evaluate stage (another process in practice) finds the run by its output folder
+    run_id = tracking.training_run_id(out_dir, experiment="t1", tracking_uri=store)
+    ev = tracking.attach_run(model="schnet", run_id=run_id, experiment="t1", tracking_uri=store)
     assert ev.run_id == run.run_id
     table = pd.DataFrame(
         {"split": ["val_id", "val_id"], "metric": ["forces_mae", "forces_cos"], "value": [0.1, 0.9]}
@@ -127,7 +129,32 @@ def test_resumed_training_reopens_the_same_run_and_a_fresh_one_does_not(store, i
         model="gns", params={"a": 2}, out_dir=out_dir, experiment="t2", tracking_uri=store
     )
     assert fresh.run_id != first.run_id  # a fresh run never reopens (or changes) the old one
-    assert tracking.read_run_id(out_dir) == fresh.run_id
+    assert tracking.training_run_id(out_dir, experiment="t2", tracking_uri=store) == fresh.run_id
+    again = tracking.start_training_run(
+        model="gns",
+        params={"a": 2},
+        out_dir=out_dir,
+        resume=True,
+        experiment="t2",
+        tracking_uri=store,
+    )
+    assert again.run_id == fresh.run_id  # resuming continues the newest run of the folder
+
+
+def test_a_folder_of_an_older_version_names_its_run_in_run_id_txt(store, in_repo):
+    """Output folders written before runs were tagged with them keep their link: the
+    run id in ``run_id.txt`` is found, and a resumed training reopens that run."""
+    client = tracking._client(store)
+    exp = tracking._experiment_id(client, "t4", in_repo)
+    old = client.create_run(exp, run_name="gns").info.run_id
+    out_dir = in_repo / "old"
+    out_dir.mkdir()
+    (out_dir / tracking.RUN_ID_FILE).write_text(old + "\n")
+    assert tracking.training_run_id(out_dir, experiment="t4", tracking_uri=store) == old
+    run = tracking.start_training_run(
+        model="gns", params={}, out_dir=out_dir, resume=True, experiment="t4", tracking_uri=store
+    )
+    assert run.run_id == old
 
 
 def test_non_zero_rank_logs_nothing(store, in_repo, monkeypatch):
@@ -135,7 +162,7 @@ def test_non_zero_rank_logs_nothing(store, in_repo, monkeypatch):
     run = tracking.start_training_run(
         model="gns", params={}, out_dir=in_repo / "r1", experiment="t3", tracking_uri=store
     )
-    assert run is None and tracking.read_run_id(in_repo / "r1") is None
+    assert run is None and not (in_repo / "r1").exists()
     tracking.log_epoch(run, 0, {"train/loss": 1.0})  # no-op, no error
 
 
