@@ -262,6 +262,63 @@ def _accuracy_section(accuracy: dict | None, plots: Sequence[str]) -> list[str]:
     return parts
 
 
+#: Columns of the training-options table: (JSON field, header).
+OPTION_COLUMNS = (
+    ("steps", "steps"),
+    ("dev_forces_mae", "dev MAE"),
+    ("dev_forces_mae_adsorbate", "dev MAE, adsorbate"),
+    ("val_id_forces_mae", "val_id MAE"),
+    ("val_id_forces_mae_adsorbate", "val_id MAE, adsorbate"),
+    ("rotation_covariance_error", "rotation covariance error"),
+    ("lambda", "λ"),
+)
+
+
+def options_table(options: dict) -> pd.DataFrame:
+    """One row per option set of ``benchmarks/bench_options.py``'s JSON; a ValueError
+    names an entry that lacks a field."""
+    rows = []
+    for k, entry in enumerate(options.get("entries", [])):
+        missing = [
+            f for f in ("model", "options", *(c for c, _ in OPTION_COLUMNS)) if f not in entry
+        ]
+        if missing:
+            raise ValueError(f"training options entry {k} ({entry.get('key', '?')}): no {missing}")
+        chosen = ", ".join(f"{key}={value}" for key, value in entry["options"].items())
+        row = {"model": entry["model"], "options": chosen or "(recipe of params.yaml)"}
+        row.update({header: entry[field] for field, header in OPTION_COLUMNS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _options_section(options: dict | None) -> list[str]:
+    if not options:
+        return []
+    table = options_table(options)
+    if table.empty:
+        return []
+    machine = dict(options.get("machine", {}))
+    best = table[table.model == "forcenet"].sort_values("dev MAE").head(1)
+    choice = (
+        f" Lowest dev MAE among the ForceNet sets: *{best.iloc[0]['options']}*."
+        if len(best)
+        else ""
+    )
+    return [
+        "## Training options at the default compute",
+        "",
+        "From `benchmarks/bench_options.py` (not a pipeline stage): ForceNet with each option "
+        "set, and the SchNet reference, at the default run's training compute, on "
+        f"{machine.get('cpu', 'the benchmark machine')} with {options.get('threads', '?')} "
+        "thread(s). Options are chosen on the dev slice of the training systems; val_id is "
+        "shown, never chosen on. Force MAE in eV/Å; the rotation-covariance error is on val_id "
+        "(eV/Å); λ is the force Jacobian's asymmetry (0 = conservative)." + choice,
+        "",
+        markdown_table(table),
+        "",
+    ]
+
+
 def results_markdown(
     table: pd.DataFrame,
     plots: Sequence[str],
@@ -269,11 +326,13 @@ def results_markdown(
     physics: pd.DataFrame | None = None,
     accuracy: dict | None = None,
     timing_notes: Sequence[str] = (),
+    options: dict | None = None,
 ) -> str:
     """The text of ``results.md``. ``table``: :func:`comparison_table` of the evaluation
     and relaxation metrics (with the throughput to show); ``physics``: the physics
     stages' long tables; ``accuracy``: the accuracy-against-compute benchmark's JSON;
-    ``timing_notes``: the timing files that were missing, said under the budget."""
+    ``timing_notes``: the timing files that were missing, said under the budget;
+    ``options``: the training-options benchmark's JSON."""
     forces = table.dropna(subset=["forces_mae"]) if "forces_mae" in table.columns else table
     parts = [
         "# Results",
@@ -300,6 +359,7 @@ def results_markdown(
         *_hybrid_section(table),
         *_physics_section(physics if physics is not None else pd.DataFrame(), plots),
         *_accuracy_section(accuracy, plots),
+        *_options_section(options),
     ]
     listed = [p for p in plots if p not in (MD_PLOT, ACCURACY_PLOT)]  # shown in their sections
     if listed:
@@ -431,6 +491,7 @@ def build_report(
     accuracy: Path | None = None,
     accuracy_plot: Path | None = None,
     timing: Path | None = None,
+    options: Path | None = None,
 ) -> str:
     """Write the comparison tables and plots of all models into ``out_dir`` (see module
     docstring); returns the text of ``results.md``. ``predictions``: per-atom prediction
@@ -440,7 +501,7 @@ def build_report(
     ``md_series``: their MD time series, drawn in that order; ``accuracy``: the JSON of
     ``benchmarks/bench_accuracy.py`` and ``accuracy_plot`` its figure (copied);
     ``timing``: the folder of the stages' timing files (seconds, throughput), shown in
-    ``results.md`` only."""
+    ``results.md`` only; ``options``: the JSON of ``benchmarks/bench_options.py``."""
     out_dir = Path(out_dir)
     long = load_metrics(metrics_parquets)
     clock, clock_curves, notes = _timing_frames(list(dict.fromkeys(long.model)), timing)
@@ -472,9 +533,20 @@ def build_report(
         plots.append(ACCURACY_PLOT)
     physics_long = load_metrics(physics) if physics else pd.DataFrame()
     bench = _read_accuracy(accuracy) if accuracy is not None else None
-    text = results_markdown(shown, plots, training, physics_long, bench, notes)
+    chosen = _read_json(options, "training options benchmark") if options is not None else None
+    text = results_markdown(shown, plots, training, physics_long, bench, notes, chosen)
     write_text(out_dir / "results.md", text)
     return text
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable {what} JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a {what} JSON (top level is not an object)")
+    return data
 
 
 def _read_accuracy(path: Path) -> dict:
@@ -532,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--timing", type=Path, help="folder of the stages' timing files (seconds, throughput)"
     )
+    p.add_argument(
+        "--options", type=Path, help="benchmarks/bench_options.py's JSON (training options)"
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     tables = _existing([args.eval / f"{m}.parquet" for m in MODEL_NAMES], "evaluation tables")
@@ -569,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         accuracy=accuracy,
         accuracy_plot=_accuracy_plot(args.accuracy),
         timing=args.timing,
+        options=_existing([args.options], "training options benchmark")[0]
+        if args.options is not None
+        else None,
     )
     print(text)
 

@@ -440,3 +440,47 @@ def test_accuracy_json_without_a_field_names_the_point(inputs, tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="accuracy.json: not a readable"):
         report.build_report(inputs["metrics"], tmp_path / "out", accuracy=path)
+
+
+def _option_entry(key: str, model: str, options: dict, dev: float, **extra) -> dict:
+    return {
+        "key": key,
+        "model": model,
+        "options": options,
+        "steps": 3720,
+        "seconds": 150.0,
+        "dev_forces_mae": dev,
+        "dev_forces_mae_adsorbate": 2 * dev,
+        "val_id_forces_mae": dev + 0.001,
+        "val_id_forces_mae_adsorbate": 2 * dev + 0.001,
+        "rotation_covariance_error": 0.02,
+        "lambda": 0.1,
+        **extra,
+    }
+
+
+def test_options_section_tabulates_every_set_and_names_the_dev_choice(inputs, tmp_path):
+    """One row per option set; the choice is the ForceNet set of lowest dev MAE, whatever
+    its val_id figure (SchNet, the reference, is never the choice)."""
+    entries = [
+        _option_entry("schnet", "schnet", {}, 0.030),
+        _option_entry("forcenet", "forcenet", {}, 0.050),
+        _option_entry("fa", "forcenet", {"frame_averaging": "stochastic"}, 0.045,
+                      rotation_covariance_error=1e-7, val_id_forces_mae=0.09),
+    ]  # fmt: skip
+    path = tmp_path / "forcenet_options.json"
+    path.write_text(json.dumps({"machine": {"cpu": "Test CPU"}, "threads": 1, "entries": entries}))
+    md = report.build_report(inputs["metrics"], tmp_path / "out", options=path)
+    section = md[md.index("## Training options at the default compute") :]
+    assert "Test CPU with 1 thread(s)" in section
+    assert "Lowest dev MAE among the ForceNet sets: *frame_averaging=stochastic*." in section
+    rows = [
+        line
+        for line in section.splitlines()
+        if line.startswith("| forcenet") or line.startswith("| schnet")
+    ]
+    assert len(rows) == 3 and "(recipe of params.yaml)" in rows[1]
+    entries[0].pop("lambda")
+    path.write_text(json.dumps({"entries": entries}))
+    with pytest.raises(ValueError, match=r"training options entry 0 \(schnet\): no \['lambda'\]"):
+        report.build_report(inputs["metrics"], tmp_path / "out2", options=path)
