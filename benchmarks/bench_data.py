@@ -49,7 +49,8 @@ from forcenet.atomic import write_text  # noqa: E402
 from forcenet.data import keys as K  # noqa: E402
 from forcenet.data import preprocess, raw, store  # noqa: E402
 from forcenet.data.dataset import FrameDataset, make_loader  # noqa: E402
-from forcenet.data.graphs import GraphSettings, build_graphs, decode_graph  # noqa: E402
+from forcenet.data.graph_build import build_graphs
+from forcenet.data.graphs import GraphSettings, decode_graph  # noqa: E402
 from forcenet.data.neighbors import neighbor_list  # noqa: E402
 from forcenet.data.online import OnTheFlyGraphs  # noqa: E402
 from forcenet.emt.generate import generate_emt  # noqa: E402

@@ -199,7 +199,7 @@ def neighbors(
     splits: Annotated[list[str] | None, typer.Option(help="Only these splits.")] = None,
 ) -> None:
     """Precompute periodic neighbor lists (vesin) keyed like the frames."""
-    from forcenet.data.graphs import build_graphs
+    from forcenet.data.graph_build import build_graphs
 
     _echo_json(
         build_graphs(

@@ -17,7 +17,7 @@ import numpy as np
 from forcenet.data import keys as K
 from forcenet.data.batch import Batch, collate
 from forcenet.data.graphs import GraphSettings, read_graph_settings
-from forcenet.data.raw import check_regular_file
+from forcenet.data.shards import check_regular_file
 from forcenet.tables import TRAINING_ROWS
 
 #: ASE formats accepted as evaluation inputs (all plain data; no pickle-based format).

@@ -33,7 +33,7 @@ from ase.optimize.optimize import Optimizer
 from forcenet.atomic import atomic_write
 from forcenet.calculator import ForceNetCalculator
 from forcenet.data.frame import check_atoms_geometry, fixed_mask
-from forcenet.data.raw import check_regular_file
+from forcenet.data.shards import check_regular_file
 from forcenet.tables import write_table
 
 OptimizerName = Literal["lbfgs", "fire"]

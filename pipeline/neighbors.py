@@ -14,7 +14,7 @@ from pipeline.params import load_params
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from forcenet.data.graphs import build_graphs
+    from forcenet.data.graph_build import build_graphs
 
     p = stage.parser(__doc__)
     p.add_argument("frames", type=Path, help="LMDB frame root (output of preprocess)")

@@ -231,3 +231,14 @@ if __name__ == "__main__":  # print the deps each stage needs, for dvc.yaml
         print(f"{name}:")
         for path in sorted(needed_code(name)):
             print(f"  - {path.relative_to(ROOT)}")
+
+
+def test_model_stages_do_not_depend_on_the_raw_format_or_the_stage_runners():
+    """Editing the extxyz parser, the raw shard reader or the data stages' job runner
+    reruns the data stages only, never a training or an evaluation."""
+    runners = {ROOT / "forcenet" / "data" / f for f in ("extxyz.py", "raw.py", "jobs.py")}
+    runners |= {ROOT / "forcenet" / "data" / "graph_build.py", ROOT / "forcenet" / "emt"}
+    for name in ("train", "evaluate", "relax", "physics"):
+        assert not runners & needed_code(name), name
+        assert not runners & listed_code(name), name
+    assert ROOT / "forcenet" / "data" / "extxyz.py" in needed_code("preprocess")

@@ -55,7 +55,7 @@ def write_stores(
     """``frames`` through the real data path: ``root/raw/<split>`` (one raw shard) ->
     ``root/lmdb`` -> ``root/graphs``; returns ``root``."""
     from forcenet.data import raw
-    from forcenet.data.graphs import build_graphs
+    from forcenet.data.graph_build import build_graphs
     from forcenet.data.preprocess import preprocess
 
     raw.write_shard(root / "raw" / split, 0, list(frames))

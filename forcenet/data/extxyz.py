@@ -19,6 +19,7 @@ from ase.data import atomic_numbers as _ASE_Z
 from ase.data import chemical_symbols
 
 from forcenet.data.frame import Frame
+from forcenet.data.shards import RawFormatError
 
 _SYMBOL_TO_Z = {s.encode(): z for s, z in _ASE_Z.items() if 1 <= z <= 118}
 _TRUE = frozenset((b"T", b"True", b"true", b"TRUE"))
@@ -27,10 +28,6 @@ _FALSE = frozenset((b"F", b"False", b"false", b"FALSE"))
 _KEY_VALUE = re.compile(
     r"""\s*([A-Za-z_][^\s=]*)(?:\s*=\s*("[^"]*"|'[^']*'|\{[^}]*\}|[^\s"'{]+))?"""
 )
-
-
-class RawFormatError(ValueError):
-    """A raw shard that does not follow the OC20 layout; names the file and record."""
 
 
 # --------------------------------------------------------------------------- writing

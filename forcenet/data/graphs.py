@@ -1,7 +1,8 @@
-"""The neighbor-list stage: frame LMDB shards -> graph LMDB shards with the same keys.
+"""The graph record format: the edges of one frame, as a graph store holds them.
 
 For every frame shard ``<lmdb_root>/<split>/<k>.lmdb`` a graph shard
-``<out_root>/<split>/<k>.lmdb`` holds, under the same integer keys, the edges of
+``<out_root>/<split>/<k>.lmdb`` (built by :func:`forcenet.data.graph_build.build_graphs`)
+holds, under the same integer keys, the edges of
 :func:`forcenet.data.neighbors.neighbor_list` on the stored (float32) positions in the
 compact layout of graph schema :data:`~forcenet.data.keys.GRAPH_SCHEMA_VERSION`
 (:func:`encode_graph`, about 2 bytes per edge; the table is in :mod:`forcenet.data.keys`).
@@ -13,7 +14,7 @@ paired with other frames, or written by an older version, is caught by the datas
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,7 @@ import numpy as np
 
 from forcenet.data import keys as K
 from forcenet.data import neighbors, store
-from forcenet.data.jobs import is_current, run_jobs, select_shards, split_dirs
-from forcenet.data.manifest import MANIFEST, read_manifest, require_manifest, summarise
+from forcenet.data.manifest import read_manifest
 from forcenet.data.offsets import OFFSET_RANGE, OFFSET_TABLE, offset_codes
 
 
@@ -132,87 +132,6 @@ def graph_record(
         record[K.POS], record[K.CELL], record[K.PBC], cutoff, max_neighbors
     )
     return {K.EDGE_INDEX: edge_index, K.CELL_OFFSETS: cell_offsets}
-
-
-def _graphs(
-    frames: store.LmdbShard, count: int, cutoff: float, max_neighbors: int
-) -> Iterator[dict]:
-    for index, record in enumerate(frames.iter_records(count)):
-        try:
-            graph = graph_record(record, cutoff=cutoff, max_neighbors=max_neighbors)
-            yield encode_graph(
-                graph[K.EDGE_INDEX], graph[K.CELL_OFFSETS], len(record[K.ATOMIC_NUMBERS])
-            )
-        except (neighbors.NeighborListError, ValueError) as exc:
-            raise store.StoreError(f"{frames.path}: record {index}: {exc}") from exc
-
-
-def _graph_shard(
-    frames_path: str, out: str, cutoff: float, max_neighbors: int, split_shards: int
-) -> tuple[str, int, bool]:
-    """Worker job: one frame shard -> one graph shard. Returns (name, count, skipped)."""
-    frames, out_path = store.LmdbShard(Path(frames_path)), Path(out)
-    frames_meta = frames.meta()
-    source = {
-        "dir": str(frames.path.parent.resolve()),
-        "name": frames.path.name,
-        "digest": store.meta_digest(frames_meta),
-    }
-    settings = {
-        "cutoff": cutoff,
-        "max_neighbors": max_neighbors,
-        "split_shards": split_shards,
-        "graph_schema": K.GRAPH_SCHEMA_VERSION,
-    }
-    if is_current(out_path, store.KIND_GRAPHS, source, settings):
-        return out_path.name, int(frames_meta["count"]), True
-    meta = {"kind": store.KIND_GRAPHS, "source": source, **settings}
-    count = int(frames_meta["count"])
-    try:
-        written = store.write_shard(out_path, _graphs(frames, count, cutoff, max_neighbors), meta)
-    finally:
-        # unmap the frames read: a job's memory stays flat however many shards it does
-        store.release(frames.path)
-    return out_path.name, written, False
-
-
-def build_graphs(
-    lmdb_root: Path,
-    out_root: Path,
-    *,
-    cutoff: float,
-    max_neighbors: int,
-    splits: Sequence[str] | None = None,
-    workers: int = 1,
-    shard: tuple[int, int] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Neighbor lists (``cutoff`` Å, at most ``max_neighbors`` per centre) for every frame shard.
-
-    ``splits``: split folders of ``lmdb_root`` (default: every folder with ``.lmdb``
-    shards), each refused unless its manifest is current (a preprocess run that was
-    killed, failed or is an unmerged job array leaves none). ``workers``: parallel
-    processes (1 = in this process). ``shard=(i, n)``: only shards with ``k % n == i``;
-    the graph manifest is written once all shards exist. Shards
-    already built from the same frames with the same settings are skipped. Returns, per
-    split, ``{"shards", "written", "skipped", "frames", "manifest"}``.
-    """
-    neighbors.check_params(cutoff, max_neighbors)
-    cutoff, max_neighbors = float(cutoff), int(max_neighbors)
-    summary: dict[str, dict[str, Any]] = {}
-    for split_dir in split_dirs(lmdb_root, splits, lambda d: bool(store.list_lmdb(d))):
-        # the frame shards of a complete split only: never graphs of a partial one
-        frames = require_manifest(split_dir, store.KIND_FRAMES)
-        inputs = [split_dir / entry["name"] for entry in frames["shards"]]
-        out_dir = Path(out_root) / split_dir.name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        jobs = [
-            (str(p), str(out_dir / p.name), cutoff, max_neighbors, len(inputs))
-            for _, p in select_shards(inputs, shard)
-        ]
-        results = run_jobs(_graph_shard, jobs, workers, f"graphs {split_dir.name}")
-        summary[split_dir.name] = summarise(results, out_dir, store.KIND_GRAPHS, shard)
-    return summary
 
 
 @dataclass(frozen=True)

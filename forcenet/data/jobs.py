@@ -1,7 +1,7 @@
 """Running shard jobs: one output shard per input shard, skipped when already current.
 
 Used by :func:`forcenet.data.preprocess.preprocess` (raw -> frames) and
-:func:`forcenet.data.graphs.build_graphs` (frames -> graphs): pick the split folders and
+:func:`forcenet.data.graph_build.build_graphs` (frames -> graphs): pick the split folders and
 this task's shards of a job array (``shard=(i, n)``), tell whether an output was built
 from exactly its input, and run the jobs in this process or in worker processes. Worker
 processes die with the process that started them, even when it is killed with SIGKILL
@@ -17,29 +17,10 @@ from multiprocessing import get_all_start_methods
 from pathlib import Path
 from typing import Any
 
+from forcenet.data.shards import shard_number
 from forcenet.data.store import StoreError, read_meta
 from forcenet.data.workers import worker_pool
 from forcenet.progress import ProgressLog
-
-
-def shard_number(path: Path, position: int) -> int:
-    """Number ``k`` of an input shard ``<k>.*`` (else its ``position`` in the listing)."""
-    stem = path.name.split(".")[0]
-    return int(stem) if stem.isdigit() else position
-
-
-def source_identity(xyz_path: Path) -> dict[str, Any]:
-    """Identity of a raw shard: name, size and mtime of its file and companions (``<k>.*``)."""
-    xyz_path = Path(xyz_path)
-    prefix = xyz_path.name.split(".")[0] + "."
-    files = sorted(
-        p for p in xyz_path.parent.iterdir() if p.name.startswith(prefix) and p.is_file()
-    )
-    return {
-        "dir": str(xyz_path.parent.resolve()),
-        "name": xyz_path.name,
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-    }
 
 
 def is_current(out: Path, kind: str, source: dict[str, Any], extra: dict[str, Any]) -> bool:

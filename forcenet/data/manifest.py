@@ -18,7 +18,7 @@ from typing import Any
 
 from forcenet.atomic import write_text
 from forcenet.data import keys as K
-from forcenet.data.jobs import shard_number, source_identity
+from forcenet.data.shards import list_shards, shard_number, source_identity
 from forcenet.data.store import (
     KIND_FRAMES,
     KIND_GRAPHS,
@@ -129,9 +129,7 @@ def _expected_names(meta: dict[str, Any], kind: str) -> list[str] | None:
         return [s["name"] for s in require_manifest(src_dir, KIND_FRAMES)["shards"]]
     if not src_dir.is_dir():
         return None
-    from forcenet.data import raw
-
-    inputs = raw.list_shards(src_dir)
+    inputs = list_shards(src_dir)
     return [f"{shard_number(p, pos)}{SUFFIX}" for pos, p in enumerate(inputs)]
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from forcenet.data import raw
-from forcenet.data.jobs import is_current, run_jobs, select_shards, source_identity, split_dirs
+from forcenet.data.jobs import is_current, run_jobs, select_shards, split_dirs
 from forcenet.data.manifest import MANIFEST, summarise
+from forcenet.data.shards import source_identity
 from forcenet.data.store import KIND_FRAMES, SUFFIX, read_meta, write_shard
 from forcenet.outdir import exclusive_folder, shared_folder
 

@@ -20,16 +20,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import lzma
-import os
 import re
-import stat
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 from forcenet.atomic import atomic_write
 from forcenet.data.extxyz import (
-    RawFormatError,
     atom_arrays,
     cell_pbc,
     format_frame,
@@ -39,6 +36,14 @@ from forcenet.data.extxyz import (
     parse_properties,
 )
 from forcenet.data.frame import Frame, FrameError
+from forcenet.data.shards import (
+    TXT_SUFFIX,
+    XYZ_SUFFIX,
+    RawFormatError,
+    check_regular_file,
+    list_shards,
+    sidecar_path,
+)
 
 __all__ = [
     "TXT_SUFFIX",
@@ -53,25 +58,11 @@ __all__ = [
     "write_shard",
 ]
 
-XYZ_SUFFIX = ".extxyz.xz"
-TXT_SUFFIX = ".txt.xz"
 # xz level for shards we write: 1 compresses ~10x faster than xz's default 6 (8 vs 0.7 MB/s
 # measured) for ~15 % larger files; readers do not care which level was used.
 XZ_PRESET = 1
 
 _SIDECAR = re.compile(r"random(-?\d+),frame(-?\d+),(\S+)")
-
-
-def check_regular_file(path: Path) -> None:
-    """Raise :class:`RawFormatError` naming ``path`` when it exists but is not a regular
-    file (links followed): reading a FIFO, device or socket would block or never end. A
-    missing file is left to the reader, which names it in its own words."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if not stat.S_ISREG(mode):
-        raise RawFormatError(f"{path}: not a regular file (a FIFO, device or socket); refused")
 
 
 # --------------------------------------------------------------------------- writing
@@ -185,14 +176,6 @@ class _Lines:
         self._lines.close()
 
 
-def sidecar_path(xyz_path: Path) -> Path:
-    """``<k>.txt.xz`` next to ``<k>.extxyz.xz``."""
-    xyz_path = Path(xyz_path)
-    if not xyz_path.name.endswith(XYZ_SUFFIX):
-        raise RawFormatError(f"{xyz_path}: shard name must end in {XYZ_SUFFIX}")
-    return xyz_path.with_name(xyz_path.name[: -len(XYZ_SUFFIX)] + TXT_SUFFIX)
-
-
 def _sidecar_row(txt: _Lines, xyz_path: Path, index: int) -> tuple[int, int, float]:
     """(sid, fid, reference_energy) for frame ``index``."""
     lines = txt.read(1, f"row for frame {index}")
@@ -290,26 +273,6 @@ def iter_shard(xyz_path: Path) -> Iterator[Frame]:
                 f"{txt_path}: has more rows than the {index} frames of {xyz_path} "
                 f"(extra row at line {txt.lineno})"
             )
-
-
-def list_shards(split_dir: Path) -> list[Path]:
-    """The ``<k>.extxyz.xz`` shards of a split folder, sorted by ``k``; each needs its sidecar."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        raise RawFormatError(f"{split_dir}: not a folder")
-    shards: list[tuple[int, Path]] = []
-    for path in split_dir.glob(f"*{XYZ_SUFFIX}"):
-        stem = path.name[: -len(XYZ_SUFFIX)]
-        if not stem.isdigit():
-            raise RawFormatError(f"{path}: shard name must be <integer>{XYZ_SUFFIX}")
-        check_regular_file(path)
-        if not sidecar_path(path).exists():
-            raise RawFormatError(f"{path}: sidecar {sidecar_path(path).name} is missing")
-        check_regular_file(sidecar_path(path))
-        shards.append((int(stem), path))
-    if not shards:
-        raise RawFormatError(f"{split_dir}: no *{XYZ_SUFFIX} shards")
-    return [path for _, path in sorted(shards)]
 
 
 def count_frames(split_dir: Path) -> int:

@@ -19,7 +19,7 @@ def read_inputs(inputs: list[Path], limit: int | None) -> tuple[list[Atoms], lis
     from ase.io import read
 
     from forcenet.data.frame import check_atoms_geometry
-    from forcenet.data.raw import check_regular_file
+    from forcenet.data.shards import check_regular_file
 
     structures: list[Atoms] = []
     names: list[str] = []

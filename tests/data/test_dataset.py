@@ -19,7 +19,8 @@ from forcenet.data import manifest, preprocess, raw, store
 from forcenet.data.batch import collate
 from forcenet.data.dataset import FrameDataset, make_loader, sample_from_atoms
 from forcenet.data.frame import Frame
-from forcenet.data.graphs import GraphSettings, build_graphs
+from forcenet.data.graph_build import build_graphs
+from forcenet.data.graphs import GraphSettings
 from forcenet.data.neighbors import neighbor_list
 from forcenet.geometry import edge_vectors
 

@@ -13,7 +13,8 @@ from forcenet.data import keys as K
 from forcenet.data import manifest, preprocess, raw, store
 from forcenet.data.dataset import FrameDataset
 from forcenet.data.frame import Frame
-from forcenet.data.graphs import build_graphs, decode_graph, encode_graph
+from forcenet.data.graph_build import build_graphs
+from forcenet.data.graphs import decode_graph, encode_graph
 from forcenet.data.neighbors import neighbor_list
 
 

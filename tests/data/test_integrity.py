@@ -22,7 +22,8 @@ from test_store import _overwrite, _truncate_xz, make_frames, make_raw
 from forcenet.data import codec, manifest, preprocess, raw, store
 from forcenet.data import keys as K
 from forcenet.data.dataset import FrameDataset
-from forcenet.data.graphs import GraphSettings, build_graphs
+from forcenet.data.graph_build import build_graphs
+from forcenet.data.graphs import GraphSettings
 from forcenet.data.inspect import inspect_path
 from forcenet.inputs import open_input
 

@@ -15,7 +15,7 @@ from forcenet.data import manifest, store
 from forcenet.data.batch import collate
 from forcenet.data.dataset import FrameDataset, sample_from_atoms
 from forcenet.data.frame import Frame
-from forcenet.data.graphs import build_graphs
+from forcenet.data.graph_build import build_graphs
 from forcenet.geometry import edge_vectors
 
 OC20_JSON = Path(__file__).resolve().parents[1] / "fixtures" / "oc20-slab-co-alcuse.json"

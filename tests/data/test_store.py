@@ -17,7 +17,8 @@ from ase.build import add_adsorbate, fcc111
 from forcenet.data import codec, manifest, preprocess, raw, store
 from forcenet.data import keys as K
 from forcenet.data.frame import Frame
-from forcenet.data.graphs import build_graphs, decode_graph
+from forcenet.data.graph_build import build_graphs
+from forcenet.data.graphs import decode_graph
 from forcenet.data.neighbors import NeighborListError, neighbor_list
 from forcenet.outdir import FolderLockedError
 
