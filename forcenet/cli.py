@@ -31,7 +31,8 @@ from forcenet.physics.cli import physics_app  # noqa: E402  (light: typer only)
 
 app.add_typer(physics_app, name="physics")
 
-WorkersOpt = Annotated[int, typer.Option(help="Parallel worker processes (1 = in-process).")]
+from forcenet.cli_options import DeviceOpt, OptimizerOpt, WorkersOpt  # noqa: E402
+
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -365,9 +366,7 @@ def evaluate(
         Path | None, typer.Option(help="Also write {split: {metric: value}} JSON.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Structures per batch.")] = 16,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto).")
-    ] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """OC20 metrics on free atoms (force MAE with the zero-force baseline, cosine,
     magnitude, energy MAE and EFwT where the model has an energy), inference throughput
@@ -405,13 +404,13 @@ def relax(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
     inputs: Annotated[list[Path], typer.Argument(help="ASE-readable files of structures.")],
     out: Annotated[Path, typer.Option(help="Folder for trajectories and summary.parquet.")],
-    optimizer: Annotated[str, typer.Option(help="lbfgs or fire.")] = "lbfgs",
+    optimizer: OptimizerOpt = "lbfgs",
     fmax: Annotated[
         float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")
     ] = 0.05,
     steps: Annotated[int, typer.Option(help="Maximum optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Structures relaxed together per forward.")] = 1,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Relax structures with a trained model (fixed atoms stay put); writes trajectories
     and a Parquet summary (steps, final max force, converged, wall time)."""
@@ -421,7 +420,7 @@ def relax(
         checkpoint,
         inputs,
         out,
-        _optimizer(optimizer),
+        optimizer,
         fmax,
         steps,
         batch_size=batch_size,
@@ -439,7 +438,7 @@ def relax_oracle(
         list[str] | None,
         typer.Option(help="Validation splits to relax (repeatable; default: all four)."),
     ] = None,
-    optimizer: Annotated[str, typer.Option(help="lbfgs or fire.")] = "lbfgs",
+    optimizer: OptimizerOpt = "lbfgs",
     fmax: Annotated[
         float, typer.Option(help="Converged when max |F| on free atoms < fmax (eV/Å).")
     ] = 0.05,
@@ -487,7 +486,7 @@ def relax_oracle(
         out_dir=out,
         fmax=fmax,
         steps=steps,
-        optimizer=_optimizer(optimizer),
+        optimizer=optimizer,
         batch_size=batch_size,
         hybrid=hybrid,
         oracle_fmax=oracle_fmax,
@@ -500,12 +499,6 @@ def relax_oracle(
         if metrics_json is not None:
             write_metrics_json(long, metrics_json)
     typer.echo(aggregate.to_string(index=False))
-
-
-def _optimizer(name: str):
-    if name not in ("lbfgs", "fire"):
-        raise typer.BadParameter(f"--optimizer must be lbfgs or fire, got {name!r}")
-    return name
 
 
 def main() -> None:

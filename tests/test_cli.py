@@ -253,3 +253,25 @@ def test_resume_with_other_data_or_settings_is_refused_unless_allowed(stores, tm
     assert C.load_checkpoint(out / "last.pt")["step"] == 4
     alone = _train(stores, tmp_path / "fresh", *small, "--allow-changed")
     assert alone.exit_code != 0 and not (tmp_path / "fresh").exists()
+
+
+def test_every_device_option_has_one_spelling_and_help():
+    """evaluate, relax, physics md and physics conservation share one --device option."""
+    import re
+
+    helps = set()
+    for command in (["evaluate"], ["relax"], ["physics", "md"], ["physics", "conservation"]):
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.replace("│", " ").split())
+        found = re.search(r"--device \S+ (Torch device.*?available\)\.)", text)
+        assert found, (command, text)
+        helps.add(found.group(1))
+    assert len(helps) == 1
+
+
+def test_relax_refuses_an_unknown_optimizer_by_its_choices(tmp_path):
+    args = ["relax", str(tmp_path / "m.pt"), str(tmp_path / "s.extxyz"), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--optimizer", "bfgs"])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "'bfgs' is not one of 'lbfgs', 'fire'" in said

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from forcenet.cli_options import DeviceOpt
+
 if TYPE_CHECKING:
     from ase import Atoms
 
@@ -60,7 +62,7 @@ def conservation(
     dtype: Annotated[
         str, typer.Option(help="float64 (separates the model from rounding) or float32.")
     ] = "float64",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
+    device: DeviceOpt = None,
     step: Annotated[
         float, typer.Option(help="Finite-difference step (Å), used only without autograd.")
     ] = 1e-3,

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from forcenet.cli_options import DeviceOpt
+
 if TYPE_CHECKING:
     import pandas as pd
     from ase.calculators.calculator import Calculator
@@ -98,7 +100,7 @@ def md(
     oracle_reference: Annotated[
         bool, typer.Option(help="Also run the oracle (EMT) itself from the same start.")
     ] = True,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: auto).")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """NVE molecular dynamics driven by the model, judged by the oracle (EMT).
 
