@@ -99,7 +99,7 @@ def run_set(raw: dict, key: str, spec: dict, data: Path, work: Path) -> dict[str
     from forcenet.evaluate import evaluate_checkpoint
     from forcenet.physics.conservation import conservation_summary, conservation_table
     from forcenet.train import fit
-    from pipeline.physics_oracle import physics_structures
+    from pipeline.physics_inputs import physics_structures
     from pipeline.train import model_kwargs, train_config
 
     name = spec["model"]

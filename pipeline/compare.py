@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 
 from forcenet.atomic import atomic_write, write_text
+from forcenet.data.keys import split_order
 from pipeline import tracking
-from pipeline.plots import split_order
 from pipeline.summary import markdown_table
 
 #: The compared metrics and their column headers.

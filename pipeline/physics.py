@@ -1,7 +1,7 @@
 """Stage ``physics``: what one model's forces do physically, on a few IS2RS structures.
 
 Settings from params.yaml ``physics``; the structures are those of
-:func:`pipeline.physics_oracle.physics_structures`:
+:func:`pipeline.physics_inputs.physics_structures`:
 
 * **conservation** on the first ``conservation.structures``: the asymmetry lambda of the
   free-atom force Jacobian (0 = conservative) and the normalised work around small closed
@@ -13,7 +13,7 @@ Settings from params.yaml ``physics``; the structures are those of
   ``physics_oracle`` runs the oracle's own reference from the same starts.
 
 Writes ``--out/conservation.parquet`` (one row per structure), the MD files of
-:func:`pipeline.physics_oracle.run_md`, the aggregates as a long table (splits
+:func:`forcenet.physics.md.run_md`, the aggregates as a long table (splits
 ``conservation`` and ``md``) and as DVC metrics JSON, and logs them to the model's MLflow
 run as ``conservation/...`` and ``md/...``. Results only: the seconds go to the
 ``--timing`` file (:mod:`pipeline.timing`).
@@ -36,15 +36,7 @@ import pandas as pd
 from forcenet.tables import long_table, write_metrics_json, write_table
 from pipeline import stage, tracking
 from pipeline.params import PhysicsConfig, load_params
-from pipeline.physics_oracle import (
-    MD_PLOT,
-    MD_SUMMARY,
-    has_structures,
-    md_line,
-    nve_settings,
-    physics_structures,
-    run_md,
-)
+from pipeline.physics_inputs import has_structures, md_line, nve_settings, physics_structures
 from pipeline.timing import write_timing
 
 if TYPE_CHECKING:
@@ -91,8 +83,10 @@ def physics_checks(
     clock: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Conservation and NVE MD of one checkpoint (files in ``out``); the long table
-    (results only; ``clock`` gets the MD's seconds, see :func:`run_md`)."""
+    (results only; ``clock`` gets the MD's seconds, see
+    :func:`forcenet.physics.md.run_md`)."""
     from forcenet.calculator import ForceNetCalculator
+    from forcenet.physics.md import run_md
 
     count = max(physics.conservation.structures, physics.md.structures)
     atoms, names = physics_structures(is2rs, physics.splits, count)
@@ -128,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         clock["seconds"] = time.perf_counter() - start
         write_timing(args.timing, {**clock, "mlflow_run_id": run.run_id if run else None})
     tracking.log_split_metrics(run, long)
+    from forcenet.physics.md import MD_PLOT, MD_SUMMARY
+
     files = [args.out / f for f in (CONSERVATION_TABLE, MD_SUMMARY, MD_PLOT)]
     tracking.log_artifacts(run, files, artifact_path="physics")
     tracking.finish_run(run)

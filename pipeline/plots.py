@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from forcenet.atomic import atomic_write  # noqa: E402
-from forcenet.data import keys as K  # noqa: E402
+from forcenet.data.keys import split_order  # noqa: E402
 
 #: One colour per model, the same in every plot.
 MODEL_COLOURS = {"forcenet": "C0", "schnet": "C1", "dimenetpp": "C2", "gns": "C3"}
@@ -39,12 +39,6 @@ TAG_GROUPS = {
 def model_colour(model: str) -> str:
     extra = ["C4", "C5", "C6", "C7", "C8", "C9"]
     return MODEL_COLOURS.get(str(model), extra[sum(map(ord, str(model))) % len(extra)])
-
-
-def split_order(splits) -> list[str]:
-    """The validation splits in OC20 order, then the training split, then the rest."""
-    known = [s for s in (*K.VAL_SPLITS, K.TRAIN) if s in set(splits)]
-    return known + sorted(set(splits) - set(known))
 
 
 def plain_log_ticks(axis, at: list[float] | None = None) -> None:

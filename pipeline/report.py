@@ -79,10 +79,9 @@ from pipeline.timing import read_timing, timing_path
 
 #: The oracle-energy trace the relax stage writes into its folder.
 RELAX_TRACE = "relax_oracle_energy.png"
-#: The MD time series the physics stages write into their folders
-#: (pipeline.physics_oracle.MD_SERIES; not imported: that module runs the MD).
-MD_SERIES = "md_series.parquet"
-MD_PLOT = "plots/md_energy.png"
+#: The report's MD figure, drawn from the time series (forcenet.physics.md.MD_SERIES)
+#: the physics stages write into their folders.
+REPORT_MD_PLOT = "plots/md_energy.png"
 #: The accuracy-against-compute figure of benchmarks/bench_accuracy.py, as copied.
 ACCURACY_PLOT = "plots/accuracy_vs_compute.png"
 
@@ -199,7 +198,7 @@ def _physics_section(physics: pd.DataFrame, plots: Sequence[str]) -> list[str]:
     table = physics_table(physics)
     if table.empty:
         return []
-    plot = [f"![md energy]({MD_PLOT})", ""] if MD_PLOT in plots else []
+    plot = [f"![md energy]({REPORT_MD_PLOT})", ""] if REPORT_MD_PLOT in plots else []
     return [
         "## Physics: conservation and NVE molecular dynamics",
         "",
@@ -361,7 +360,9 @@ def results_markdown(
         *_accuracy_section(accuracy, plots),
         *_options_section(options),
     ]
-    listed = [p for p in plots if p not in (MD_PLOT, ACCURACY_PLOT)]  # shown in their sections
+    listed = [
+        p for p in plots if p not in (REPORT_MD_PLOT, ACCURACY_PLOT)
+    ]  # shown in their sections
     if listed:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in listed] + [""]
     return "\n".join(parts)
@@ -426,13 +427,13 @@ def _force_plots(table: pd.DataFrame, out_dir: Path) -> list[str]:
 
 def _md_plot(series: Sequence[Path], out_dir: Path) -> list[str]:
     """The oracle total energy of every MD run, one panel per model (from the physics
-    stages' time series), as :data:`MD_PLOT`; its path, none without series."""
+    stages' time series), as :data:`REPORT_MD_PLOT`; its path, none without series."""
     if not series:
         return []
     from forcenet.physics.md import plot_md_energy
 
-    plot_md_energy(pd.concat([pd.read_parquet(p) for p in series]), out_dir / MD_PLOT)
-    return [MD_PLOT]
+    plot_md_energy(pd.concat([pd.read_parquet(p) for p in series]), out_dir / REPORT_MD_PLOT)
+    return [REPORT_MD_PLOT]
 
 
 def _timing_frames(
@@ -629,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         physics = [p for m in runs if (p := args.physics / f"{m}.parquet").is_file()]
     series: list[Path] = []
     if args.physics_runs is not None:
+        from forcenet.physics.md import MD_SERIES
+
         series = [p for m in runs if (p := args.physics_runs / m / MD_SERIES).is_file()]
     accuracy = None
     if args.accuracy is not None:

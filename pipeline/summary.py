@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from forcenet.data.keys import split_order
+from forcenet.physics.md import ORACLE
+from forcenet.tables import TRAINING_ROWS
 from pipeline.params import MODEL_NAMES
-from pipeline.plots import TAG_GROUPS, split_order
+from pipeline.plots import TAG_GROUPS
 
 #: Metrics of the comparison, in column order, with their Markdown headers.
 SUMMARY_METRICS = {
@@ -67,10 +70,11 @@ PHYSICS_COLUMNS = {
     ("md", "model_drift_abs_mean"): "own-energy drift [eV/atom/ps]",
     ("md", "stable_fraction"): "stable runs",
 }
-#: The model name of the oracle's reference rows (forcenet.physics.md.ORACLE).
-ORACLE_MODEL = "oracle"
-#: Rows of the training run (forcenet.evaluate.TRAINING_ROWS) and their headers.
-TRAINING_SPLIT = "training"
+#: The model name of the oracle's reference rows.
+ORACLE_MODEL = ORACLE
+#: The split of the training run's rows.
+TRAINING_SPLIT = TRAINING_ROWS
+#: The training run's rows and their headers.
 TRAINING_METRICS = {
     "parameters": "parameters",
     "train_steps": "optimizer steps",

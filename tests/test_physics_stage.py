@@ -17,7 +17,8 @@ from ase.io import write
 from test_calculator import write_tiny_checkpoint
 from test_physics_md import cu_slab
 
-from pipeline import physics, physics_oracle
+from forcenet.physics import md
+from pipeline import physics, physics_inputs, physics_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ["val_id", "val_ood_ads"]
@@ -59,13 +60,13 @@ def _params(tmp_path: Path) -> Path:
 
 
 def test_structures_are_taken_in_turn_from_each_split(is2rs):
-    atoms, names = physics_oracle.physics_structures(is2rs, SPLITS, 3)
+    atoms, names = physics_inputs.physics_structures(is2rs, SPLITS, 3)
     assert names == ["val_id:1", "val_ood_ads:10", "val_id:2"]
     assert [a.get_chemical_formula() for a in atoms][1] == "Cu8N"
-    _, names = physics_oracle.physics_structures(is2rs, SPLITS, 10)  # fewer exist
+    _, names = physics_inputs.physics_structures(is2rs, SPLITS, 10)  # fewer exist
     assert len(names) == 3
     with pytest.raises(FileNotFoundError, match="val_ood_cat_initial.extxyz"):
-        physics_oracle.physics_structures(is2rs, [*SPLITS, "val_ood_cat"], 2)
+        physics_inputs.physics_structures(is2rs, [*SPLITS, "val_ood_cat"], 2)
 
 
 def test_physics_stages_write_tables_metrics_and_mlflow(is2rs, tmp_path, monkeypatch):
@@ -95,7 +96,7 @@ def test_physics_stages_write_tables_metrics_and_mlflow(is2rs, tmp_path, monkeyp
     for name in ("gns", "oracle"):
         timing = json.loads((reports / "timing" / f"physics_{name}.json").read_text())
         assert timing["seconds"] >= timing["md_wall_s"] > 0
-        summary = pd.read_parquet(data / name / physics_oracle.MD_SUMMARY)
+        summary = pd.read_parquet(data / name / md.MD_SUMMARY)
         assert "wall_s" not in summary.columns and len(summary) == 2
         assert "wall_s" not in set(pd.read_parquet(reports / f"{name}.parquet").metric)
 
@@ -115,12 +116,12 @@ def test_physics_stages_write_tables_metrics_and_mlflow(is2rs, tmp_path, monkeyp
     table = pd.read_parquet(data / "gns" / physics.CONSERVATION_TABLE)
     assert table.structure.tolist() == ["val_id:1"] and table.model.tolist() == ["gns"]
     series = {
-        name: pd.read_parquet(data / name / physics_oracle.MD_SERIES) for name in ("gns", "oracle")
+        name: pd.read_parquet(data / name / md.MD_SERIES) for name in ("gns", "oracle")
     }
     starts = {k: s[s.step == 0].set_index("name").kinetic_eV for k, s in series.items()}
     assert starts["gns"].index.tolist() == ["val_id:1", "val_ood_ads:10"]
     np.testing.assert_allclose(starts["gns"].to_numpy(), starts["oracle"].to_numpy())
-    assert (data / "gns" / physics_oracle.MD_PLOT).stat().st_size > 0
+    assert (data / "gns" / md.MD_PLOT).stat().st_size > 0
 
     dvc = json.loads((reports / "physics_gns.json").read_text())
     assert set(dvc) == {"conservation", "md"}

@@ -117,3 +117,9 @@ SCHEMA_VERSION = 2
 #: bytes per edge; 2: the compact layout above). A graph store of another version is
 #: refused with the command that rebuilds it; nothing is converted silently.
 GRAPH_SCHEMA_VERSION = 2
+
+
+def split_order(splits) -> list[str]:
+    """The validation splits in OC20 order, then the training split, then the rest."""
+    known = [s for s in (*VAL_SPLITS, TRAIN) if s in set(splits)]
+    return known + sorted(set(splits) - set(known))

@@ -61,6 +61,7 @@ from scipy.sparse.csgraph import connected_components
 
 from forcenet.atomic import atomic_write
 from forcenet.data.frame import check_atoms_geometry, fixed_mask
+from forcenet.tables import long_table, write_table
 
 if TYPE_CHECKING:
     from matplotlib.lines import Line2D
@@ -417,3 +418,78 @@ def plot_md_energy(series: pd.DataFrame, path: Path) -> None:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- files
+
+#: The split of the MD rows in the long table (and of their ``md/...`` MLflow keys).
+MD_SPLIT = "md"
+#: The files an MD run writes into its folder (the report reads the series).
+MD_SUMMARY = "md_summary.parquet"
+MD_SERIES = "md_series.parquet"
+MD_PLOT = "md_energy.png"
+
+
+#: Columns of a run's summary that are wall-clock figures, not results.
+CLOCK_COLUMNS = ("wall_s",)
+
+
+def md_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The aggregates of one driver's runs (rows of :func:`run_nve`).
+
+    ``drift_mean`` / ``drift_abs_mean`` / ``drift_abs_max``: the oracle total energy's
+    drift (eV/atom/ps; mean signed, mean and largest magnitude), ``fluctuation_mean``
+    (eV/atom) about its fit, ``model_drift_abs_mean`` the model's own energy (NaN without
+    one), ``stable_fraction`` of runs without an unphysical event, ``first_event_ps`` the
+    earliest event (inf when every run was stable) and ``events_<kind>`` the runs ended by
+    each kind of :data:`EVENT_KINDS`; plus the settings and counts
+    (results only: no wall time).
+    """
+    drift = summary["drift_eV_atom_ps"].astype(float)
+    metrics = {
+        "runs": float(len(summary)),
+        "steps": float(summary["steps"].max()),
+        "timestep_fs": float(summary["timestep_fs"].max()),
+        "temperature_K": float(summary["temperature_K"].max()),
+        "simulated_ps": float(summary["time_ps"].sum()),
+        "drift_mean": float(drift.mean()),
+        "drift_abs_mean": float(drift.abs().mean()),
+        "drift_abs_max": float(drift.abs().max()),
+        "fluctuation_mean": float(summary["fluctuation_eV_atom"].mean()),
+        "model_drift_abs_mean": float(summary["model_drift_eV_atom_ps"].abs().mean()),
+        "mean_temperature_K": float(summary["mean_temperature_K"].mean()),
+        "stable_fraction": float(summary["stable"].astype(float).mean()),
+        "first_event_ps": float(summary["event_time_ps"].min()),
+    }
+    for kind in EVENT_KINDS:
+        metrics[f"events_{kind}"] = float((summary["event"] == kind).sum())
+    return metrics
+
+
+def run_md(
+    drivers: Mapping[str, Calculator],
+    structures: list[Atoms],
+    names: list[str],
+    settings: NVESettings,
+    out: Path,
+    run_id: str | None = None,
+    clock: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """NVE runs of every structure with every driver, their files in ``out``
+    (:data:`MD_SUMMARY` without the wall times, :data:`MD_SERIES`, :data:`MD_PLOT`); the
+    long table of their aggregates, one set per driver (split :data:`MD_SPLIT`).
+    ``clock``: gets ``md_wall_s``, the seconds of all the runs."""
+    summary, series = run_models(drivers, structures, names, settings, progress=True)
+    if clock is not None:
+        clock["md_wall_s"] = float(summary["wall_s"].sum())
+    summary = summary.drop(
+        columns=[c for c in CLOCK_COLUMNS if c in summary.columns]
+    )  # results only
+    write_table(summary, Path(out) / MD_SUMMARY)
+    write_table(series, Path(out) / MD_SERIES)
+    plot_md_energy(series, Path(out) / MD_PLOT)
+    parts = [
+        long_table(str(model), MD_SPLIT, md_metrics(rows), run_id)
+        for model, rows in summary.groupby("model", sort=False)
+    ]
+    return pd.concat(parts, ignore_index=True)
