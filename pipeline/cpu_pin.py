@@ -1,26 +1,36 @@
-"""Opt-in: run the pipeline on the AVX2 code paths of its numerical libraries.
+"""Opt-in: run the pipeline on fixed code paths of its numerical libraries.
 
 numpy, OpenBLAS and torch pick their SIMD kernels from the CPU they run on, and those
-kernels round differently: the embedded EMT data generated on an AVX-512 machine differ in
-the last bits from those of an AVX2 machine, and the differences grow along each BFGS
-relaxation and MD run (``data/raw``'s md5 moves, and every figure after it by up to about
-1 %). Two libraries decide the generated data:
+kernels round differently, so the embedded EMT data generated on one kind of CPU differ
+in the last bits from another's; the differences grow along each BFGS relaxation and MD
+run (``data/raw``'s md5 moves, and every figure after it by up to about 1 %). Two
+libraries decide the generated data (torch is not involved):
 
 * numpy's dispatched loops: ``np.exp`` (EMT's density and pair terms) has its own AVX-512
-  kernel, so the first EMT energy and forces already differ;
-* OpenBLAS in the BFGS update (``dot``, ``eigh``): its SkylakeX kernels differ from its
-  Haswell ones from the second BFGS step on.
+  kernel, so the first EMT energy and forces already differ between AVX-512 and AVX2;
+* OpenBLAS in the BFGS update (``dot``, ``eigh``): it picks SkylakeX kernels on Intel
+  AVX-512 CPUs and Haswell-class kernels on AVX2 CPUs and on AMD ones; they differ from
+  the second BFGS step on.
 
-``avx2`` disables numpy's AVX-512 targets (``NPY_DISABLE_CPU_FEATURES``) and sets
-OpenBLAS's core type to Haswell (``OPENBLAS_CORETYPE``); with both, an AVX-512 machine
-generates the AVX2 machine's data bit for bit. For training and evaluation it also sets
-torch's kernels to AVX2 (``ATEN_CPU_CAPABILITY``, MKL's ``MKL_CBWR``, oneDNN's
-``ONEDNN_MAX_CPU_ISA``). On an AVX2 machine the pin changes nothing. It is off by default:
-the committed results were computed without it.
+Pins (off by default: the committed results were computed without one):
+
+* ``avx2``: numpy's AVX-512 targets off (``NPY_DISABLE_CPU_FEATURES``), OpenBLAS's core
+  type Haswell (``OPENBLAS_CORETYPE``), and torch's kernels AVX2 (``ATEN_CPU_CAPABILITY``,
+  MKL's ``MKL_CBWR``, oneDNN's ``ONEDNN_MAX_CPU_ISA``). An Intel AVX-512 machine then
+  generates what an AVX2 machine does, bit for bit (the full default dataset:
+  ``data/raw`` ``c4ec7e43...``, ``data/is2rs`` ``7e1456f9...``). An AVX2 machine's libraries
+  already take these paths.
+* ``openblas``: only OpenBLAS's core type Haswell. An Intel AVX-512 machine then uses the
+  kernels an AMD AVX-512 machine uses (numpy AVX-512, OpenBLAS Haswell-class): the
+  ``data/is2rs`` of an AMD EPYC run, ``254ec6fd...``, is reproduced bit for bit.
+
+Whether torch's training and evaluation then match another machine's was not checked
+(no other machine's weights to compare); ``avx2`` pins torch as far as its variables go.
 
 The variables must be set before the interpreter loads numpy, and must reach the worker
 processes the stages spawn, so the pin is applied around the command that starts the
-stages rather than inside a stage::
+stages rather than inside a stage (no stage's code or command changes, so ``dvc.lock``
+stays valid)::
 
     make repro CPU_PIN=avx2                              # or make exp CPU_PIN=avx2 ARGS=...
     python -m pipeline.cpu_pin avx2 -- dvc repro         # any command, e.g. dvc exp run
@@ -44,8 +54,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
-#: The pins by name; "avx2" is the only one.
-PINS = ("avx2",)
+#: The pins by name (see the module docstring).
+PINS = ("avx2", "openblas")
 #: What ``avx2`` sets besides numpy's variable (which depends on the numpy build).
 AVX2_ENV = {
     "OPENBLAS_CORETYPE": "Haswell",
@@ -79,6 +89,8 @@ def pin_env(name: str) -> dict[str, str]:
     lacking = [f for f in ("AVX2", "FMA3") if not features.get(f)]
     if lacking:
         raise ValueError(f"CPU pin {name!r} needs a CPU with {' and '.join(lacking)}")
+    if name == "openblas":
+        return {"OPENBLAS_CORETYPE": AVX2_ENV["OPENBLAS_CORETYPE"]}
     # numpy's AVX-512 dispatch targets (2.4: X86_V4 AVX512_ICL AVX512_SPR; earlier:
     # AVX512F AVX512_SKX ...): disabling a target the CPU lacks is harmless.
     avx512 = [t for t in targets if t == "X86_V4" or t.startswith("AVX512")]
@@ -128,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawTextHelpFormatter,
         usage="%(prog)s [--report] [PIN [--export | -- COMMAND ...]]",
     )
-    p.add_argument("pin", nargs="?", choices=PINS, help="the pin to apply")
+    p.add_argument("pin", nargs="?", choices=PINS, help="the pin to apply (see above)")
     p.add_argument("--export", action="store_true", help="print `export` lines for a shell")
     p.add_argument("--report", action="store_true", help="print this process's CPU state")
     args = p.parse_args(own)
@@ -136,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(report(), indent=2))
         return
     if args.pin is None:
-        p.error("give a pin (avx2) and a command, or --report")
+        p.error(f"give a pin ({' or '.join(PINS)}) and a command, or --report")
     env = pin_env(args.pin)
     if args.export:
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
@@ -152,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline import stage
-
-    stage.run(main)
+    try:  # a bad pin or command: one line, as the stages print it (no pandas import here)
+        main()
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

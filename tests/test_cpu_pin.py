@@ -82,6 +82,7 @@ def test_pin_disables_only_numpys_avx512_targets(monkeypatch):
     env = cpu_pin.pin_env("avx2")
     assert env["NPY_DISABLE_CPU_FEATURES"] == "X86_V4 AVX512_ICL AVX512_SPR"
     assert env["OPENBLAS_CORETYPE"] == "Haswell"
+    assert cpu_pin.pin_env("openblas") == {"OPENBLAS_CORETYPE": "Haswell"}  # numpy as is
 
 
 def test_make_repro_runs_dvc_through_the_pin_only_when_asked():
