@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# CPU_PIN=avx2 (`make repro CPU_PIN=avx2`, also for `make exp`): every stage runs on the AVX2
+# code paths of numpy, OpenBLAS and torch, so that an AVX-512 machine computes what an AVX2
+# machine does (pipeline/cpu_pin.py). Off by default.
+CPU_PIN ?=
+PIN := $(if $(CPU_PIN),$(VENV)/bin/python -m pipeline.cpu_pin $(CPU_PIN) --,)
+
 repro: setup
-	$(VENV)/bin/dvc repro
+	$(PIN) $(VENV)/bin/dvc repro
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
@@ -35,7 +41,7 @@ lint: setup
 # starts without it), e.g. `make exp ARGS="-S model.hidden=128"`.
 ARGS ?=
 exp: setup
-	$(VENV)/bin/dvc exp run $(ARGS)
+	$(PIN) $(VENV)/bin/dvc exp run $(ARGS)
 
 # A screen-sized `dvc exp show`: ForceNet's width and its in-domain force MAE, overall and
 # on adsorbate atoms (`make compare` tabulates every model, experiment and split).

@@ -396,6 +396,21 @@ def evaluate(
     typer.echo(wide.loc[keep].to_string(float_format=lambda v: f"{v:.4f}"))
 
 
+@app.command("checkpoint-resave")
+def checkpoint_resave(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `forcenet train`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the re-saved checkpoint here (default: in place).")
+    ] = None,
+) -> None:
+    """Re-save a checkpoint written before checkpoints carried a checksum, adding one.
+    Only for a file you trust: from then on any change to it is refused at load. A file
+    whose checksum does not match is refused, not re-saved."""
+    from forcenet.checkpoint import resave_checkpoint
+
+    _echo_json(resave_checkpoint(checkpoint, out))
+
+
 # ----------------------------------------------------------------------- relax
 
 
