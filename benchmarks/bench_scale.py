@@ -14,12 +14,12 @@ what a cluster job array would, each step as 2 processes with ``--shard i/2`` an
 
 Each step records its wall time, frames/s and the peak resident memory of each of its
 processes (``ru_maxrss`` of the finished child, and sampled: anonymous memory apart from the
-file pages of the mapped LMDB stores, which the kernel reclaims). Disk per frame and per edge is measured
-on the stores. The same rehearsal first runs at a tenth of the size: peak memory that
-stays flat from one to the other is memory that does not grow with the number of frames
-(streamed, not loaded whole). A reader's mapped file pages do grow with the store it
-reads (page cache, not held memory): both are recorded. Results in ``reports/benchmarks/scale.json``; the data are
-deleted afterwards (``--keep`` keeps them).
+file pages of the mapped LMDB stores, which the kernel reclaims). Disk per frame and per
+edge is measured on the stores. The same rehearsal first runs at a tenth of the size: peak
+memory that stays flat from one to the other is memory that does not grow with the number of
+frames (streamed, not loaded whole). A reader's mapped file pages do grow with the store it
+reads (page cache, not held memory): both are recorded. Results in
+``reports/benchmarks/scale.json``; the data are deleted afterwards (``--keep`` keeps them).
 
     .venv/bin/python benchmarks/bench_scale.py                     # 20k, then 200k frames
     .venv/bin/python benchmarks/bench_scale.py --frames 20000 --small 2000

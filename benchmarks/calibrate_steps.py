@@ -1,4 +1,5 @@
-"""Step budgets that give every model the same training compute -> reports/benchmarks/calibration.json.
+"""Step budgets that give every model the same training compute
+-> reports/benchmarks/calibration.json.
 
 Training is bounded by optimizer steps (params.yaml ``train.<model>.max_steps``) so that a
 rerun reproduces the weights whatever else the machine is doing. To keep the comparison

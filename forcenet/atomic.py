@@ -84,9 +84,9 @@ class PendingFile:
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    The temporary file does not exist yet: the caller creates and writes it (with any writer: ``savefig``, ``to_parquet``,
-    ``lmdb.open``, ...). On an exception the temporary file is removed and ``path`` is left
-    as it was. Parent folders are created.
+    The temporary file does not exist yet: the caller creates and writes it (with any
+    writer: ``savefig``, ``to_parquet``, ``lmdb.open``, ...). On an exception the temporary
+    file is removed and ``path`` is left as it was. Parent folders are created.
     """
     pending = PendingFile(path)
     try:

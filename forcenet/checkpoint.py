@@ -4,9 +4,10 @@ A checkpoint is a plain dict (keys below) written with ``torch.save`` and read b
 ``torch.load(..., weights_only=True)`` only, so a checkpoint from elsewhere cannot run
 code. ``load_model`` rebuilds the network from the file alone:
 ``forcenet.models.build_model(ckpt["model_name"], ckpt["model_kwargs"])`` wrapped in
-:class:`forcenet.scaling.ScaledModel`, whose buffers (part of ``model_state``) hold the label normalisation,
-so the returned module predicts physical units (forces eV/Å, energies eV: referenced as the
-training labels were, totals again when per-element reference energies were fitted).
+:class:`forcenet.scaling.ScaledModel`, whose buffers (part of ``model_state``) hold the
+label normalisation, so the returned module predicts physical units (forces eV/Å, energies
+eV: referenced as the training labels were, totals again when per-element reference energies
+were fitted).
 
 Keys: ``format_version`` (1), ``model_name``, ``model_kwargs`` (plain JSON types),
 ``model_state`` (state dict of the ScaledModel), ``optimizer_state``, ``scheduler_state``
@@ -14,11 +15,11 @@ Keys: ``format_version`` (1), ``model_name``, ``model_kwargs`` (plain JSON types
 ``epoch`` (index of the current epoch), ``best_metric`` (best dev ``forces_mae``, eV/Å, or None),
 ``rng`` (RNG states as tensors), ``params`` (params snapshot), ``graph``
 (``{"cutoff", "max_neighbors"}``), ``frame_averaging`` (:data:`forcenet.frames.FrameMode`;
-"none" when absent), ``train_info`` (plain dict: batches done in the current
-epoch, the dev metrics of the evaluation that wrote it, normalisation constants with the per-element reference
-energies by symbol, history), ``run`` (the run's settings: TrainConfig, model kwargs, graph
-settings and a fingerprint of the training frames, compared on resume; absent in
-checkpoints written before it was kept, which resume with a warning), and ``checksum``
+"none" when absent), ``train_info`` (plain dict: batches done in the current epoch, the dev
+metrics of the evaluation that wrote it, normalisation constants with the per-element
+reference energies by symbol, history), ``run`` (the run's settings: TrainConfig, model
+kwargs, graph settings and a fingerprint of the training frames, compared on resume; absent
+in checkpoints written before it was kept, which resume with a warning), and ``checksum``
 (``"sha256:<hex>"``, see :func:`state_checksum`): written by :func:`save_checkpoint`,
 verified by :func:`load_checkpoint`, so a damaged file is refused instead of evaluating to
 NaN. Checkpoints written before the per-element references existed load with all of them 0

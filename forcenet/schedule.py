@@ -1,9 +1,9 @@
 """The learning-rate schedule as one written-out function (no scheduler object).
 
-The multiplier of the base learning rate depends on the optimizer step and on the
-training progress in [0, 1], the larger of (steps done / steps in the step budget) and
-(seconds trained / wall-clock budget, when one is set). Decay is therefore defined against whichever budget
-ends the run, so a time-limited run still anneals to its floor when its time is up.
+The multiplier of the base learning rate depends on the optimizer step and on the training
+progress in [0, 1], the larger of (steps done / steps in the step budget) and (seconds
+trained / wall-clock budget, when one is set). Decay is therefore defined against whichever
+budget ends the run, so a time-limited run still anneals to its floor when its time is up.
 Because the schedule is a pure function of (step, progress), resuming restores it exactly
 from the step counter and the elapsed training time stored in the checkpoint.
 """

@@ -9,7 +9,8 @@ model's device instead of read from ``--graphs``.
 
     python -m pipeline.evaluate data/models/forcenet/best.pt data/lmdb/val_id ... \\
         --graphs data/graphs --out reports/eval/forcenet.parquet \\
-        --predictions data/predictions/forcenet.parquet --metrics-json reports/metrics/forcenet.json \\
+        --predictions data/predictions/forcenet.parquet \\
+        --metrics-json reports/metrics/forcenet.json \\
         --timing reports/timing/evaluate_forcenet.json
 """
 

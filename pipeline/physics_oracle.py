@@ -9,8 +9,8 @@ alone: its drift is the floor a model's drift is read against.
 
 Writes ``--out/md_summary.parquet`` (one row per run), ``md_series.parquet`` (the oracle
 energy every ``interval`` steps) and ``md_energy.png``, the aggregates as a long table
-(split ``md``, :func:`forcenet.physics.md.md_metrics`) and optionally as DVC metrics JSON: results only, the
-seconds go to the ``--timing`` file (:mod:`pipeline.timing`).
+(split ``md``, :func:`forcenet.physics.md.md_metrics`) and optionally as DVC metrics JSON:
+results only, the seconds go to the ``--timing`` file (:mod:`pipeline.timing`).
 
     python -m pipeline.physics_oracle data/is2rs --out data/physics/oracle \\
         --table reports/physics/oracle.parquet --metrics-json reports/metrics/physics_oracle.json \\

@@ -115,9 +115,7 @@ def test_physics_stages_write_tables_metrics_and_mlflow(is2rs, tmp_path, monkeyp
 
     table = pd.read_parquet(data / "gns" / physics.CONSERVATION_TABLE)
     assert table.structure.tolist() == ["val_id:1"] and table.model.tolist() == ["gns"]
-    series = {
-        name: pd.read_parquet(data / name / md.MD_SERIES) for name in ("gns", "oracle")
-    }
+    series = {name: pd.read_parquet(data / name / md.MD_SERIES) for name in ("gns", "oracle")}
     starts = {k: s[s.step == 0].set_index("name").kinetic_eV for k, s in series.items()}
     assert starts["gns"].index.tolist() == ["val_id:1", "val_ood_ads:10"]
     np.testing.assert_allclose(starts["gns"].to_numpy(), starts["oracle"].to_numpy())

@@ -19,9 +19,9 @@ remove what a killed one left). Building shards from their inputs is
 :mod:`forcenet.data.graphs`; the split's ``manifest.json`` is :mod:`forcenet.data.manifest`.
 
 A shard shorter than its own LMDB header says (a truncated copy) is refused before it is
-mapped (:func:`check_size`): reading past the end of a mapped file kills the process
-with SIGBUS. Readers open files lazily, read-only and lock-free, once per process (py-lmdb refuses to
-open one file twice in a process, and a forked DataLoader worker must not use its
+mapped (:func:`check_size`): reading past the end of a mapped file kills the process with
+SIGBUS. Readers open files lazily, read-only and lock-free, once per process (py-lmdb
+refuses to open one file twice in a process, and a forked DataLoader worker must not use its
 parent's handle); reader objects pickle without the handle.
 """
 

@@ -78,7 +78,8 @@ class SystemSpec:
 
 @dataclass(frozen=True)
 class SystemSettings:
-    """Sampling settings shared by all systems (from :func:`~forcenet.emt.generate.generate_emt`)."""
+    """Sampling settings shared by all systems (from
+    :func:`~forcenet.emt.generate.generate_emt`)."""
 
     seed: int
     frames_per_system: int

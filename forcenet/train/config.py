@@ -42,11 +42,12 @@ class TrainConfig:
     ``warmup_steps`` from ``warmup_start * lr``, then ``lr_decay`` (cosine to
     ``min_lr_factor * lr``, or x ``gamma`` at each of ``milestones``, fractions of the
     budget). Budget: ``max_steps`` optimizer steps (0 = none), capped by ``max_epochs``
-    and by the opt-in wall-clock cap ``time_budget_s`` [s] (0 = none), whichever ends
-    first; only a step or epoch budget is reproducible. ``eval_every``: dev evaluation
-    (and ``last.pt``) every that many steps, besides each epoch end (0 = epoch ends only). Loss: ``force_loss`` on forces divided by the force scale, per-atom weights
-    from ``loss_atoms`` (``tag_weights`` for tags 0/1/2, or free atoms only; ``loss_beta``
-    is the smooth_l1/berhu transition in normalised units; ``adsorbate_loss``, when set, is
+    and by the opt-in wall-clock cap ``time_budget_s`` [s] (0 = none), whichever ends first;
+    only a step or epoch budget is reproducible. ``eval_every``: dev evaluation (and
+    ``last.pt``) every that many steps, besides each epoch end (0 = epoch ends only). Loss:
+    ``force_loss`` on forces divided by the force scale, per-atom weights from
+    ``loss_atoms`` (``tag_weights`` for tags 0/1/2, or free atoms only; ``loss_beta`` is the
+    smooth_l1/berhu transition in normalised units; ``adsorbate_loss``, when set, is
     the loss of adsorbate atoms, tag 2, instead of ``force_loss``, and ``adsorbate_beta``
     its transition), plus
     ``energy_coef`` x L1 on normalised energies for models with an energy.

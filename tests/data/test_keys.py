@@ -1,4 +1,5 @@
-"""Pins the conventions of forcenet.data.keys: record fields/dtypes/shapes and the edge convention."""
+"""The conventions of forcenet.data.keys: record fields, dtypes and shapes, and the edge
+convention."""
 
 from __future__ import annotations
 
