@@ -81,6 +81,11 @@ def option_sets(raw: dict) -> dict[str, dict[str, Any]]:
             "model": "forcenet",
             "train": {"frame_averaging": "stochastic", "ema_decay": 0.999},
         },
+        "forcenet_ema_099": {"model": "forcenet", "train": {"ema_decay": 0.99}},
+        "forcenet_fa_stochastic_ema_099": {
+            "model": "forcenet",
+            "train": {"frame_averaging": "stochastic", "ema_decay": 0.99},
+        },
         "forcenet_conservative": {
             "model": "forcenet",
             "train": fine_tune,
