@@ -21,7 +21,9 @@ from forcenet.schedule import lr_factor
 TINY_FORCENET = tiny_kwargs(
     "forcenet", cutoff=GRAPH.cutoff, zero_init_decoder=True, basis_init_gain=30.0
 )
-TINY_GNS = {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH.cutoff}
+GNS_ONE_LAYER = tiny_kwargs(
+    "gns", hidden_channels=8, num_interactions=1, mlp_layers=1, cutoff=GRAPH.cutoff
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +87,11 @@ def test_wall_clock_cap_is_opt_in(samples, tmp_path, monkeypatch):
     """With no time budget a slow clock changes nothing; with one, training stops early."""
     ticks = iter(range(0, 10**8, 1000))  # 1000 "seconds" per clock read
     monkeypatch.setattr(T.loop, "_now", lambda: float(next(ticks)))
-    fit_split(
-        tiny_config(max_steps=6),
-        "gns",
-        TINY_GNS,
-        samples,
-        tmp_path / "steps",
-        graph=GRAPH,
-        train=20,
-    )
+    steps = tiny_config(max_steps=6)
+    fit_split(steps, "gns", GNS_ONE_LAYER, samples, tmp_path / "steps", graph=GRAPH, train=20)
     assert C.load_checkpoint(tmp_path / "steps" / "last.pt")["step"] == 6
     capped = tiny_config(max_steps=6, time_budget_s=2500.0)
-    fit_split(capped, "gns", TINY_GNS, samples, tmp_path / "capped", graph=GRAPH, train=20)
+    fit_split(capped, "gns", GNS_ONE_LAYER, samples, tmp_path / "capped", graph=GRAPH, train=20)
     assert C.load_checkpoint(tmp_path / "capped" / "last.pt")["step"] < 6
 
 
