@@ -225,8 +225,9 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path):
 
 
 def test_a_nan_cell_is_refused_before_any_trajectory_is_written(tmp_path):
-    """A NaN cell in the third structure crashed the run (SIGFPE) after the first two
-    trajectories and a temporary file were written; now nothing is written."""
+    """A NaN cell in the third structure is refused, naming file and structure, before
+    anything is written (not even the output folder), by the command and by
+    ``relax_structures`` alike."""
     ckpt = tmp_path / "gns.pt"
     write_tiny_checkpoint(ckpt, "gns", force_scale=0.5)
     images = [slab(), slab(2), slab()]

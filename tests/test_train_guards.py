@@ -34,11 +34,12 @@ def samples() -> list[dict]:
     return make_samples()
 
 
-# ----------------------------------------------------------------------------- 2b: NaN
+# ------------------------------------------------------------ non-finite loss or metric
 
 
 def test_nan_dev_metric_stops_naming_step_and_metric(samples, tmp_path, monkeypatch):
-    """A NaN dev energy MAE used to give exit 0; now it stops at that evaluation."""
+    """A NaN dev energy MAE stops training at that evaluation with a FloatingPointError
+    naming step and metric; last.pt and best.pt keep the last good step."""
     real, calls = T.evaluate, []
 
     def evaluate(*args, **kwargs):
@@ -99,11 +100,12 @@ def test_no_dev_slice_says_last_pt_is_the_checkpoint(samples, tmp_path, capsys):
     assert "no dev slice, so no best.pt" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 12: dev split
+# ----------------------------------------------------------------------------- dev split
 
 
-def _old_dev_split(sids, fraction, seed):
-    """The system rule as it was before frame splits existed (the default data's split)."""
+def _system_rule_split(sids, fraction, seed):
+    """The per-system rule, written out: a system (all its frames) goes to dev when the
+    hash of (seed, sid) falls under ``fraction``; with several systems, at least one."""
 
     def unit(sid):
         digest = hashlib.blake2b(f"{seed}:{int(sid)}".encode(), digest_size=8).digest()
@@ -132,11 +134,11 @@ def test_one_system_gets_a_dev_slice_by_frame():
     assert len({few[i] for i in dev_split(few, 0.1, 0)[1]}) > 1  # frames of several systems
 
 
-def test_many_systems_split_exactly_as_before():
+def test_many_systems_split_by_the_per_system_rule():
     for n_systems in (MIN_DEV_SYSTEMS, 200, 731):
         sids = [1000 + 3 * s for s in range(n_systems) for _ in range(4)]
         for seed in (0, 1):
-            assert dev_split(sids, 0.1, seed) == _old_dev_split(sids, 0.1, seed)
+            assert dev_split(sids, 0.1, seed) == _system_rule_split(sids, 0.1, seed)
 
 
 def test_fit_on_one_system_selects_on_a_frame_dev_slice(tmp_path, capsys):
@@ -157,7 +159,7 @@ def test_fit_on_one_system_selects_on_a_frame_dev_slice(tmp_path, capsys):
     assert len(lines) == 1 and "1 system(s) < 10" in lines[0]
 
 
-# ----------------------------------------------------------------------------- 11: e_Z
+# ------------------------------------------------------- per-element reference energies
 
 OFFSET = {z: -100.0 * z for z in (1, 6, 7, 8)}  # eV per atom: raw totals far from 0
 MOLECULES = ("H2O", "CH4", "NH3", "CO2", "C2H6", "N2", "CO", "H2", "O2", "C2H4", "HCN", "CH3OH")
@@ -280,7 +282,7 @@ def test_checkpoint_without_element_energies_still_loads(samples, tmp_path):
     cfg = tiny_config(max_epochs=1, energy_reference="mean")
     fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20)
     ckpt = C.load_checkpoint(tmp_path / "last.pt")
-    del ckpt["model_state"]["element_energies"]  # as written before the references
+    del ckpt["model_state"]["element_energies"]  # a checkpoint without the e_Z table
     C.save_checkpoint(tmp_path / "old.pt", ckpt)
     model, _ = C.load_model(tmp_path / "old.pt")
     assert not model.element_energies.any()
