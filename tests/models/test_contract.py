@@ -39,7 +39,7 @@ from forcenet.models import MODELS, ModelConfigError, build_model
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden.json")
 
-F64 = {"rtol": 1e-7, "atol": 1e-9}  # float64 agreement up to summation order
+F64 = {"rtol": 1e-8, "atol": 1e-10}  # float64 agreement up to summation order
 
 
 def _assert_same(a: dict, b: dict, **tol) -> None:
@@ -189,7 +189,7 @@ def test_rotation_energy_models_exact(name, slabs, pair, float64) -> None:
     for _ in range(2):
         rot = random_rotation(gen, dtype=float64)
         out = predict(model, _rotated(batch, rot))
-        torch.testing.assert_close(out[K.OUT_ENERGY], ref[K.OUT_ENERGY], rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(out[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
         torch.testing.assert_close(out[K.OUT_FORCES], ref[K.OUT_FORCES] @ rot, **F64)
 
 
