@@ -26,7 +26,7 @@ def _checkpoint(path):
 
 
 def _legacy(path):
-    """``path`` rewritten as a checkpoint from before checksums (same content, no key)."""
+    """``path`` rewritten as a checkpoint without a checksum (same content, no key)."""
     ckpt = C.load_checkpoint(path)
     del ckpt[C.CHECKSUM_KEY]
     torch.save(ckpt, path)

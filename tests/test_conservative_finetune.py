@@ -17,7 +17,6 @@ from test_train import CUTOFF, GRAPH, make_frames, make_samples, tiny_config
 from tiny import fit_split, tiny_kwargs
 
 from forcenet import checkpoint as C
-from forcenet import train as T
 from forcenet.data import keys as K
 from forcenet.data.batch import collate
 from forcenet.data.frame import Frame
@@ -157,14 +156,15 @@ def test_loss_falls_in_the_conservative_phase_on_an_overfit_batch(samples, tmp_p
         rotation_augment=False,
     )
     losses: dict[int, float] = {}
-    T.fit_datasets(
+    fit_split(
         cfg,
         "forcenet",
         {**KWARGS, "basis_init_gain": 30.0},  # the recipe's gain: a shorter plateau at F = 0
-        train_set=samples[:4],  # one batch: one step per epoch
-        dev_set=samples[16:17],
-        out_dir=tmp_path,
+        samples,
+        tmp_path,
         graph=GRAPH,
+        train=4,  # one batch: one step per epoch
+        dev=samples[16:17],
         on_epoch_end=lambda step, m: losses.__setitem__(step, m["train_loss"]),
     )
     fine = [losses[s] for s in range(steps - finetune + 1, steps + 1)]  # conservative steps

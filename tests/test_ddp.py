@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_train import CUTOFF, GRAPH, TINY_GNS, make_samples, plain_loss, tiny_config
-from tiny import tiny_kwargs
+from tiny import fit_split, tiny_kwargs
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
@@ -66,15 +66,7 @@ def _worker(rank: int, init_file: str, out_dir: str, samples: list) -> None:
                 ddp, _step_batch(samples, step, rank), opt, loss_fn=plain_loss(force_scale=0.5)
             )
         cfg = tiny_config(max_epochs=1, batch_size=2)
-        T.fit_datasets(
-            cfg,
-            "forcenet",
-            TINY_FORCENET,
-            train_set=samples[:8],
-            dev_set=samples[8:13],
-            out_dir=out_dir,
-            graph=GRAPH,
-        )
+        fit_split(cfg, "forcenet", TINY_FORCENET, samples[:13], out_dir, graph=GRAPH, train=8)
         result = {
             "step_state": model.state_dict(),
             "metrics": torch.tensor([metrics["forces_mae"], metrics["num_free_atoms"]]),

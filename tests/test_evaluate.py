@@ -372,8 +372,8 @@ def test_an_ase_file_without_structures_is_a_one_line_error(tmp_path):
 
 
 def test_inputs_with_the_same_split_name_are_refused(lmdb_split, tmp_path):
-    """a/val.extxyz and b/val.extxyz (or one LMDB split twice) gave one split: the
-    other input's structures were dropped from the table without a word."""
+    """a/val.extxyz and b/val.extxyz (or one LMDB split twice) would make one split, one
+    input's structures hidden by the other's: refused, naming both inputs and the split."""
     frames = _frames(3, seed=3)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a = _labelled(tmp_path / "a" / "val.extxyz", frames)

@@ -241,20 +241,13 @@ def gns_checkpoint(tmp_path_factory):
     """A tiny GNS trained for one epoch on EMT-labelled Cu slabs (test_train's fixtures)."""
     import torch
     from test_train import GRAPH, TINY_GNS, make_samples, tiny_config
-
-    from forcenet import train as T
+    from tiny import fit_split
 
     torch.manual_seed(0)
     samples = make_samples(3, 3, seed=1)
     out = tmp_path_factory.mktemp("gns")
-    return T.fit_datasets(
-        tiny_config(max_epochs=1, batch_size=3),
-        "gns",
-        TINY_GNS,
-        train_set=samples[:6],
-        dev_set=samples[6:],
-        out_dir=out,
-        graph=GRAPH,
+    return fit_split(
+        tiny_config(max_epochs=1, batch_size=3), "gns", TINY_GNS, samples, out, graph=GRAPH, train=6
     )
 
 

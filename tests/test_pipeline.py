@@ -109,7 +109,8 @@ def test_load_params_names_the_file(tmp_path):
 
 
 def test_a_section_given_twice_is_refused_naming_file_and_lines(tmp_path):
-    """YAML keeps the last of two ``graph:`` sections: the first was ignored unseen."""
+    """A params file with two ``graph:`` sections (YAML would keep the last and ignore the
+    first unseen) is refused, naming the file and both lines."""
     text = (ROOT / "params.yaml").read_text()
     path = tmp_path / "params.yaml"
     path.write_text(text + "graph:\n  cutoff: 5.0\n  max_neighbors: 50\n  on_the_fly: false\n")
@@ -197,9 +198,8 @@ def _tiny_params(tmp_path: Path) -> Path:
 
 
 def test_a_fresh_run_never_reopens_or_mixes_with_an_earlier_one(tmp_path, monkeypatch):
-    """A second fresh run into the same folder is refused (it used to fail inside MLflow
-    with "Changing param values is not allowed"); --overwrite starts a fresh MLflow run;
-    --resume continues the same one."""
+    """A second fresh run into the same folder is refused, naming --resume and --overwrite;
+    --overwrite starts a fresh MLflow run; --resume continues the same one."""
     from pipeline.tracking import training_run_id
     from pipeline.train import main as train_stage
 

@@ -162,10 +162,11 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path):
     """The whole path a user takes: train a tiny model with ``fit`` on EMT-labelled slabs,
     rebuild it from its checkpoint as an ASE calculator, relax a new slab with it."""
     from test_calculator import TINY
+    from tiny import fit_split
 
     from forcenet.data.dataset import sample_from_atoms
     from forcenet.data.frame import Frame
-    from forcenet.train import TrainConfig, fit_datasets
+    from forcenet.train import TrainConfig
 
     def labelled(seed: int) -> dict:
         atoms = slab()
@@ -198,14 +199,15 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path):
         rotation_augment=False,
         amp=False,
     )
-    ckpt = fit_datasets(
+    ckpt = fit_split(
         cfg,
         "schnet",
         TINY["schnet"],
-        train_set=data,
-        dev_set=[],
-        out_dir=tmp_path / "model",
+        data,
+        tmp_path / "model",
         graph=GraphSettings(cutoff=TINY["schnet"]["cutoff"], max_neighbors=24),
+        train=len(data),
+        dev=[],
     )
     calc = ForceNetCalculator.from_checkpoint(ckpt, device="cpu")
     atoms = slab()
@@ -223,8 +225,9 @@ def test_trained_tiny_model_relaxes_a_slab_and_keeps_fixed_atoms(tmp_path):
 
 
 def test_a_nan_cell_is_refused_before_any_trajectory_is_written(tmp_path):
-    """A NaN cell in the third structure crashed the run (SIGFPE) after the first two
-    trajectories and a temporary file were written; now nothing is written."""
+    """A NaN cell in the third structure is refused, naming file and structure, before
+    anything is written (not even the output folder), by the command and by
+    ``relax_structures`` alike."""
     ckpt = tmp_path / "gns.pt"
     write_tiny_checkpoint(ckpt, "gns", force_scale=0.5)
     images = [slab(), slab(2), slab()]

@@ -12,21 +12,18 @@ import pytest
 import torch
 import yaml
 from test_train import GRAPH, make_frames, make_samples, tiny_config
-from tiny import write_stores
+from tiny import fit_split, tiny_kwargs, write_stores
 
 from forcenet import checkpoint as C
 from forcenet import train as T
 from forcenet.schedule import lr_factor
 
-TINY_FORCENET = {
-    "hidden_channels": 16,
-    "num_interactions": 2,
-    "decoder_hidden_channels": 16,
-    "num_freqs": 8,
-    "cutoff": GRAPH.cutoff,
-    "zero_init_decoder": True,
-    "basis_init_gain": 30.0,
-}
+TINY_FORCENET = tiny_kwargs(
+    "forcenet", cutoff=GRAPH.cutoff, zero_init_decoder=True, basis_init_gain=30.0
+)
+GNS_ONE_LAYER = tiny_kwargs(
+    "gns", hidden_channels=8, num_interactions=1, mlp_layers=1, cutoff=GRAPH.cutoff
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +43,14 @@ def test_step_budget_runs_are_bit_identical(samples, tmp_path, monkeypatch):
         ticks = iter(range(0, 10**7, 1 + 50 * k))
         monkeypatch.setattr(T.loop, "_now", lambda ticks=ticks: float(next(ticks)))
         seen = []
-        T.fit_datasets(
+        fit_split(
             cfg,
             "forcenet",
             TINY_FORCENET,
-            train_set=samples[:20],
-            dev_set=samples[20:],
-            out_dir=tmp_path / name,
+            samples,
+            tmp_path / name,
             graph=GRAPH,
+            train=20,
             on_epoch_end=lambda s, m, seen=seen: seen.append((s, m)),
         )
         runs.append((seen, C.load_checkpoint(tmp_path / name / "last.pt")))
@@ -90,26 +87,11 @@ def test_wall_clock_cap_is_opt_in(samples, tmp_path, monkeypatch):
     """With no time budget a slow clock changes nothing; with one, training stops early."""
     ticks = iter(range(0, 10**8, 1000))  # 1000 "seconds" per clock read
     monkeypatch.setattr(T.loop, "_now", lambda: float(next(ticks)))
-    T.fit_datasets(
-        tiny_config(max_steps=6),
-        "gns",
-        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH.cutoff},
-        train_set=samples[:20],
-        dev_set=samples[20:],
-        out_dir=tmp_path / "steps",
-        graph=GRAPH,
-    )
+    steps = tiny_config(max_steps=6)
+    fit_split(steps, "gns", GNS_ONE_LAYER, samples, tmp_path / "steps", graph=GRAPH, train=20)
     assert C.load_checkpoint(tmp_path / "steps" / "last.pt")["step"] == 6
     capped = tiny_config(max_steps=6, time_budget_s=2500.0)
-    T.fit_datasets(
-        capped,
-        "gns",
-        {"hidden_channels": 8, "num_interactions": 1, "mlp_layers": 1, "cutoff": GRAPH.cutoff},
-        train_set=samples[:20],
-        dev_set=samples[20:],
-        out_dir=tmp_path / "capped",
-        graph=GRAPH,
-    )
+    fit_split(capped, "gns", GNS_ONE_LAYER, samples, tmp_path / "capped", graph=GRAPH, train=20)
     assert C.load_checkpoint(tmp_path / "capped" / "last.pt")["step"] < 6
 
 

@@ -141,9 +141,9 @@ def test_resumed_training_reopens_the_same_run_and_a_fresh_one_does_not(store, i
     assert again.run_id == fresh.run_id  # resuming continues the newest run of the folder
 
 
-def test_a_folder_of_an_older_version_names_its_run_in_run_id_txt(store, in_repo):
-    """Output folders written before runs were tagged with them keep their link: the
-    run id in ``run_id.txt`` is found, and a resumed training reopens that run."""
+def test_a_folder_that_names_its_run_in_run_id_txt_keeps_its_link(store, in_repo):
+    """An output folder that names its run only in ``run_id.txt`` (no run tagged with the
+    folder) keeps its link: the run id is found, and a resumed training reopens that run."""
     client = tracking._client(store)
     exp = tracking._experiment_id(client, "t4", in_repo)
     old = client.create_run(exp, run_name="gns").info.run_id

@@ -15,7 +15,7 @@ import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
-from tiny import tiny_kwargs
+from tiny import fit_split, tiny_kwargs
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -212,14 +212,14 @@ def test_fit_writes_checkpoints_and_learns(samples, tmp_path):
     torch.manual_seed(0)
     seen = []
     cfg = tiny_config(max_epochs=3, force_loss="l2", lr=5e-3)
-    path = T.fit_datasets(
+    path = fit_split(
         cfg,
         "gns",
         TINY_GNS,
-        train_set=samples[:20],
-        dev_set=samples[20:],
-        out_dir=tmp_path,
+        samples,
+        tmp_path,
         graph=GRAPH,
+        train=20,
         params_snapshot={"train": {"lr": 5e-3}},
         on_epoch_end=lambda step, m: seen.append((step, m)),
     )
@@ -248,14 +248,14 @@ def test_fit_stops_at_wall_clock_budget(samples, tmp_path, monkeypatch):
     monkeypatch.setattr(T.loop, "_now", lambda: float(next(ticks)))  # one "second" per clock read
     seen = []
     cfg = tiny_config(max_epochs=50, time_budget_s=12.0)
-    T.fit_datasets(
+    fit_split(
         cfg,
         "gns",
         TINY_GNS,
-        train_set=samples[:20],
-        dev_set=samples[20:],
-        out_dir=tmp_path,
+        samples,
+        tmp_path,
         graph=GRAPH,
+        train=20,
         on_epoch_end=lambda e, m: seen.append(m),
     )
     ckpt = C.load_checkpoint(tmp_path / "last.pt")
@@ -275,15 +275,7 @@ def test_energy_model_trains_with_energy_and_force_loss(samples, tmp_path):
     cfg = tiny_config(
         max_epochs=1, energy_coef=1.0, force_coef=10.0, loss_atoms="free", rotation_augment=False
     )
-    T.fit_datasets(
-        cfg,
-        "schnet",
-        kwargs,
-        train_set=samples[:8],
-        dev_set=samples[20:],
-        out_dir=tmp_path,
-        graph=GRAPH,
-    )
+    fit_split(cfg, "schnet", kwargs, samples, tmp_path, graph=GRAPH, train=8, dev=samples[20:])
     model, ckpt = C.load_model(tmp_path / "last.pt")
     assert model.energy_from_gradient
     assert float(model.force_scale) == float(model.energy_scale)  # F = -dE/dx stays exact
@@ -297,25 +289,18 @@ def test_energy_model_trains_with_energy_and_force_loss(samples, tmp_path):
 
 def test_fit_refuses_resume_of_another_model(samples, tmp_path):
     cfg = tiny_config(max_epochs=1)
-    T.fit_datasets(
-        cfg,
-        "gns",
-        TINY_GNS,
-        train_set=samples[:8],
-        dev_set=samples[20:],
-        out_dir=tmp_path,
-        graph=GRAPH,
-    )
+    fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=8, dev=samples[20:])
     other = dict(TINY_GNS, hidden_channels=8)
     with pytest.raises(C.CheckpointError, match="cannot resume"):
-        T.fit_datasets(
+        fit_split(
             cfg,
             "gns",
             other,
-            train_set=samples[:8],
-            dev_set=samples[20:],
-            out_dir=tmp_path,
+            samples,
+            tmp_path,
             graph=GRAPH,
+            train=8,
+            dev=samples[20:],
             resume=True,
         )
 

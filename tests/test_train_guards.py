@@ -14,7 +14,7 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.data import chemical_symbols
 from test_train import GRAPH, TINY_GNS, make_frames, make_samples, tiny_config
-from tiny import write_stores
+from tiny import fit_split, write_stores
 from torch.utils.data import DataLoader
 
 from forcenet import checkpoint as C
@@ -34,24 +34,12 @@ def samples() -> list[dict]:
     return make_samples()
 
 
-# ----------------------------------------------------------------------------- 2b: NaN
-
-
-def _fit(cfg, samples, out_dir, **kwargs):
-    return T.fit_datasets(
-        cfg,
-        "gns",
-        TINY_GNS,
-        train_set=samples[:20],
-        dev_set=samples[20:],
-        out_dir=out_dir,
-        graph=GRAPH,
-        **kwargs,
-    )
+# ------------------------------------------------------------ non-finite loss or metric
 
 
 def test_nan_dev_metric_stops_naming_step_and_metric(samples, tmp_path, monkeypatch):
-    """A NaN dev energy MAE used to give exit 0; now it stops at that evaluation."""
+    """A NaN dev energy MAE stops training at that evaluation with a FloatingPointError
+    naming step and metric; last.pt and best.pt keep the last good step."""
     real, calls = T.evaluate, []
 
     def evaluate(*args, **kwargs):
@@ -62,8 +50,9 @@ def test_nan_dev_metric_stops_naming_step_and_metric(samples, tmp_path, monkeypa
         return metrics
 
     monkeypatch.setattr(T.data, "evaluate", evaluate)  # the dev slice's
+    cfg = tiny_config(max_epochs=5, eval_every=3)
     with pytest.raises(RuntimeError, match=r"train gns: dev energy_mae is nan at step 5") as err:
-        _fit(tiny_config(max_epochs=5, eval_every=3), samples, tmp_path)
+        fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20)
     assert isinstance(err.value, FloatingPointError)
     assert f"{tmp_path / 'last.pt'} keeps the last good state (step 3)" in str(err.value)
     assert C.load_checkpoint(tmp_path / "last.pt")["step"] == 3
@@ -81,8 +70,9 @@ def test_nan_training_loss_stops_naming_step(samples, tmp_path, monkeypatch):
         return real(model, batch, optimizer, **kwargs)
 
     monkeypatch.setattr(T.loop, "train_step", train_step)
+    cfg = tiny_config(max_epochs=5, eval_every=3)
     with pytest.raises(RuntimeError, match=r"non-finite training loss nan at step 5;") as err:
-        _fit(tiny_config(max_epochs=5, eval_every=3), samples, tmp_path)
+        fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20)
     assert "keeps the last good state (step 3)" in str(err.value)
     last = C.load_checkpoint(tmp_path / "last.pt")
     assert last["step"] == 3
@@ -104,16 +94,18 @@ def test_cli_prints_nan_stop_as_one_error_line(monkeypatch, capsys):
 
 
 def test_no_dev_slice_says_last_pt_is_the_checkpoint(samples, tmp_path, capsys):
-    path = _fit(tiny_config(max_epochs=1), samples[:20] + [], tmp_path)  # dev_set empty
+    cfg = tiny_config(max_epochs=1)
+    path = fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20, dev=[])
     assert path == tmp_path / "last.pt"
     assert "no dev slice, so no best.pt" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 12: dev split
+# ----------------------------------------------------------------------------- dev split
 
 
-def _old_dev_split(sids, fraction, seed):
-    """The system rule as it was before frame splits existed (the default data's split)."""
+def _system_rule_split(sids, fraction, seed):
+    """The per-system rule, written out: a system (all its frames) goes to dev when the
+    hash of (seed, sid) falls under ``fraction``; with several systems, at least one."""
 
     def unit(sid):
         digest = hashlib.blake2b(f"{seed}:{int(sid)}".encode(), digest_size=8).digest()
@@ -142,11 +134,11 @@ def test_one_system_gets_a_dev_slice_by_frame():
     assert len({few[i] for i in dev_split(few, 0.1, 0)[1]}) > 1  # frames of several systems
 
 
-def test_many_systems_split_exactly_as_before():
+def test_many_systems_split_by_the_per_system_rule():
     for n_systems in (MIN_DEV_SYSTEMS, 200, 731):
         sids = [1000 + 3 * s for s in range(n_systems) for _ in range(4)]
         for seed in (0, 1):
-            assert dev_split(sids, 0.1, seed) == _old_dev_split(sids, 0.1, seed)
+            assert dev_split(sids, 0.1, seed) == _system_rule_split(sids, 0.1, seed)
 
 
 def test_fit_on_one_system_selects_on_a_frame_dev_slice(tmp_path, capsys):
@@ -167,7 +159,7 @@ def test_fit_on_one_system_selects_on_a_frame_dev_slice(tmp_path, capsys):
     assert len(lines) == 1 and "1 system(s) < 10" in lines[0]
 
 
-# ----------------------------------------------------------------------------- 11: e_Z
+# ------------------------------------------------------- per-element reference energies
 
 OFFSET = {z: -100.0 * z for z in (1, 6, 7, 8)}  # eV per atom: raw totals far from 0
 MOLECULES = ("H2O", "CH4", "NH3", "CO2", "C2H6", "N2", "CO", "H2", "O2", "C2H4", "HCN", "CH3OH")
@@ -245,14 +237,15 @@ def test_per_element_references_make_schnet_energies_learnable(tmp_path):
             energy_reference=ref,
         )
         seen = []
-        T.fit_datasets(
+        fit_split(
             cfg,
             "schnet",
             SCHNET,
-            train_set=train,
-            dev_set=dev,
-            out_dir=tmp_path / ref,
+            train,
+            tmp_path / ref,
             graph=GRAPH,
+            train=len(train),
+            dev=dev,
             on_epoch_end=lambda s, m, seen=seen: seen.append(m),
         )
         results[ref] = seen[-1]["energy_mae"]
@@ -286,9 +279,10 @@ def test_given_element_energies_are_used_and_checked():
 
 
 def test_checkpoint_without_element_energies_still_loads(samples, tmp_path):
-    _fit(tiny_config(max_epochs=1, energy_reference="mean"), samples, tmp_path)
+    cfg = tiny_config(max_epochs=1, energy_reference="mean")
+    fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20)
     ckpt = C.load_checkpoint(tmp_path / "last.pt")
-    del ckpt["model_state"]["element_energies"]  # as written before the references
+    del ckpt["model_state"]["element_energies"]  # a checkpoint without the e_Z table
     C.save_checkpoint(tmp_path / "old.pt", ckpt)
     model, _ = C.load_model(tmp_path / "old.pt")
     assert not model.element_energies.any()
@@ -302,7 +296,8 @@ def test_checkpoint_without_element_energies_still_loads(samples, tmp_path):
 
 def test_under_trained_model_gets_a_loud_warning(samples, tmp_path, capsys):
     """3 steps of 4 structures over 20 training frames: 0.6 of one pass."""
-    _fit(tiny_config(max_steps=3, batch_size=4), samples, tmp_path)
+    cfg = tiny_config(max_steps=3, batch_size=4)
+    fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20)
     out = capsys.readouterr().out
     assert "WARNING: train gns: 3 steps saw 12 structures, 0.60 of one pass" in out
     assert "under-trained" in out
@@ -311,7 +306,8 @@ def test_under_trained_model_gets_a_loud_warning(samples, tmp_path, capsys):
 def test_a_log_file_gets_plain_progress_lines_not_a_redrawn_bar(samples, tmp_path, capsys):
     """Without a terminal (as in a log file) the loop prints one line every budget/20
     steps and one per evaluation, and no carriage-return bar."""
-    _fit(tiny_config(max_steps=40, max_epochs=8, batch_size=4), samples, tmp_path)
+    cfg = tiny_config(max_steps=40, max_epochs=8, batch_size=4)
+    fit_split(cfg, "gns", TINY_GNS, samples, tmp_path, graph=GRAPH, train=20)
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line.startswith("train gns: step ")]
     assert [line.split(",")[0] for line in lines if "graphs/s" in line] == [
@@ -335,9 +331,7 @@ def test_a_fit_reports_its_rank_and_warns_when_below_the_elements(tmp_path, caps
     full = element_fit_warning("schnet", label_stats(_molecule_samples(), reference="per_element"))
     assert "rank 4 of 4 elements" in full and "WARNING" not in full
     cfg = tiny_config(max_epochs=1, batch_size=4, energy_reference="per_element")
-    T.fit_datasets(
-        cfg, "schnet", SCHNET, train_set=one[:8], dev_set=one[8:], out_dir=tmp_path, graph=GRAPH
-    )
+    fit_split(cfg, "schnet", SCHNET, one, tmp_path, graph=GRAPH, train=8)
     lines = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
     assert len(lines) == 1 and "determine only 1 of the 3 reference energies (H, C, O)" in lines[0]
 
@@ -377,10 +371,7 @@ def test_isolated_atom_energies_from_a_file_or_a_mapping(tmp_path, capsys):
         "gns", stats
     )
     cfg = tiny_config(max_epochs=1, energy_reference="isolated", isolated_atoms=str(path))
-    T.fit_datasets(
-        cfg, "schnet", SCHNET, train_set=data[:16], dev_set=data[16:], out_dir=tmp_path / "run",
-        graph=GRAPH,
-    )  # fmt: skip
+    fit_split(cfg, "schnet", SCHNET, data, tmp_path / "run", graph=GRAPH, train=16)
     assert (
         "e_Z (isolated atoms) H -100, C -600, N -700, O -800, Cu -3.5 eV" in capsys.readouterr().out
     )

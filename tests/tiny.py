@@ -93,10 +93,13 @@ def fit_split(
     *,
     graph: Any,
     train: int = 16,
+    dev: Sequence | None = None,
     **options: Any,
 ) -> Path:
-    """:func:`forcenet.train.fit_datasets` on ``samples[:train]`` with the rest as the dev
-    set; ``options``: ``resume``, ``on_epoch_end``."""
+    """:func:`forcenet.train.fit_datasets` on ``samples[:train]``, selecting on ``dev``
+    (default: the rest, ``samples[train:]``; ``[]`` for none); ``options``: the other
+    keywords of ``fit_datasets`` (``resume``, ``allow_changed``, ``on_the_fly``,
+    ``params_snapshot``, ``on_epoch_end``)."""
     from forcenet import train as T
 
     return T.fit_datasets(
@@ -104,7 +107,7 @@ def fit_split(
         name,
         kwargs,
         train_set=samples[:train],
-        dev_set=samples[train:],
+        dev_set=samples[train:] if dev is None else dev,
         out_dir=out,
         graph=graph,
         **options,

@@ -130,7 +130,8 @@ def test_failure_keeps_previous_output(tmp_path: Path) -> None:
 
 
 def test_atomic_number_above_100_names_file_and_structure(tmp_path: Path) -> None:
-    """Z > 100 used to pass ingest and fail only inside a model, naming no file."""
+    """Z > 100 is refused at ingest, naming file, structure and atomic number; nothing is
+    written."""
     rng = np.random.default_rng(3)
     heavy = water(rng, -3.0)
     heavy.numbers[0] = 101  # mendelevium: beyond the models' element tables
@@ -142,7 +143,8 @@ def test_atomic_number_above_100_names_file_and_structure(tmp_path: Path) -> Non
 
 
 def test_atoms_at_one_position_name_file_structure_and_atoms(tmp_path: Path) -> None:
-    """Two atoms at one position used to be dropped silently as a zero-length edge."""
+    """Two atoms at one position are refused at ingest, naming file, structure and both
+    atoms."""
     rng = np.random.default_rng(4)
     dup = water(rng, -3.0)
     dup.positions[2] = dup.positions[0]

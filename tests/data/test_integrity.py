@@ -38,7 +38,7 @@ def _stores(root: Path, layout: dict[str, list[int]]) -> None:
     build_graphs(root / "lmdb", root / "graphs", cutoff=4.0, max_neighbors=8)
 
 
-# ------------------------------------------------- 1. an incomplete split is refused
+# ------------------------------------------------------------------ an incomplete split is refused
 
 
 def _failed_preprocess(root: Path) -> Path:
@@ -133,7 +133,7 @@ def test_cli_prints_one_error_line_for_an_incomplete_split(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-# ----------------------------------------------- 2. damaged or non-finite records
+# ------------------------------------------------------------------- damaged or non-finite records
 
 
 def test_damaged_record_bytes_fail_the_checksum_naming_shard_and_record(tmp_path):
@@ -203,7 +203,7 @@ def test_a_store_of_the_previous_schema_says_rebuild(tmp_path):
         store.LmdbShard(path).get(0)
 
 
-# ------------------------------------------------ 7. LMDB and disk errors name the file
+# -------------------------------------------------------------- LMDB and disk errors name the file
 
 
 def test_a_trashed_lmdb_page_names_the_file(tmp_path):
@@ -263,7 +263,7 @@ def test_a_full_disk_while_writing_the_manifest_names_it(tmp_path, monkeypatch):
         preprocess.preprocess(tmp_path / "raw", tmp_path / "lmdb")
 
 
-# ------------------------------------------- 10. pool workers die with a killed parent
+# ----------------------------------------------------------- pool workers die with a killed parent
 
 _POOL_SCRIPT = textwrap.dedent(
     """

@@ -176,8 +176,8 @@ def test_bad_max_neighbors_rejected(max_neighbors):
     ],
 )
 def test_atoms_closer_than_minimum_distance_rejected(pos, pbc, distance):
-    """A duplicate position used to vanish as a dropped zero-length edge; now both atoms
-    are named (the callers add the file and record)."""
+    """Atoms closer than the minimum distance (a duplicate position included) are refused,
+    naming both atoms and the distance (the callers add the file and record)."""
     with pytest.raises(
         NeighborListError, match=rf"atoms 0 and 2 are {distance} Å apart.*minimum distance 0\.1 Å"
     ):
@@ -226,8 +226,8 @@ def test_atom_own_periodic_image_is_kept_and_self_pair_dropped():
     ],
 )
 def test_non_finite_or_degenerate_geometry_is_refused_before_the_search(pos, cell, pbc, message):
-    """A NaN or a paper-thin periodic cell reaching the search was a floating-point crash
-    (or an endless image loop); it is a NeighborListError naming what is wrong."""
+    """A NaN, an inf or a paper-thin periodic cell is a NeighborListError naming what is
+    wrong, raised before the search (where it would crash or loop over endless images)."""
     with pytest.raises(NeighborListError, match=message):
         neighbor_list(np.array(pos), np.array(cell, dtype=float), pbc, 3.0, 10)
 

@@ -190,8 +190,8 @@ def test_truncated_xz(tmp_path: Path, frames: list[Frame]) -> None:
 
 
 def test_truncated_xz_names_last_good_frame_and_line(tmp_path: Path) -> None:
-    """A cut shard yields every intact frame, then names the last good one and the line
-    (it used to blame frame 0: the read-ahead buffer dropped what had been decoded)."""
+    """A cut shard yields every intact frame, then names the failing frame, the last good
+    one and the line (frames already decoded into the read-ahead buffer count)."""
     rng = np.random.default_rng(2)
     frames = [make_frame(rng, i) for i in range(400)]
     path = tmp_path / "0.extxyz.xz"

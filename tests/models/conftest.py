@@ -1,4 +1,5 @@
-"""Shared tiny fixtures for the model tests: small slabs, a free molecule pair, tiny model sizes.
+"""Shared tiny fixtures for the model tests: small slabs, a 2-atom bulk cell whose atoms see
+their own periodic images, a free molecule pair, tiny model sizes.
 
 Structures are built with ASE, labelled with ASE's EMT calculator (so the overfit test has
 physical targets), turned into records with ``Frame.to_record()`` + ``neighbor_list`` and
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import add_adsorbate, fcc111, molecule
+from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.calculators.emt import EMT
 from tiny import CUTOFF, MAX_NEIGHBORS, TINY_KWARGS  # noqa: F401 (re-exported to the model tests)
 from torch import Tensor, nn
@@ -137,6 +138,20 @@ def tiny_slabs() -> list[dict[str, np.ndarray]]:
 @pytest.fixture(scope="session")
 def slabs() -> list[dict[str, np.ndarray]]:
     return tiny_slabs()
+
+
+def bulk_pair(seed: int = 6) -> dict[str, np.ndarray]:
+    """A rattled 2-atom rocksalt NiO cell (skewed, periodic in x, y and z): at the tiny
+    cutoff each atom sees its own periodic images and several images of the other atom."""
+    atoms = bulk("NiO", "rocksalt", a=4.2)
+    atoms.rattle(stdev=0.1, seed=seed)
+    return record_from_atoms(atoms, tags=np.ones(len(atoms), dtype=np.int64), sid=200 + seed)
+
+
+@pytest.fixture(scope="session")
+def pair() -> dict[str, np.ndarray]:
+    """The self-image bulk pair (:func:`bulk_pair`), for the contract tests."""
+    return bulk_pair()
 
 
 def molecule_pair(offset: float) -> dict[str, np.ndarray]:

@@ -5,6 +5,9 @@ translation and periodic-image invariance, locality, rotation (asserted for ener
 measured and reported for force-centric ones), finite-difference forces (energy models),
 overfitting one batch, and seeded golden outputs (tests/models/golden.json, regenerate with
 ``.venv/bin/python tests/models/make_golden.py`` after an intended change of a model).
+
+The symmetry and gradient checks run on small slabs and on the bulk pair (``pair``): a
+2-atom cell periodic in all three directions, whose atoms see their own images.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from forcenet.models import MODELS, ModelConfigError, build_model
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden.json")
 
-F64 = {"rtol": 1e-7, "atol": 1e-9}  # float64 agreement up to summation order
+F64 = {"rtol": 1e-8, "atol": 1e-10}  # float64 agreement up to summation order
 
 
 def _assert_same(a: dict, b: dict, **tol) -> None:
@@ -80,10 +83,11 @@ def test_shapes_dtypes_finite_and_no_mutation(name, slabs) -> None:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_batch_equals_one_by_one(name, slabs, float64) -> None:
+def test_batch_equals_one_by_one(name, slabs, pair, float64) -> None:
     model = build_tiny(name, dtype=float64)
-    together = predict(model, make_batch(slabs, float64))
-    alone = [predict(model, make_batch([s], float64)) for s in slabs]
+    samples = [*slabs, pair]
+    together = predict(model, make_batch(samples, float64))
+    alone = [predict(model, make_batch([s], float64)) for s in samples]
     for key in together:
         torch.testing.assert_close(together[key], torch.cat([a[key] for a in alone]), **F64)
 
@@ -104,23 +108,24 @@ def _permuted(sample: dict, rng: np.random.Generator) -> tuple[dict, np.ndarray]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_permutation_equivariance(name, slabs, float64) -> None:
+def test_permutation_equivariance(name, slabs, pair, float64) -> None:
     model = build_tiny(name, dtype=float64)
     rng = np.random.default_rng(0)
-    pairs = [_permuted(s, rng) for s in slabs[:2]]
-    ref = predict(model, make_batch(slabs[:2], float64))
-    out = predict(model, make_batch([p for p, _ in pairs], float64))
-    starts = np.cumsum([0] + [len(s[K.ATOMIC_NUMBERS]) for s in slabs[:1]])
-    perm = np.concatenate([p + start for (_, p), start in zip(pairs, starts, strict=True)])
+    samples = [*slabs[:2], pair]
+    permuted = [_permuted(s, rng) for s in samples]
+    ref = predict(model, make_batch(samples, float64))
+    out = predict(model, make_batch([p for p, _ in permuted], float64))
+    starts = np.cumsum([0] + [len(s[K.ATOMIC_NUMBERS]) for s in samples[:-1]])
+    perm = np.concatenate([p + start for (_, p), start in zip(permuted, starts, strict=True)])
     torch.testing.assert_close(out[K.OUT_FORCES], ref[K.OUT_FORCES][perm], **F64)
     if K.OUT_ENERGY in ref:
         torch.testing.assert_close(out[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_translation_invariance(name, slabs, float64) -> None:
+def test_translation_invariance(name, slabs, pair, float64) -> None:
     model = build_tiny(name, dtype=float64)
-    batch = make_batch(slabs[:2], float64)
+    batch = make_batch([*slabs[:2], pair], float64)
     moved = dict(batch, pos=batch[K.POS] + torch.tensor([3.7, -1.3, 2.2]))
     _assert_same(predict(model, batch), predict(model, moved), **F64)
 
@@ -140,10 +145,10 @@ def _images_moved(batch: dict, gen: torch.Generator) -> dict:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_periodic_image_invariance(name, slabs, float64) -> None:
+def test_periodic_image_invariance(name, slabs, pair, float64) -> None:
     """Atoms outside the cell (as after wrapping or unwrapping) change nothing."""
     model = build_tiny(name, dtype=float64)
-    batch = make_batch(slabs, float64)
+    batch = make_batch([*slabs, pair], float64)
     moved = _images_moved(batch, torch.Generator().manual_seed(1))
     _assert_same(predict(model, batch), predict(model, moved), rtol=1e-7, atol=1e-8)
 
@@ -176,15 +181,15 @@ def _rotated(batch: dict, rot: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize("name", ENERGY_MODELS)
-def test_rotation_energy_models_exact(name, slabs, float64) -> None:
+def test_rotation_energy_models_exact(name, slabs, pair, float64) -> None:
     model = build_tiny(name, dtype=float64)
-    batch = make_batch(slabs[:2], float64)
+    batch = make_batch([*slabs[:2], pair], float64)
     ref = predict(model, batch)
     gen = torch.Generator().manual_seed(3)
     for _ in range(2):
         rot = random_rotation(gen, dtype=float64)
         out = predict(model, _rotated(batch, rot))
-        torch.testing.assert_close(out[K.OUT_ENERGY], ref[K.OUT_ENERGY], rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(out[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
         torch.testing.assert_close(out[K.OUT_FORCES], ref[K.OUT_FORCES] @ rot, **F64)
 
 
@@ -233,6 +238,25 @@ def test_forces_are_finite_difference_gradient(name, slabs, float64) -> None:
             energies.append(predict(model, dict(batch, pos=pos))[K.OUT_ENERGY].sum())
         fd = -(energies[0] - energies[1]) / (2 * h)
         torch.testing.assert_close(forces[atom, axis], fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ENERGY_MODELS)
+def test_forces_are_minus_energy_gradient_in_the_bulk_pair(name, pair, float64) -> None:
+    """Directional central differences in the 2-atom periodic cell, where edges (and
+    DimeNet++'s triplets k -> j -> i) reach an atom's own images: dE/dh along u = -F . u."""
+    model = build_tiny(name, dtype=float64)
+    batch = make_batch([pair], float64)
+    assert bool((batch[K.EDGE_INDEX][0] == batch[K.EDGE_INDEX][1]).any())  # self-image edges
+    forces = predict(model, batch)[K.OUT_FORCES]
+    assert forces.abs().max() > 1e-3
+    gen = torch.Generator().manual_seed(1)
+    h = 1e-5
+    for _ in range(3):
+        u = torch.randn(forces.shape, generator=gen, dtype=float64)
+        e_plus = predict(model, dict(batch, pos=batch[K.POS] + h * u))[K.OUT_ENERGY].sum()
+        e_minus = predict(model, dict(batch, pos=batch[K.POS] - h * u))[K.OUT_ENERGY].sum()
+        fd = (e_plus - e_minus) / (2 * h)
+        torch.testing.assert_close(fd, -(forces * u).sum(), rtol=1e-6, atol=1e-9)
 
 
 #: (learning rate, Adam steps) of the overfit test per model.

@@ -1,8 +1,10 @@
 """DimeNet++-specific tests: agreement with PyG's DimeNet++, triplets across periodic
-images, the cosine spherical basis, supercells and gradient forces.
+images (supercells), the cosine spherical basis, finite training with collinear triplets.
 
-The reference output layers start at zero (E = F = 0 untrained), so the physics tests
-here use ``output_initializer="glorot_orthogonal"``; otherwise the checks could not fail.
+The model-independent physics contract (symmetries, batching, gradient forces, also in a
+cell whose atoms see their own images) lives in ``test_contract.py``. The reference output
+layers start at zero (E = F = 0 untrained), so the physics tests here use
+``output_initializer="glorot_orthogonal"``; otherwise the checks could not fail.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from conftest import TINY_KWARGS, exact_batch, predict
 from torch_geometric.nn.models.dimenet import SphericalBasisLayer
 
 from forcenet.data import keys as K
-from forcenet.geometry import random_rotation, triplets
+from forcenet.geometry import triplets
 from forcenet.models.dimenetpp import CosineSphericalBasis, DimeNetPlusPlus
 
 F64 = {"rtol": 1e-8, "atol": 1e-10}
@@ -128,38 +130,6 @@ def test_supercell_doubles_energy_and_repeats_forces(model64):
         expected = torch.cat([out_small[K.OUT_FORCES]] * 2)  # ASE repeat: copies in order
         torch.testing.assert_close(out_big[K.OUT_FORCES], expected, rtol=1e-7, atol=1e-9)
         assert out_small[K.OUT_FORCES].abs().max() > 1e-3
-
-
-def test_rotation_translation_and_batching(model64, float64):
-    samples = [_slab(5), _bulk_pair(6)]
-    batch = exact_batch(samples)
-    ref = predict(model64, batch)
-    rot = random_rotation(torch.Generator().manual_seed(0), dtype=float64)
-    turned = predict(model64, dict(batch, pos=batch[K.POS] @ rot, cell=batch[K.CELL] @ rot))
-    torch.testing.assert_close(turned[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
-    torch.testing.assert_close(turned[K.OUT_FORCES], ref[K.OUT_FORCES] @ rot, **F64)
-    moved = predict(model64, dict(batch, pos=batch[K.POS] + torch.tensor([1.5, -2.0, 0.7])))
-    torch.testing.assert_close(moved[K.OUT_FORCES], ref[K.OUT_FORCES], **F64)
-    torch.testing.assert_close(moved[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
-    alone = [predict(model64, exact_batch([s])) for s in samples]
-    for key in (K.OUT_ENERGY, K.OUT_FORCES):
-        torch.testing.assert_close(ref[key], torch.cat([a[key] for a in alone]), **F64)
-
-
-def test_forces_are_minus_energy_gradient_under_pbc(model64, float64):
-    """Directional central differences in a 2-atom periodic cell (triplets k -> j -> i
-    with k an image of i): dE/dh along u equals -F . u."""
-    batch = exact_batch([_bulk_pair(7)])
-    forces = predict(model64, batch)[K.OUT_FORCES]
-    gen = torch.Generator().manual_seed(1)
-    h = 1e-5
-    for _ in range(3):
-        u = torch.randn(forces.shape, generator=gen, dtype=float64)
-        e_plus = predict(model64, dict(batch, pos=batch[K.POS] + h * u))[K.OUT_ENERGY].sum()
-        e_minus = predict(model64, dict(batch, pos=batch[K.POS] - h * u))[K.OUT_ENERGY].sum()
-        fd = (e_plus - e_minus) / (2 * h)
-        torch.testing.assert_close(fd, -(forces * u).sum(), rtol=1e-6, atol=1e-9)
-    assert forces.abs().max() > 1e-3
 
 
 def test_force_training_is_finite_with_collinear_triplets():

@@ -1,6 +1,8 @@
-"""SchNet-specific tests: agreement with PyG's SchNet, periodic supercells, gradient forces.
+"""SchNet-specific tests: agreement with PyG's SchNet, periodic supercells, forces from the
+caller's own positions, the undirected edge pairs.
 
-The model-independent physics contract lives in ``test_contract.py``; these tests pin what
+The model-independent physics contract (symmetries, batching, gradient forces, also in a
+cell whose atoms see their own images) lives in ``test_contract.py``; these tests pin what
 is particular to SchNet under periodic boundaries (small float64 fixtures, a few seconds).
 """
 
@@ -14,7 +16,7 @@ from conftest import TINY_KWARGS, exact_batch, predict
 from torch_geometric.nn.models import SchNet as PygSchNet
 
 from forcenet.data import keys as K
-from forcenet.geometry import edge_vectors, random_rotation
+from forcenet.geometry import edge_vectors
 from forcenet.models.schnet import SchNet, undirected_pairs
 
 F64 = {"rtol": 1e-8, "atol": 1e-10}
@@ -77,39 +79,6 @@ def test_supercell_doubles_energy_and_repeats_forces(float64):
         expected = torch.cat([out_small[K.OUT_FORCES]] * 2)  # ASE repeat: copies in order
         torch.testing.assert_close(out_big[K.OUT_FORCES], expected, rtol=1e-7, atol=1e-9)
         assert out_small[K.OUT_FORCES].abs().max() > 1e-3  # non-trivial forces
-
-
-def test_rotation_translation_and_batching(float64):
-    model = _tiny()
-    samples = [_slab(5), _bulk_pair(6)]
-    batch = exact_batch(samples)
-    ref = predict(model, batch)
-    rot = random_rotation(torch.Generator().manual_seed(0), dtype=float64)
-    turned = predict(model, dict(batch, pos=batch[K.POS] @ rot, cell=batch[K.CELL] @ rot))
-    torch.testing.assert_close(turned[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
-    torch.testing.assert_close(turned[K.OUT_FORCES], ref[K.OUT_FORCES] @ rot, **F64)
-    moved = predict(model, dict(batch, pos=batch[K.POS] + torch.tensor([1.5, -2.0, 0.7])))
-    torch.testing.assert_close(moved[K.OUT_FORCES], ref[K.OUT_FORCES], **F64)
-    torch.testing.assert_close(moved[K.OUT_ENERGY], ref[K.OUT_ENERGY], **F64)
-    alone = [predict(model, exact_batch([s])) for s in samples]
-    for key in (K.OUT_ENERGY, K.OUT_FORCES):
-        torch.testing.assert_close(ref[key], torch.cat([a[key] for a in alone]), **F64)
-
-
-def test_forces_are_minus_energy_gradient_under_pbc(float64):
-    """Directional central differences in a small periodic cell where atoms see their own
-    images: dE/dh along u equals -F . u."""
-    model = _tiny()
-    batch = exact_batch([_bulk_pair(7)])
-    forces = predict(model, batch)[K.OUT_FORCES]
-    gen = torch.Generator().manual_seed(1)
-    h = 1e-5
-    for _ in range(3):
-        u = torch.randn(forces.shape, generator=gen, dtype=float64)
-        e_plus = predict(model, dict(batch, pos=batch[K.POS] + h * u))[K.OUT_ENERGY].sum()
-        e_minus = predict(model, dict(batch, pos=batch[K.POS] - h * u))[K.OUT_ENERGY].sum()
-        fd = (e_plus - e_minus) / (2 * h)
-        torch.testing.assert_close(fd, -(forces * u).sum(), rtol=1e-6, atol=1e-9)
 
 
 def test_training_mode_keeps_force_graph_and_eval_does_not():
