@@ -60,14 +60,18 @@ CONSERVATIVE_STEPS = 190
 def option_sets(raw: dict) -> dict[str, dict[str, Any]]:
     """Key -> {model, options (as reported), train / model overrides}."""
     steps = int(raw["train"]["forcenet"]["max_steps"])
-    direct = steps - round(CONSERVATIVE_STEPS * CONSERVATIVE_STEP_COST)
-    fine_tune = {
-        "energy_coef": 0.05,
-        "conservative_finetune_steps": CONSERVATIVE_STEPS,
-        "max_steps": direct + CONSERVATIVE_STEPS,
-        "conservative_lr": 5e-4,
-        "conservative_warmup_steps": 10,
-    }
+
+    def fine_tune(conservative: int, lr: float, energy_coef: float = 0.05) -> dict[str, Any]:
+        """A fine-tune of ``conservative`` steps at the default run's total compute."""
+        direct = steps - round(conservative * CONSERVATIVE_STEP_COST)
+        return {
+            "energy_coef": energy_coef,
+            "conservative_finetune_steps": conservative,
+            "max_steps": direct + conservative,
+            "conservative_lr": lr,
+            "conservative_warmup_steps": 10,
+        }
+
     sets: dict[str, dict[str, Any]] = {
         "schnet": {"model": "schnet", "train": {}},
         "forcenet": {"model": "forcenet", "train": {}},
@@ -88,7 +92,17 @@ def option_sets(raw: dict) -> dict[str, dict[str, Any]]:
         },
         "forcenet_conservative": {
             "model": "forcenet",
-            "train": fine_tune,
+            "train": fine_tune(CONSERVATIVE_STEPS, 5e-4),
+            "model_overrides": {"energy_head": True},
+        },
+        "forcenet_conservative_lr1e-3": {
+            "model": "forcenet",
+            "train": fine_tune(CONSERVATIVE_STEPS, 1e-3),
+            "model_overrides": {"energy_head": True},
+        },
+        "forcenet_conservative_380_lr1e-3": {
+            "model": "forcenet",
+            "train": fine_tune(2 * CONSERVATIVE_STEPS, 1e-3),
             "model_overrides": {"energy_head": True},
         },
     }
