@@ -209,6 +209,16 @@ def test_every_stage_lists_exactly_its_code():
     assert problems == {}
 
 
+def test_report_stage_lists_the_template_of_its_text():
+    """The words of results.md live in a template the report reads: editing it reruns the
+    report stage."""
+    from pipeline.report import RESULTS_TEMPLATE
+
+    deps = _dvc()["stages"]["report"]["deps"]
+    assert str(RESULTS_TEMPLATE.relative_to(ROOT)) in deps
+    assert RESULTS_TEMPLATE.is_file()
+
+
 def test_model_list_is_one_list():
     from pipeline.params import MODEL_NAMES
 
