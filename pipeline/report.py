@@ -7,9 +7,10 @@ the per-atom predictions (parity plots) and the learning curve ``history.csv`` o
 training folder. Writes into ``--out``:
 
 * ``results.parquet`` / ``results.csv``: one row per (model, split), one column per metric;
-* ``results.md``: the training budget of each model (steps, seconds, graphs seen), force
-  MAE per model × split next to the zero-force baseline, the same for surface (tag 1) and
-  adsorbate (tag 2) atoms with the adsorbate MAE per element, then the full comparison
+* ``results.md`` (its words are :data:`RESULTS_TEMPLATE`): the training budget of each
+  model (steps, seconds, graphs seen), force MAE per model × split next to the
+  zero-force baseline, the same for surface (tag 1) and adsorbate (tag 2) atoms with the
+  adsorbate MAE per element, then the full comparison
   (cos, magnitude, energy MAE/EFwT where present, rotation-covariance error, throughput);
   then the relaxations checked by the oracle, the hybrid relaxations (ML, then the
   oracle) against oracle-only ones, the physics checks (lambda, NVE MD judged by the
