@@ -148,7 +148,7 @@ def run_one(args: argparse.Namespace, name: str, config: str) -> dict:
         samples = synthetic_samples(BATCH_SIZE, seed=0)
     batch = batch_to(collate(samples), args.device)
     amp = torch.bfloat16 if args.amp == "bf16" else None
-    kwargs = CONFIGS[config][name]
+    kwargs = CONFIGS[config].get(name, {})  # without a size of its own: the paper's defaults
     rss0 = _rss_bytes() if args.device == "cpu" else 0
     model = build_model(name, kwargs).to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

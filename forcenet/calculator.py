@@ -44,7 +44,7 @@ Usage (a force-only checkpoint relaxed and run with stock ASE)::
     from ase import units
     from forcenet.calculator import ForceNetCalculator
 
-    atoms.calc = ForceNetCalculator.from_checkpoint("gns.pt", energy="zero")
+    atoms.calc = ForceNetCalculator.from_checkpoint("data/models/forcenet/best.pt", energy="zero")
     BFGS(atoms).run(fmax=0.05, steps=200)  # the log's Energy column reads 0.0
     md = VelocityVerlet(atoms, timestep=1 * units.fs)
     md.attach(MDLogger(md, atoms, "md.log"), interval=10)

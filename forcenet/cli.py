@@ -232,7 +232,7 @@ def manifest(
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(help="forcenet, schnet, dimenetpp or gns.")],
+    model: Annotated[str, typer.Argument(help="A model of forcenet.models.MODELS, e.g. forcenet.")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt).")],
     frames: Annotated[Path, typer.Option(help="Frame split folder, e.g. data/lmdb/train.")],
     graphs: Annotated[

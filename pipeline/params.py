@@ -15,13 +15,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from forcenet.config import ConfigError, load_yaml, parse
+from forcenet.config import ConfigError, load_yaml, parse, unknown_keys_message
 
-#: The models the pipeline trains (keys of ``model`` and ``train``; ``vars`` in dvc.yaml).
-MODEL_NAMES = ("forcenet", "schnet", "dimenetpp", "gns")
+#: The pipeline, whose ``vars: models`` names the models it trains, in order: the one list
+#: of them (each has its stages ``train@<name>``, ``evaluate@<name>``, ...).
+PIPELINE_FILE = Path(__file__).resolve().parents[1] / "dvc.yaml"
+#: Keys of ``model`` that are not a model: ForceNet's width.
+SHARED_MODEL_KEYS = ("hidden",)
 #: Keys of ``train`` shared by every model (the same caps for all).
 SHARED_TRAIN_KEYS = ("time_budget_s", "max_epochs", "seed", "num_workers")
 PARAMS_FILE = Path("params.yaml")
+
+
+def pipeline_models(path: Path = PIPELINE_FILE) -> tuple[str, ...]:
+    """The names under ``vars: models`` of the pipeline file ``path``, in order."""
+    for entry in load_yaml(path).get("vars", []):
+        if isinstance(entry, Mapping) and isinstance(entry.get("models"), Mapping):
+            return tuple(str(name) for name in entry["models"])
+    raise ConfigError(f"{path}: no `vars: models` naming the models of the pipeline")
+
+
+#: The models the pipeline trains: keys of ``model`` and ``train`` in params.yaml.
+MODEL_NAMES = pipeline_models()
 
 
 # ------------------------------------------------------------------------------ data
@@ -101,30 +116,33 @@ class GraphConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``model``: constructor arguments per model. ``hidden`` is ForceNet's width, its
-    ``hidden_channels`` (``dvc exp run -S model.hidden=512``), kept out of
-    ``model.forcenet`` so that one key, shown by ``dvc exp show``, says the width."""
+    """``model``: constructor arguments per model, ``model.<name>`` for every name of
+    :data:`MODEL_NAMES`. ``hidden`` is ForceNet's width, its ``hidden_channels`` (``dvc exp
+    run -S model.hidden=512``), kept out of ``model.forcenet`` so that one key, shown by
+    ``dvc exp show``, says the width."""
 
     hidden: int
-    forcenet: dict[str, Any]
-    schnet: dict[str, Any]
-    dimenetpp: dict[str, Any]
-    gns: dict[str, Any]
+    models: dict[str, dict[str, Any]]  # model.<name>, by name
+
+    def of(self, name: str) -> dict[str, Any]:
+        """``model.<name>``, a copy; an unknown name is refused."""
+        return dict(self.models[model_name(name)])
 
 
 @dataclass(frozen=True)
 class TrainSection:
     """``train``: the shared caps plus one :class:`forcenet.train.TrainConfig` mapping per
-    model."""
+    model, ``train.<name>``."""
 
     time_budget_s: float
     max_epochs: int
     seed: int
     num_workers: int
-    forcenet: dict[str, Any]
-    schnet: dict[str, Any]
-    dimenetpp: dict[str, Any]
-    gns: dict[str, Any]
+    models: dict[str, dict[str, Any]]  # train.<name>, by name
+
+    def of(self, name: str) -> dict[str, Any]:
+        """``train.<name>``, a copy; an unknown name is refused."""
+        return dict(self.models[model_name(name)])
 
 
 @dataclass(frozen=True)
@@ -238,6 +256,28 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 def params_from_mapping(data: Mapping[str, Any], *, where: str = "params") -> Params:
     """:class:`Params` from an already loaded mapping (e.g. with overrides applied)."""
     try:
+        if isinstance(data, Mapping):
+            data = {**data, **_by_model(data, "model", SHARED_MODEL_KEYS)}
+            data = {**data, **_by_model(data, "train", SHARED_TRAIN_KEYS)}
         return parse(Params, data, "")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _by_model(data: Mapping[str, Any], section: str, shared: tuple[str, ...]) -> dict[str, Any]:
+    """``{section: ...}`` with the per-model mappings of ``data[section]`` gathered under
+    ``models``, each model of :data:`MODEL_NAMES` required and no other; nothing when the
+    section is absent or not a mapping (:func:`forcenet.config.parse` names that)."""
+    part = data.get(section)
+    if not isinstance(part, Mapping):
+        return {}
+    unknown = sorted(set(part) - set(shared) - set(MODEL_NAMES))
+    if unknown:
+        raise ConfigError(unknown_keys_message(section, unknown, [*shared, *MODEL_NAMES]))
+    for name in MODEL_NAMES:
+        if name not in part:
+            raise ConfigError(f"{section}.{name}: missing")
+        if not isinstance(part[name], Mapping):
+            raise ConfigError(f"{section}.{name}: expected a mapping")
+    models = {name: dict(part[name]) for name in MODEL_NAMES}
+    return {section: {**{k: part[k] for k in shared if k in part}, "models": models}}

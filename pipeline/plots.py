@@ -18,9 +18,10 @@ import pandas as pd  # noqa: E402
 
 from forcenet.atomic import atomic_write  # noqa: E402
 from forcenet.data.keys import split_order  # noqa: E402
+from pipeline.params import MODEL_NAMES  # noqa: E402
 
-#: One colour per model, the same in every plot.
-MODEL_COLOURS = {"forcenet": "C0", "schnet": "C1", "dimenetpp": "C2", "gns": "C3"}
+#: Matplotlib's default colour cycle: the models of the pipeline take its colours in order.
+PALETTE = tuple(f"C{k}" for k in range(10))
 #: Metrics drawn as learning curves (names logged by the training loop at each dev
 #: evaluation, against the optimizer step).
 CURVE_METRICS = {
@@ -37,8 +38,12 @@ TAG_GROUPS = {
 
 
 def model_colour(model: str) -> str:
-    extra = ["C4", "C5", "C6", "C7", "C8", "C9"]
-    return MODEL_COLOURS.get(str(model), extra[sum(map(ord, str(model))) % len(extra)])
+    """The colour of ``model`` in every figure: its place in :data:`MODEL_NAMES`; any other
+    name (the oracle, a benchmark's variant) one of the colours left, picked by its letters."""
+    if model in MODEL_NAMES:
+        return PALETTE[MODEL_NAMES.index(model) % len(PALETTE)]
+    extra = PALETTE[len(MODEL_NAMES) :] or PALETTE
+    return extra[sum(map(ord, str(model))) % len(extra)]
 
 
 def plain_log_ticks(axis, at: list[float] | None = None) -> None:

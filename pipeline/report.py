@@ -7,9 +7,10 @@ the per-atom predictions (parity plots) and the learning curve ``history.csv`` o
 training folder. Writes into ``--out``:
 
 * ``results.parquet`` / ``results.csv``: one row per (model, split), one column per metric;
-* ``results.md``: the training budget of each model (steps, seconds, graphs seen), force
-  MAE per model × split next to the zero-force baseline, the same for surface (tag 1) and
-  adsorbate (tag 2) atoms with the adsorbate MAE per element, then the full comparison
+* ``results.md`` (its words are :data:`RESULTS_TEMPLATE`): the training budget of each
+  model (steps, seconds, graphs seen), force MAE per model × split next to the
+  zero-force baseline, the same for surface (tag 1) and adsorbate (tag 2) atoms with the
+  adsorbate MAE per element, then the full comparison
   (cos, magnitude, energy MAE/EFwT where present, rotation-covariance error, throughput);
   then the relaxations checked by the oracle, the hybrid relaxations (ML, then the
   oracle) against oracle-only ones, the physics checks (lambda, NVE MD judged by the
@@ -41,6 +42,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jinja2
 import pandas as pd
 
 from forcenet.atomic import atomic_write, write_bytes, write_text
@@ -86,51 +88,38 @@ REPORT_MD_PLOT = "plots/md_energy.png"
 ACCURACY_PLOT = "plots/accuracy_vs_compute.png"
 
 
-def _budget_section(training: pd.DataFrame, notes: Sequence[str] = ()) -> list[str]:
+#: The template of ``results.md``: its words; this module computes what fills it.
+RESULTS_TEMPLATE = Path(__file__).parent / "templates" / "results.md.j2"
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(RESULTS_TEMPLATE.parent),
+        undefined=jinja2.StrictUndefined,  # a name the template misspells is an error
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # Markdown, not HTML
+    )
+    return env.get_template(RESULTS_TEMPLATE.name)
+
+
+def _budget(training: pd.DataFrame, notes: Sequence[str]) -> dict | None:
     train = training_table(training)
     if train.empty:
-        return []
-    budget = [
-        "## Training budget",
-        "",
-        "Every model trains for a fixed number of optimizer steps (params.yaml "
-        "`train.<model>.max_steps`), so a rerun reproduces the weights whatever else the "
-        "machine is doing. The seconds are this run's wall clock (from the timing files, "
-        "`reports/timing/`).",
-        "",
-        markdown_table(train, TRAINING_METRICS),
-        "",
-        *[f"*{note}*" for note in notes],
-        *([""] if notes else []),
-    ]
-    weak = under_trained(training)
-    if weak:
-        budget += [
-            f"**Warning: {', '.join(weak)} saw less than one pass over the training data;** "
-            "its metrics describe an under-trained model. Raise `train.<model>.max_steps` "
-            "(or lower the model's size) before comparing it.",
-            "",
-        ]
-    return budget
+        return None
+    return {
+        "table": markdown_table(train, TRAINING_METRICS),
+        "notes": list(notes),
+        "weak": under_trained(training),
+    }
 
 
-def _tag_section(forces: pd.DataFrame) -> list[str]:
+def _tags(forces: pd.DataFrame) -> dict | None:
     tags = per_tag_table(forces)
     if tags.empty:
-        return []
-    return [
-        "## Force MAE by tag [eV/Å]",
-        "",
-        "Free atoms split by OC20 tag: surface slab atoms (tag 1) and adsorbate atoms "
-        "(tag 2). In brackets: the ratio to predicting F = 0 on the same atoms.",
-        "",
-        markdown_table(tags),
-        "",
-        "### Adsorbate atoms by element",
-        "",
-        markdown_table(per_element_table(forces)),
-        "",
-    ]
+        return None
+    return {"table": markdown_table(tags), "elements": markdown_table(per_element_table(forces))}
 
 
 def _step_limits(table: pd.DataFrame, column: str) -> str:
@@ -140,125 +129,59 @@ def _step_limits(table: pd.DataFrame, column: str) -> str:
     return ", ".join(f"{v:.0f}" for v in sorted(table[column].dropna().unique())) or "–"
 
 
-def _ml_limit_sentence(rows: pd.DataFrame) -> str:
-    limits = _step_limits(rows, "ml_steps_limit")
-    if limits == "–":  # tables from before the limit was recorded
-        return ""
-    return (
-        f" The ML relaxations ran at most {limits} steps (`relax.steps`; OC20's protocol "
-        "is 200: `dvc exp run -S relax.steps=200`)."
-    )
-
-
-def _relax_section(table: pd.DataFrame) -> list[str]:
+def _relax(table: pd.DataFrame) -> dict | None:
     relax = [m for m in RELAX_METRICS if m in table.columns]
     if not relax:
-        return []
+        return None
     rows = table.dropna(subset=["adwt"]) if "adwt" in relax else table
-    return [
-        "## Relaxations checked by the oracle (EMT)",
-        "",
-        "Validation systems relaxed with each model (LBFGS), then scored against the "
-        "oracle: ADwT (OC20 definition, free atoms, minimum image), FbT-oracle (fraction "
-        "whose oracle max force on free atoms is below 0.05 eV/Å) and the oracle energy of "
-        "the ML result above the oracle's own minimum."
-        + _ml_limit_sentence(rows)
-        + (" Split `overall` pools all splits." if (rows.split == "overall").any() else ""),
-        "",
-        markdown_table(counts_as_integers(rows[["model", "split", *relax]]), RELAX_METRICS),
-        "",
-    ]
+    limits = _step_limits(rows, "ml_steps_limit")
+    return {
+        "ml_limits": "" if limits == "–" else limits,  # none in tables from before the limit
+        "overall": bool((rows.split == "overall").any()),
+        "table": markdown_table(
+            counts_as_integers(rows[["model", "split", *relax]]), RELAX_METRICS
+        ),
+    }
 
 
-def _hybrid_section(table: pd.DataFrame) -> list[str]:
+def _hybrid(table: pd.DataFrame) -> dict | None:
     hybrid = hybrid_table(table)
     if hybrid.empty:
-        return []
-    return [
-        "## Hybrid relaxations: ML first, the oracle finishes",
-        "",
-        "Each ML-relaxed structure is finished by the oracle (EMT, LBFGS) to the oracle's "
-        "force target (`relax.oracle_fmax`), and compared with an oracle-only relaxation "
-        "of the same initial structure with the same optimizer, target and step limit. "
-        "Steps are the oracle's LBFGS steps (the ML steps are not counted): *oracle steps "
-        "saved* is 100 (1 − hybrid / oracle-only steps) per system, its mean and median, "
-        "and *total saved* the same over the summed steps of all systems; *same minimum* is "
-        "the fraction of systems whose hybrid result has an oracle energy within 0.02 eV of "
-        "the oracle-only run's; *hybrid ADwT* is the ADwT of the hybrid result against the "
-        "oracle-only structure. Split `overall` pools all splits. Step limits: ML "
-        f"{_step_limits(table, 'ml_steps_limit')}, oracle "
-        f"{_step_limits(table, 'oracle_steps_limit')}.",
-        "",
-        markdown_table(hybrid, HYBRID_METRICS),
-        "",
-    ]
+        return None
+    return {
+        "ml_limits": _step_limits(table, "ml_steps_limit"),
+        "oracle_limits": _step_limits(table, "oracle_steps_limit"),
+        "table": markdown_table(hybrid, HYBRID_METRICS),
+    }
 
 
-def _physics_section(physics: pd.DataFrame, plots: Sequence[str]) -> list[str]:
+def _physics(physics: pd.DataFrame, plots: Sequence[str]) -> dict | None:
     table = physics_table(physics)
     if table.empty:
-        return []
-    plot = [f"![md energy]({REPORT_MD_PLOT})", ""] if REPORT_MD_PLOT in plots else []
-    return [
-        "## Physics: conservation and NVE molecular dynamics",
-        "",
-        "λ = |J − Jᵀ| / (2 |J|) of the force Jacobian over the free atoms (float64, graph "
-        "fixed; 0 for forces that are the gradient of an energy, about 0.71 for a random "
-        "field); the loop work is the work around small closed loops, normalised to the "
-        "same 0–1 scale. NVE MD (Velocity Verlet, "
-        f"{md_settings(physics)}, fixed atoms still) driven by each model, judged by the "
-        "oracle: *drift* is the mean magnitude of the slope of EMT's total energy "
-        "(potential + kinetic) per free atom, *fluctuation* its spread about that line, "
-        "*own-energy drift* the same for the model's own energy (energy models only). "
-        "*Stable runs* is the fraction without an unphysical event (close contact, force "
-        "above 20 eV/Å, non-finite values, a desorbed adsorbate piece), which ends a run; "
-        "*first event* gives the earliest and the runs ended by each kind. The `"
-        f"{ORACLE_MODEL}` row is EMT driving itself from the same starts: its drift is the "
-        "integrator's alone, the floor to read the models' against; it has no λ, being "
-        "conservative by construction.",
-        "",
-        markdown_table(table),
-        "",
-        *plot,
-    ]
+        return None
+    return {
+        "md_settings": md_settings(physics),
+        "oracle": ORACLE_MODEL,
+        "table": markdown_table(table),
+        "plot": REPORT_MD_PLOT if REPORT_MD_PLOT in plots else None,
+    }
 
 
-def _accuracy_section(accuracy: dict | None, plots: Sequence[str]) -> list[str]:
+def _accuracy(accuracy: dict | None, plots: Sequence[str]) -> dict | None:
     if not accuracy:
-        return []
+        return None
     budgets, widths = accuracy_tables(accuracy)
     if budgets.empty and widths.empty:
-        return []
+        return None
     zero = accuracy.get("zero_baseline", {})
-    baseline = (
-        f" The zero-force baseline is {fmt(zero['zero_forces_mae'])} / "
-        f"{fmt(zero['zero_forces_mae_adsorbate'])} eV/Å."
-        if {"zero_forces_mae", "zero_forces_mae_adsorbate"} <= zero.keys()
-        else ""
-    )
-    parts = [
-        "## Accuracy against training compute",
-        "",
-        "From `benchmarks/bench_accuracy.py` (not a pipeline stage: hours of training). Every "
-        "model is trained with this run's recipe at multiples of its step budget and scored "
-        "on val_id: force MAE [eV/Å] *overall / adsorbate*. Compute is steps × the seconds "
-        "per step each model takes alone on 2 CPU cores, so the axis does not depend on the "
-        "machine's load." + baseline,
-        "",
-        markdown_table(budgets) if not budgets.empty else "(no budget points)",
-        "",
-    ]
-    if not widths.empty:
-        parts += [
-            "ForceNet width at the compute of the default width's 1x budget (wider models get "
-            "fewer steps):",
-            "",
-            markdown_table(widths),
-            "",
-        ]
-    if ACCURACY_PLOT in plots:
-        parts += [f"![accuracy vs compute]({ACCURACY_PLOT})", ""]
-    return parts
+    has_zero = {"zero_forces_mae", "zero_forces_mae_adsorbate"} <= zero.keys()
+    return {
+        "zero": fmt(zero["zero_forces_mae"]) if has_zero else None,
+        "zero_adsorbate": fmt(zero["zero_forces_mae_adsorbate"]) if has_zero else None,
+        "budgets": "" if budgets.empty else markdown_table(budgets),
+        "widths": "" if widths.empty else markdown_table(widths),
+        "plot": ACCURACY_PLOT if ACCURACY_PLOT in plots else None,
+    }
 
 
 #: Columns of the training-options table: (JSON field, header).
@@ -290,32 +213,19 @@ def options_table(options: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _options_section(options: dict | None) -> list[str]:
+def _options(options: dict | None) -> dict | None:
     if not options:
-        return []
+        return None
     table = options_table(options)
     if table.empty:
-        return []
-    machine = dict(options.get("machine", {}))
+        return None
     best = table[table.model == "forcenet"].sort_values("dev MAE").head(1)
-    choice = (
-        f" Lowest dev MAE among the ForceNet sets: *{best.iloc[0]['options']}*."
-        if len(best)
-        else ""
-    )
-    return [
-        "## Training options at the default compute",
-        "",
-        "From `benchmarks/bench_options.py` (not a pipeline stage): ForceNet with each option "
-        "set, and the SchNet reference, at the default run's training compute, on "
-        f"{machine.get('cpu', 'the benchmark machine')} with {options.get('threads', '?')} "
-        "thread(s). Options are chosen on the dev slice of the training systems; val_id is "
-        "shown, never chosen on. Force MAE in eV/Å; the rotation-covariance error is on val_id "
-        "(eV/Å); λ is the force Jacobian's asymmetry (0 = conservative)." + choice,
-        "",
-        markdown_table(table),
-        "",
-    ]
+    return {
+        "cpu": dict(options.get("machine", {})).get("cpu"),
+        "threads": options.get("threads", "?"),
+        "choice": best.iloc[0]["options"] if len(best) else None,
+        "table": markdown_table(table),
+    }
 
 
 def results_markdown(
@@ -327,45 +237,28 @@ def results_markdown(
     timing_notes: Sequence[str] = (),
     options: dict | None = None,
 ) -> str:
-    """The text of ``results.md``. ``table``: :func:`comparison_table` of the evaluation
-    and relaxation metrics (with the throughput to show); ``physics``: the physics
-    stages' long tables; ``accuracy``: the accuracy-against-compute benchmark's JSON;
-    ``timing_notes``: the timing files that were missing, said under the budget;
-    ``options``: the training-options benchmark's JSON."""
-    forces = table.dropna(subset=["forces_mae"]) if "forces_mae" in table.columns else table
-    parts = [
-        "# Results",
-        "",
-        "Metrics over free atoms (OC20 S2EF convention). The zero-force baseline is the force "
-        "MAE of predicting F = 0; the rotation-covariance error is mean |F(x)·R − F(x·R)| over "
-        "random rotations R (0 for an exactly covariant model). Throughput is the forward pass "
-        "alone.",
-        "",
-        "## Force MAE [eV/Å] by split",
-        "",
-        markdown_table(force_mae_matrix(forces)) if "forces_mae" in table.columns else "(none)",
-        "",
-        *_tag_section(forces),
-        *_budget_section(training if training is not None else pd.DataFrame(), timing_notes),
-        "## All metrics",
-        "",
-        markdown_table(
-            forces[["model", "split", *[m for m in SUMMARY_METRICS if m in forces.columns]]],
-            SUMMARY_METRICS,
-        ),
-        "",
-        *_relax_section(table),
-        *_hybrid_section(table),
-        *_physics_section(physics if physics is not None else pd.DataFrame(), plots),
-        *_accuracy_section(accuracy, plots),
-        *_options_section(options),
-    ]
-    listed = [
-        p for p in plots if p not in (REPORT_MD_PLOT, ACCURACY_PLOT)
-    ]  # shown in their sections
-    if listed:
-        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in listed] + [""]
-    return "\n".join(parts)
+    """The text of ``results.md``: :data:`RESULTS_TEMPLATE` filled in. ``table``:
+    :func:`comparison_table` of the evaluation and relaxation metrics (with the throughput
+    to show); ``physics``: the physics stages' long tables; ``accuracy``: the
+    accuracy-against-compute benchmark's JSON; ``timing_notes``: the timing files that
+    were missing, said under the budget; ``options``: the training-options benchmark's
+    JSON."""
+    has_forces = "forces_mae" in table.columns
+    forces = table.dropna(subset=["forces_mae"]) if has_forces else table
+    shown = [m for m in SUMMARY_METRICS if m in forces.columns]
+    in_sections = (REPORT_MD_PLOT, ACCURACY_PLOT)  # shown in their own sections
+    return _template().render(
+        force_matrix=markdown_table(force_mae_matrix(forces)) if has_forces else None,
+        tags=_tags(forces),
+        budget=_budget(training if training is not None else pd.DataFrame(), timing_notes),
+        all_metrics=markdown_table(forces[["model", "split", *shown]], SUMMARY_METRICS),
+        relax=_relax(table),
+        hybrid=_hybrid(table),
+        physics=_physics(physics if physics is not None else pd.DataFrame(), plots),
+        accuracy=_accuracy(accuracy, plots),
+        options=_options(options),
+        plots=[(Path(p).stem, p) for p in plots if p not in in_sections],
+    )
 
 
 # --------------------------------------------------------------------------- learning curves

@@ -31,7 +31,7 @@ from forcenet.models import hyperparameters
 from forcenet.outdir import exclusive_folder, prepare_run_folder
 from forcenet.train import TrainConfig
 from pipeline import stage, tracking
-from pipeline.params import MODEL_NAMES, SHARED_TRAIN_KEYS, Params, load_params, model_name
+from pipeline.params import MODEL_NAMES, SHARED_TRAIN_KEYS, Params, load_params
 from pipeline.stage import HISTORY_FILE
 from pipeline.timing import CLOCK_METRICS, read_timing, write_timing
 
@@ -40,7 +40,7 @@ def model_kwargs(params: Params, name: str) -> dict[str, Any]:
     """Constructor kwargs of model ``name``: ``model.<name>`` (for ForceNet with its width
     ``model.hidden`` as ``hidden_channels``) plus ``graph.cutoff``; unknown arguments
     refused."""
-    kwargs = dict(getattr(params.model, model_name(name)))
+    kwargs = params.model.of(name)
     allowed = hyperparameters(name) - {"cutoff"}
     if name == "forcenet":
         allowed -= {"hidden_channels"}
@@ -71,7 +71,7 @@ def train_config(params: Params, name: str) -> TrainConfig:
     (least-squares e_Z on the training split) for your own files, whose raw total
     energies differ by hundreds of eV between compositions.
     """
-    own = dict(getattr(params.train, model_name(name)))
+    own = params.train.of(name)
     clash = sorted(set(own) & set(SHARED_TRAIN_KEYS))
     if clash:
         raise ConfigError(f"train.{name}: {clash} are shared keys; set them under train")
@@ -94,7 +94,7 @@ def snapshot(params: Params, name: str) -> dict[str, Any]:
         "model": {name: model_kwargs(params, name)},
         "train": {
             **{k: getattr(params.train, k) for k in SHARED_TRAIN_KEYS},
-            name: dict(getattr(params.train, name)),
+            name: params.train.of(name),
         },
         "graph": dataclasses.asdict(params.graph),
         "data": {"source": params.data.source},

@@ -7,11 +7,16 @@ Run as a script (``python tests/test_layout.py``) to print each stage's code dep
 from __future__ import annotations
 
 import ast
+import os
+import re
 import sys
 from functools import cache
 from pathlib import Path
 
+import pytest
 import yaml
+
+from forcenet.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("forcenet", "pipeline")
@@ -207,6 +212,57 @@ def test_every_stage_lists_exactly_its_code():
         if missing or extra:
             problems[name] = {"missing": missing, "not imported": extra}
     assert problems == {}
+
+
+def test_report_stage_lists_the_template_of_its_text():
+    """The words of results.md live in a template the report reads: editing it reruns the
+    report stage."""
+    from pipeline.report import RESULTS_TEMPLATE
+
+    deps = _dvc()["stages"]["report"]["deps"]
+    assert str(RESULTS_TEMPLATE.relative_to(ROOT)) in deps
+    assert RESULTS_TEMPLATE.is_file()
+
+
+#: Files that may name a model besides its own modules in forcenet/models/: its entry in
+#: MODELS, its settings, and the pipeline's list of models (stages, learning-curve plots).
+MODEL_PLACES = {"forcenet/models/__init__.py", "params.yaml", "dvc.yaml"}
+#: Not searched: what describes, measures or records the models (tests, docs, benchmarks with
+#: sizes of their own, reports, data), and what is not the project's (hidden folders).
+NOT_SEARCHED = {"tests", "docs", "benchmarks", "reports", "data", "dvc_plots", "mlruns"}
+#: The code and settings searched (Makefile has no suffix); Markdown is documentation.
+SEARCHED_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".j2", ".cfg", ".ini", ".sh", ""}
+
+
+def files_naming(name: str) -> set[str]:
+    """The project's code and settings files (relative paths) in which the word ``name``
+    occurs."""
+    word = re.compile(rf"\b{re.escape(name)}\b")
+    found = set()
+    for folder, dirs, files in os.walk(ROOT):
+        here = Path(folder).relative_to(ROOT)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d != "__pycache__"
+            and not (here == Path(".") and d in NOT_SEARCHED)
+        ]
+        for file in files:
+            path = Path(folder) / file
+            if path.suffix in SEARCHED_SUFFIXES and word.search(path.read_text(errors="replace")):
+                found.add(str(path.relative_to(ROOT)))
+    return found
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m != "forcenet"])  # not the package's
+def test_a_model_is_named_only_in_its_module_its_entry_its_params_and_the_pipeline(name):
+    """Adding a model touches its module, ``MODELS``, params.yaml and dvc.yaml: every
+    other file takes the models from those (``pipeline.params.MODEL_NAMES``)."""
+    own = {str(p.relative_to(ROOT)) for p in (ROOT / "forcenet" / "models").glob(f"{name}*.py")}
+    assert own, f"no module of {name} in forcenet/models/"
+    named = files_naming(name)
+    assert named - own == MODEL_PLACES  # the scan sees the places it allows, and no others
 
 
 def test_model_list_is_one_list():

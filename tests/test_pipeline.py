@@ -101,6 +101,35 @@ def test_model_and_training_typos_are_refused_by_the_train_stage():
         train_config(params, "gns")
 
 
+@pytest.mark.parametrize("section", ["model", "train"])
+def test_model_sections_are_those_of_the_pipelines_models(section):
+    """``model`` and ``train`` hold one section per model of dvc.yaml: a misspelt one is
+    refused with a suggestion, a missing one or one that is not a mapping by its key."""
+    params = copy.deepcopy(PARAMS)
+    params[section]["schnett"] = params[section].pop("schnet")
+    with pytest.raises(
+        ConfigError, match=rf"{section}: unknown key 'schnett' \(did you mean 'schnet'\?\)"
+    ):
+        params_from_mapping(params)
+    del params[section]["schnett"]
+    with pytest.raises(ConfigError, match=rf"{section}\.schnet: missing"):
+        params_from_mapping(params)
+    with pytest.raises(ConfigError, match=rf"{section}\.gns: expected a mapping"):
+        params_from_mapping(_with(f"{section}.gns", 3))
+
+
+def test_every_pipeline_model_has_its_sections():
+    """The models of the pipeline are dvc.yaml's list, and each reads its own sections."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert list(MODEL_NAMES) == list(pipeline["vars"][0]["models"])
+    params = load_params(ROOT / "params.yaml")
+    for name in MODEL_NAMES:
+        assert params.model.of(name) == PARAMS["model"][name]
+        assert params.train.of(name) == PARAMS["train"][name]
+    with pytest.raises(ConfigError, match="unknown model 'painn'"):
+        params.model.of("painn")
+
+
 def test_load_params_names_the_file(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(_with("graph.cutoff", "six")))

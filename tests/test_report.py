@@ -273,6 +273,19 @@ def test_learning_curves_take_the_training_metrics(tmp_path):
     assert not plots.plot_learning_curves(one_point, tmp_path / "none.png")
 
 
+def test_every_model_keeps_one_colour_of_its_own(monkeypatch):
+    """The models of the pipeline take the colour cycle in their order; any other name
+    (the oracle, a benchmark's variant) gets a colour no model has, the same each time."""
+    from pipeline.params import MODEL_NAMES
+
+    colours = [plots.model_colour(m) for m in MODEL_NAMES]
+    assert colours == [f"C{k}" for k in range(len(MODEL_NAMES))]
+    assert plots.model_colour("oracle") not in colours
+    assert plots.model_colour("oracle") == plots.model_colour("oracle")
+    monkeypatch.setattr(plots, "MODEL_NAMES", ("painn", *MODEL_NAMES))  # a model added first
+    assert plots.model_colour("painn") == "C0" and plots.model_colour(MODEL_NAMES[0]) == "C1"
+
+
 def _hybrid_relax(path) -> None:
     """gns's relaxation aggregates of a hybrid run: two splits and ``overall``."""
     rows = []
