@@ -246,6 +246,7 @@ def files_naming(name: str) -> set[str]:
             for d in dirs
             if not d.startswith(".")
             and d != "__pycache__"
+            and not d.endswith(".egg-info")  # written by pip install -e
             and not (here == Path(".") and d in NOT_SEARCHED)
         ]
         for file in files:
