@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.params import MODEL_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gns"
 #: The stages forced one by one, in pipeline order (physics: downstream of training).
@@ -41,6 +43,9 @@ def _tiny_project(dst: Path) -> None:
     params["graph"].update(cutoff=4.0, max_neighbors=12)
     params["model"][MODEL].update(hidden_channels=8, num_interactions=1, num_radial=4)
     params["train"][MODEL].update(max_steps=2, eval_every=0, batch_size=4)
+    for section in ("model", "train"):  # the pipeline's models are dvc.yaml's: this one
+        others = [m for m in MODEL_NAMES if m != MODEL]
+        params[section] = {k: v for k, v in params[section].items() if k not in others}
     params["evaluate"]["batch_size"] = 8
     # val_ood_ads: the split whose one system relaxes to an IS2RS pair at seed 0
     params["relax"].update(steps=3, splits=["val_ood_ads"], oracle_steps=5, batch_size=2)
