@@ -4,6 +4,7 @@ run-config file of ``forcenet train --config`` (:func:`load_run_config`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,15 +176,13 @@ class TrainConfig:
     @property
     def conservative_schedule(self) -> Schedule:
         """The conservative phase's own schedule (``conservative_lr`` > 0), its step
-        counted from the phase's start and its progress over the phase."""
-        return Schedule(
+        counted from the phase's start and its progress over the phase: the run's, with
+        its own rate and warm-up, annealed by a cosine."""
+        return dataclasses.replace(
+            self.schedule,
             lr=self.conservative_lr,
             warmup_steps=self.conservative_warmup_steps,
-            warmup_start=self.warmup_start,
             decay="cosine",
-            milestones=self.milestones,
-            gamma=self.gamma,
-            min_factor=self.min_lr_factor,
         )
 
     @property
